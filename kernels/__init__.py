@@ -1,0 +1,1 @@
+"""Part of the compressor package (see ARCHITECTURE.md)."""
