@@ -1,1 +1,12 @@
-"""Part of the compressor package (see ARCHITECTURE.md)."""
+"""Exporters. Importing this package registers every exporter.
+
+``EXPORTERS`` maps a recipe's ``format:`` name to its class.
+"""
+
+from __future__ import annotations
+
+from compressor.exporters.base import EXPORTER_REGISTRY
+
+EXPORTERS = EXPORTER_REGISTRY
+
+__all__ = ["EXPORTERS"]

@@ -1,1 +1,12 @@
-"""Part of the compressor package (see ARCHITECTURE.md)."""
+"""The pass families. Importing this package registers every pass.
+
+``PASSES`` maps a recipe's ``pass:`` name to its class.
+"""
+
+from __future__ import annotations
+
+from compressor.pipeline import PASS_REGISTRY
+
+PASSES = PASS_REGISTRY
+
+__all__ = ["PASSES"]

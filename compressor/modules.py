@@ -1,0 +1,56 @@
+"""Selecting modules by name: ``targets`` / ``ignore`` patterns over module names.
+
+Patterns are shell globs (``*.attention.*``) or, with a ``re:`` prefix, regular
+expressions matched against the full dotted name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from compressor.errors import PlanError
+
+
+def matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def select_modules(
+    model: nn.Module,
+    targets: Sequence[str],
+    ignore: Sequence[str] = (),
+    types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    what: str = "pass",
+) -> list[str]:
+    """Names of modules of ``types`` matched by ``targets`` and not by ``ignore``.
+
+    Every target pattern must match at least one module of the right type, so a typo
+    in a recipe fails the plan instead of silently compressing nothing.
+    """
+    candidates = [n for n, m in model.named_modules() if isinstance(m, types)]
+    for pattern in targets:
+        if not any(matches(n, pattern) for n in candidates):
+            sample = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            kinds = "/".join(t.__name__ for t in types)
+            raise PlanError(
+                f"{what}: target pattern {pattern!r} matches no {kinds} layer of the model "
+                f"(layers look like: {sample})"
+            )
+    chosen = [n for n in candidates if any(matches(n, p) for p in targets)]
+    return [n for n in chosen if not any(matches(n, p) for p in ignore)]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

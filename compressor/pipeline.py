@@ -1,0 +1,181 @@
+"""Passes, the context they run under, and the pipeline that runs and measures them.
+
+A pass is a small class around plain tensor math: ``check`` refuses an illegal plan
+before any work starts (FP8 on an A100, a pattern that matches no layer), ``requires``
+checks the model it is handed, ``run`` changes the model (module replacement, not
+graph surgery), and ``ensures`` checks the pass's own invariant afterwards (every
+selected weight is 2:4; every quantized layer has finite scales). Instruments watch
+each pass: the built-in one records wall time and the adapter's metrics (fidelity vs
+the teacher, parameters, weight bytes, sparsity) after every pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from compressor.config import to_dict
+from compressor.errors import PassError
+
+if TYPE_CHECKING:
+    from compressor.adapters.base import DataSplits, ModelAdapter
+    from compressor.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model.
+
+    ``device`` is where the algorithm runs (a calibration or training device) and is
+    kept apart from ``target``, where the compiled model will be deployed.
+    """
+
+    target: Target
+    adapter: ModelAdapter
+    teacher: nn.Module
+    data: DataSplits
+    seed: int = 0
+    work_dir: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, key: str, value: Any) -> None:
+        """Store a detail of the running pass (e.g. per-layer decisions) in its result."""
+        self.details[key] = value
+
+
+class Pass(ABC):
+    """One transformation of the model. Subclasses set ``name``, ``description``, ``Config``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:  # noqa: B027
+        """Refuse an illegal plan before any work starts (raise PlanError)."""
+
+    def requires(self, model: nn.Module, ctx: PassContext) -> None:  # noqa: B027
+        """Check the model handed to this pass (raise PassError)."""
+
+    @abstractmethod
+    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module | None:
+        """Change the model; return a new model, or None when changed in place."""
+
+    def ensures(self, model: nn.Module, ctx: PassContext) -> None:  # noqa: B027
+        """Check this pass's invariant on its output (raise PassError)."""
+
+
+PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in PASS_REGISTRY and PASS_REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class PassResult:
+    name: str
+    config: dict[str, Any]
+    wall_s: float
+    metrics: dict[str, float]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.name,
+            "config": self.config,
+            "wall_s": round(self.wall_s, 3),
+            "metrics": self.metrics,
+            "details": self.details,
+        }
+
+
+class PassInstrument(Protocol):
+    def before_pass(self, p: Pass | None, model: nn.Module, ctx: PassContext) -> None: ...
+
+    def after_pass(self, p: Pass | None, model: nn.Module, ctx: PassContext, result: PassResult) -> None: ...
+
+
+class MetricsInstrument:
+    """Measures the model with the adapter after every pass (and once before any)."""
+
+    def before_pass(self, p: Pass | None, model: nn.Module, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, p: Pass | None, model: nn.Module, ctx: PassContext, result: PassResult) -> None:
+        result.metrics.update(ctx.adapter.metrics(model, ctx.teacher, ctx.data.eval))
+
+
+class Pipeline:
+    """Runs passes in order under one context and keeps each pass's result."""
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        instruments: Sequence[PassInstrument] | None = None,
+        on_pass_start: Callable[[int, Pass], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.instruments = list(instruments) if instruments is not None else [MetricsInstrument()]
+        self.on_pass_start = on_pass_start
+        self.results: list[PassResult] = []
+
+    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
+        """Plan-time legality for every pass, before any of them runs."""
+        for p in self.passes:
+            p.check(model, target, adapter)
+
+    def _measure(self, p: Pass | None, model: nn.Module, ctx: PassContext, wall: float) -> PassResult:
+        result = PassResult(
+            name=p.name if p else "original",
+            config=to_dict(p.config) if p else {},
+            wall_s=wall,
+            metrics={},
+            details=dict(ctx.details),
+        )
+        for inst in self.instruments:
+            inst.after_pass(p, model, ctx, result)
+        return result
+
+    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        self.results = [self._measure(None, model, ctx, 0.0)]
+        for i, p in enumerate(self.passes):
+            if self.on_pass_start:
+                self.on_pass_start(i, p)
+            for inst in self.instruments:
+                inst.before_pass(p, model, ctx)
+            ctx.details = {}
+            torch.manual_seed(ctx.seed + i)
+            start = time.perf_counter()
+            p.requires(model, ctx)
+            out = p.run(model, ctx)
+            model = out if out is not None else model
+            p.ensures(model, ctx)
+            wall = time.perf_counter() - start
+            result = self._measure(p, model, ctx, wall)
+            self.results.append(result)
+            log.info("pass %s done in %.1fs: %s", p.name, wall, result.metrics)
+        return model
+
+
+def ensure_finite(name: str, tensor: torch.Tensor, what: str) -> None:
+    """The common invariant check: a scale or weight with NaN/inf is a pass failure."""
+    if not torch.isfinite(tensor).all():
+        raise PassError(f"{name}: {what} has non-finite values")

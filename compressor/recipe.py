@@ -1,0 +1,222 @@
+"""Typed recipes: YAML in, frozen dataclasses out, unknown keys rejected.
+
+A recipe names a model, a target and an ordered list of passes, then the exports and
+the evaluation settings::
+
+    name: minilm-cpu-int8
+    model: {source: default}
+    target: cpu
+    passes:
+      - pass: quantize
+        method: int8
+        targets: ["*"]
+    exports:
+      - format: onnx
+
+Each pass entry is ``pass: NAME`` plus that pass's own options; the options are
+checked against the pass's config dataclass, so a misspelt key fails with its path
+(``passes[0].bitz: unknown key; allowed keys here: ...``). Shipped recipes live in
+``compressor/recipes/`` and are found by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from compressor.config import from_dict, option, to_dict
+from compressor.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str = option(
+        "default", help="'default' (the packaged all-MiniLM-L6-v2) or a path to a Hugging Face model folder"
+    )
+    adapter: Literal["auto", "hf-encoder"] = option(
+        "auto", help="the model family adapter; 'auto' picks from the model's config"
+    )
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    corpus: Literal["stdlib-docstrings"] = option(
+        "stdlib-docstrings", help="real text shipped on every machine: Python standard library docstrings"
+    )
+    calibration_samples: int = option(256, help="texts used to calibrate quantization and importance scores")
+    train_samples: int = option(2048, help="texts used for distillation (recovery)")
+    eval_samples: int = option(512, help="held-out texts used for fidelity")
+    max_length: int = option(128, help="token length the texts are truncated to")
+    batch_size: int = option(32, help="batch size for calibration and evaluation")
+
+    def validate(self, path: str) -> None:
+        for name in ("calibration_samples", "eval_samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{path}.{name}: must be at least 1")
+        if self.train_samples < 0:
+            raise RecipeError(f"{path}.train_samples: must not be negative")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    batch_sizes: tuple[int, ...] = option((1, 32), help="batch sizes timed by `compressor bench`")
+    seq_len: int = option(128, help="sequence length of the timed inputs")
+    threads: int = option(2, help="intra-op threads for ONNX Runtime")
+    warmup: int = option(3, help="untimed runs before timing")
+    repeats: int = option(20, help="timed runs per setting")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    min_mean_cosine: float | None = option(
+        None, help="fail the compile when the final model's mean cosine vs the teacher is below this"
+    )
+    bench: BenchSpec = option(BenchSpec(), help="settings for the benchmark run after export")
+    run_bench: bool = option(True, help="time the exported bundle at the end of the compile")
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    config: Any  # the pass's own frozen config dataclass
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    format: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    model: ModelSpec
+    target: str
+    seed: int
+    data: DataSpec
+    passes: tuple[PassSpec, ...]
+    exports: tuple[ExportSpec, ...]
+    evaluation: EvaluationSpec
+    source: str = "<memory>"  # where it was read from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model": to_dict(self.model),
+            "target": self.target,
+            "seed": self.seed,
+            "data": to_dict(self.data),
+            "passes": [{"pass": p.name, **to_dict(p.config)} for p in self.passes],
+            "exports": [{"format": e.format, **to_dict(e.config)} for e in self.exports],
+            "evaluation": to_dict(self.evaluation),
+        }
+
+    def with_target(self, target: str) -> Recipe:
+        return dataclasses.replace(self, target=target)
+
+    def with_model(self, source: str) -> Recipe:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, source=source))
+
+
+_TOP_KEYS = ("name", "description", "model", "target", "seed", "data", "passes", "exports", "evaluation")
+
+
+def _parse_entries(items: Any, key: str, name_key: str, registry: Mapping[str, Any], what: str) -> list:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise RecipeError(f"{key}: expected a list of {what} entries, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        path = f"{key}[{i}]"
+        if not isinstance(item, Mapping) or name_key not in item:
+            raise RecipeError(f"{path}: each entry needs a '{name_key}:' key naming the {what}")
+        name = item[name_key]
+        if name not in registry:
+            raise RecipeError(f"{path}.{name_key}: unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
+        options = {k: v for k, v in item.items() if k != name_key}
+        out.append((name, from_dict(registry[name].Config, options, path)))
+    return out
+
+
+def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
+    """Build a Recipe from parsed YAML; every error names ``source`` and the bad key."""
+    from compressor.exporters import EXPORTERS
+    from compressor.passes import PASSES
+    from compressor.targets import TARGETS
+
+    try:
+        if not isinstance(data, Mapping):
+            raise RecipeError("the recipe must be a mapping with keys " + ", ".join(_TOP_KEYS))
+        unknown = [k for k in data if k not in _TOP_KEYS]
+        if unknown:
+            raise RecipeError(f"{unknown[0]}: unknown key; allowed top-level keys: {', '.join(_TOP_KEYS)}")
+        name = data.get("name", Path(source).stem)
+        if not isinstance(name, str):
+            raise RecipeError(f"name: expected a string, got {name!r}")
+        target = data.get("target", "cpu")
+        if target not in TARGETS:
+            raise RecipeError(f"target: unknown target {target!r}; known: {', '.join(TARGETS)}")
+        seed = data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"seed: expected an integer, got {seed!r}")
+        passes = _parse_entries(data.get("passes"), "passes", "pass", PASSES, "pass")
+        exports = _parse_entries(data.get("exports"), "exports", "format", EXPORTERS, "export format")
+        return Recipe(
+            name=name,
+            description=str(data.get("description", "")),
+            model=from_dict(ModelSpec, data.get("model"), "model"),
+            target=target,
+            seed=seed,
+            data=from_dict(DataSpec, data.get("data"), "data"),
+            passes=tuple(PassSpec(n, c) for n, c in passes),
+            exports=tuple(ExportSpec(n, c) for n, c in exports),
+            evaluation=from_dict(EvaluationSpec, data.get("evaluation"), "evaluation"),
+            source=source,
+        )
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Names of the recipes that ship inside the package, mapped to their YAML text."""
+    folder = resources.files("compressor") / "recipes"
+    return {
+        p.name.removesuffix(".yaml"): p.read_text(encoding="utf-8")
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
+    }
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``minilm-cpu-int8``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        shipped = shipped_recipes()
+        if str(name_or_path) not in shipped:
+            raise RecipeError(
+                f"unknown recipe {str(name_or_path)!r}: not a file, and not one of the shipped recipes "
+                f"({', '.join(sorted(shipped))})"
+            )
+        text, source = shipped[str(name_or_path)], f"{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    return parse_recipe(data, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
