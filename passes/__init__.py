@@ -10,3 +10,5 @@ from compressor.pipeline import PASS_REGISTRY
 PASSES = PASS_REGISTRY
 
 __all__ = ["PASSES"]
+
+from compressor.passes import distill, quantize, sparsify  # noqa: E402,F401  (registers the passes)
