@@ -92,7 +92,7 @@ def bench_bundle(
         for bs in batch_sizes:
             feed_t = adapter.tokenize(sample(held_out, bs, 1), seq_len, pad_to_max=True)
             feed = {k: v.numpy() for k, v in feed_t.items()}
-            runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+            runs = {name: (lambda s=s, f=feed: s.run(None, f)) for name, s in sessions.items()}
             times = time_side_by_side(runs, warmup, repeats)
             row: dict[str, Any] = {"batch": bs, "seq_len": seq_len}
             for name, t in times.items():

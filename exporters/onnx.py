@@ -61,6 +61,10 @@ def slice_batch(batch: Batch, size: int, length: int) -> Batch:
 def export_onnx(module: nn.Module, spec, path: Path, opset: int) -> None:  # type: ignore[no-untyped-def]
     """Trace ``spec.module`` (a copy is traced) to ``path`` with the TorchScript exporter."""
     traced = copy.deepcopy(spec.module).eval()
+    for m in traced.modules():
+        freeze = getattr(m, "freeze_for_export_", None)
+        if callable(freeze):
+            freeze()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -73,6 +77,43 @@ def export_onnx(module: nn.Module, spec, path: Path, opset: int) -> None:  # typ
             opset_version=opset,
             dynamo=False,
         )
+    import onnx
+
+    proto = onnx.load(str(path))
+    if dedupe_initializers_(proto):
+        onnx.save(proto, str(path))
+
+
+def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
+    """Point every use of a byte-identical initializer at one copy; returns how many were merged.
+
+    Layers that read the same activation with the same SmoothQuant divisor (query, key,
+    value) then share one ``Mul`` input, so ONNX Runtime's common-subexpression pass merges
+    their ``Mul`` and ``DynamicQuantizeLinear`` into one.
+    """
+    import hashlib
+
+    from onnx import numpy_helper
+
+    keep: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for init in model.graph.initializer:
+        data = numpy_helper.to_array(init).tobytes()
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(data).digest())
+        if key in keep:
+            rename[init.name] = keep[key]
+        else:
+            keep[key] = init.name
+    if not rename:
+        return 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    kept = [t for t in model.graph.initializer if t.name not in rename]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return len(rename)
 
 
 def ort_session(path: Path, threads: int = 0):  # type: ignore[no-untyped-def]

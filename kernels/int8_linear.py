@@ -121,6 +121,12 @@ def _is_none(g, value) -> bool:  # type: ignore[no-untyped-def]
 class Int8Linear(nn.Module):
     """A W8A8 linear layer; see the module docstring for the math and the paths."""
 
+    weight_scale: torch.Tensor
+    smooth: torch.Tensor | None
+    weight_mask: torch.Tensor | None
+    qweight_t: torch.Tensor | None
+    inv_smooth: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -168,15 +174,23 @@ class Int8Linear(nn.Module):
         """The int8 weights [N, K] that the engines run."""
         return quantize_weight(self.weight.detach(), self.weight_scale)
 
+    @torch.no_grad()
+    def freeze_for_export_(self) -> None:
+        """Store the int8 weights [K, N] and 1/smooth as buffers, so a trace carries them as
+        initializers (computed inside the trace they would be float weights plus Round ops)."""
+        self.register_buffer("qweight_t", self.qweight().t().contiguous())
+        self.register_buffer("inv_smooth", None if self.smooth is None else 1.0 / self.smooth)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            inv_smooth = None if self.smooth is None else (1.0 / self.smooth)
+            if getattr(self, "qweight_t", None) is None:
+                raise RuntimeError("call freeze_for_export_() on Int8Linear before ONNX export")
             return _Int8LinearOnnx.apply(
                 x,
-                self.qweight().t().contiguous(),
+                self.qweight_t,
                 self.weight_scale,
                 self.bias,
-                inv_smooth,
+                self.inv_smooth,
                 self.act_scheme == "dynamic_per_token",
             )
         if x.is_cuda and self.act_scheme == "dynamic_per_token" and not self.training:

@@ -52,7 +52,7 @@ class QuantizeConfig:
     smoothquant: bool = option(False, help="migrate activation outliers into the weights (SmoothQuant)")
     alpha: float | None = option(None, help="SmoothQuant migration strength in [0, 1]; null = calibrate")
     alpha_grid: tuple[float, ...] = option(
-        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), help="alphas tried when calibrating SmoothQuant"
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), help="alphas tried when calibrating SmoothQuant"
     )
     fold_only: bool = option(
         False, help="smooth only where the divisor folds into a norm (no run-time Mul; none in post-LN BERT)"
@@ -234,6 +234,20 @@ class QuantizePass(Pass):
     def _choose_float_layers(self, model, names, scheme, groups, stats, alpha, fidelity, ctx) -> list[str]:  # type: ignore[no-untyped-def]
         """Greedy mixed precision: float for the layers whose quantization alone costs most."""
         cfg = self.config
+
+        def quantized_except(keep: Sequence[str]) -> float:
+            m = copy.deepcopy(model)
+            chosen = [x for x in names if x not in set(keep)]
+            quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
+            return fidelity(m.eval())
+
+        current = quantized_except(()) if cfg.target_mean_cosine is not None else None
+        if current is not None and current >= cfg.target_mean_cosine:
+            ctx.record(
+                "per_layer",
+                {n: {"precision": "int8", "why": f"all-int8 calibration fidelity {current:.6f} meets the target"} for n in names},
+            )
+            return []
         sensitivity = {}
         for n in names:
             m = copy.deepcopy(model)
@@ -242,21 +256,12 @@ class QuantizePass(Pass):
         order = sorted(names, key=lambda n: -sensitivity[n])
         keep: list[str] = []
         decisions = {}
-        current = None
         for n in order[: cfg.max_float_layers]:
-            if cfg.target_mean_cosine is not None:
-                if current is None:
-                    m = copy.deepcopy(model)
-                    quantize_linears_(m, names, scheme, groups, stats, alpha, cfg.fold_only)
-                    current = fidelity(m.eval())
-                if current >= cfg.target_mean_cosine:
-                    break
+            if current is not None and current >= cfg.target_mean_cosine:
+                break
             keep.append(n)
             if cfg.target_mean_cosine is not None:
-                m = copy.deepcopy(model)
-                chosen = [x for x in names if x not in set(keep)]
-                quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
-                current = fidelity(m.eval())
+                current = quantized_except(keep)
         for n in names:
             decisions[n] = {
                 "sensitivity": round(sensitivity[n], 7),
