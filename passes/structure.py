@@ -228,8 +228,8 @@ def prune_heads_(anatomy: Anatomy, keep: Sequence[torch.Tensor]) -> None:
             _replace(layer, parts.v, _slice_linear(anatomy.linear(i, parts.v), rows, 0))
         attn = layer.get_submodule(parts.attention)
         if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_keep // (n_keep if mha else kv)
-        attn.head_dim = hd
+            setattr(attn, "num_key_value_groups", 1 if mha else n_keep // kv)  # noqa: B010
+        setattr(attn, "head_dim", hd)  # noqa: B010
     anatomy.config.head_dim = hd  # keep the head size when num_attention_heads changes
     anatomy.config.num_attention_heads = n_keep
     if mha and hasattr(anatomy.config, "num_key_value_heads"):
@@ -258,7 +258,7 @@ def drop_layers_(anatomy: Anatomy, keep: Sequence[int]) -> None:
     for new_idx, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
+                setattr(module, "layer_idx", new_idx)  # noqa: B010
     # empty the same ModuleList object and refill it, so every reference to it stays valid
     for idx in range(len(anatomy.layers) - 1, -1, -1):
         del anatomy.layers[idx]

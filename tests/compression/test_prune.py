@@ -104,6 +104,30 @@ def test_llama_heads_ffn_layers_shrink_and_reload(tmp_path: Path, kv_heads: int)
     assert reloaded.model.layers[1].self_attn.layer_idx == 1
 
 
+def test_qwen2_gqa_heads_reload(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        vocab_size=100,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    batches = token_batches(2)
+    p = StructuredPrunePass(StructuredPruneConfig(heads=2, ffn=0.5, layers=2))
+    ctx = _ctx(model, batches)
+    p.run(model, ctx)
+    p.ensures(model, ctx)
+    # one query head kept in each of the two key/value groups (heads 0-1 and 2-3)
+    assert all(h[0] < 2 <= h[1] for h in ctx.details["kept"]["heads"])
+    assert len(model.config.layer_types) == 2 and model.config.head_dim == 16
+    _reload_identical(model, tmp_path, AutoModelForCausalLM, batches[0])
+
+
 def _ffn_fidelity(method: str, seed: int) -> float:
     """Relative output error after keeping 32 of 128 FFN channels in a BERT whose
     channel importance is uneven (as in trained models)."""
