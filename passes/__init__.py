@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from compressor.passes import prune  # noqa: F401
+
 from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
