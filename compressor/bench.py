@@ -67,6 +67,7 @@ def bench_bundle(
 ) -> dict[str, Any]:
     """Time the bundle's ONNX (and the fp32 baseline) and score it against the original model."""
     from compressor.adapters import make_adapter
+    from compressor.adapters.hf_encoder import HFEncoderAdapter
     from compressor.data import sample, stdlib_docstring_splits
     from compressor.exporters.onnx import export_onnx, ort_session
     from compressor.recipe import parse_recipe
@@ -78,6 +79,10 @@ def bench_bundle(
         raise CompressorError(f"{bundle}: the manifest lists no artifacts.onnx to benchmark")
     recipe = parse_recipe(manifest["recipe"], f"{bundle}/manifest.json:recipe")
     adapter = make_adapter(recipe.model.adapter)
+    if not isinstance(adapter, HFEncoderAdapter):
+        raise CompressorError(
+            f"{bundle}: bench times sentence-embedding bundles; this one uses {adapter.name}"
+        )
     original = adapter.load(recipe.model.source)
     held_out = stdlib_docstring_splits().eval
     sessions = {"bundle": ort_session(bundle / onnx_rel, threads)}

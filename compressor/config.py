@@ -72,7 +72,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         item_tp = args[0] if args else Any
         return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,19 +125,24 @@ def evaluate_loss(
     return sum(float(distill_loss(student, teacher, adapter, b, loss_cfg)) for b in batches) / len(batches)
 
 
+def masked_weights(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, mask) of every layer that carries a sparsity mask (``weight_mask``)."""
+    for m in model.modules():
+        mask, weight = getattr(m, "weight_mask", None), getattr(m, "weight", None)
+        if isinstance(mask, torch.Tensor) and isinstance(weight, torch.Tensor):
+            yield weight, mask
+
+
 @torch.no_grad()
 def reapply_masks_(model: nn.Module) -> None:
-    for m in model.modules():
-        mask = getattr(m, "weight_mask", None)
-        if mask is not None:
-            m.weight.mul_(mask)
+    for weight, mask in masked_weights(model):
+        weight.mul_(mask)
 
 
 def _mask_grads(model: nn.Module) -> None:
-    for m in model.modules():
-        mask = getattr(m, "weight_mask", None)
-        if mask is not None and m.weight.grad is not None:
-            m.weight.grad.mul_(mask)
+    for weight, mask in masked_weights(model):
+        if weight.grad is not None:
+            weight.grad.mul_(mask)
 
 
 def _lr_at(step: int, cfg: RecoverConfig) -> float:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 from torch import nn
 
 from compressor.adapters.base import Batch
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
+from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-from compressor.passes import prune  # noqa: F401
-
 from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
 
-__all__ = ["PASSES"]
+from compressor.passes import distill, prune, quantize, sparsify  # noqa: E402,F401  (registers the passes)
 
-from compressor.passes import distill, quantize, sparsify  # noqa: E402,F401  (registers the passes)
+__all__ = ["PASSES"]

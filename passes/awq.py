@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from compressor.passes.int4 import fake_quantize_rtn
 
 DEFAULT_GRID = 20

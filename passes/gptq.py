@@ -16,6 +16,7 @@ inference and the format stays identical.
 from __future__ import annotations
 
 import torch
+
 from compressor.passes.hessian import damped_inverse_cholesky
 from compressor.passes.int4 import (
     QuantizedWeight,

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from compressor.passes.structure import Anatomy
 from torch import nn
+
+from compressor.passes.structure import Anatomy
 
 UnitMethod = Literal["activation", "magnitude", "random"]
 LayerMethod = Literal["cosine", "relative_change", "random"]

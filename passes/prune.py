@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from compressor.config import option
+from compressor.errors import PassError, PlanError, RecipeError
 from compressor.passes.importance import (
     ImportanceScores,
     LayerMethod,
@@ -36,10 +40,6 @@ from compressor.passes.structure import (
     prune_heads_,
     select_heads_per_group,
 )
-from torch import nn
-
-from compressor.config import option
-from compressor.errors import PassError, PlanError, RecipeError
 from compressor.pipeline import Pass, PassContext, register_pass
 
 if TYPE_CHECKING:

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from compressor.kernels.int8_linear import Int8Linear
 from torch import nn
 
 from compressor.adapters.base import Batch, ModelAdapter, SmoothGroup
 from compressor.config import option
 from compressor.errors import DataError, PassError, PlanError, RecipeError
-from compressor.modules import select_modules, set_module
+from compressor.kernels.int8_linear import Int8Linear
+from compressor.modules import get_linear, select_modules, set_module
+from compressor.passes.smoothquant import fold_input_scale_, smoothquant_scales
 from compressor.pipeline import Pass, PassContext, ensure_finite, register_pass
 from compressor.targets import Target
 
@@ -82,7 +83,10 @@ class QuantizeConfig:
 
 @torch.no_grad()
 def activation_absmax(
-    model: nn.Module, names: Sequence[str], run: callable, batches: Sequence[Batch]
+    model: nn.Module,
+    names: Sequence[str],
+    run: Callable[[nn.Module, Batch], torch.Tensor],
+    batches: Sequence[Batch],
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| seen by each named Linear over ``batches``."""
     stats: dict[str, torch.Tensor] = {}
@@ -109,23 +113,6 @@ def activation_absmax(
     return stats
 
 
-def smoothquant_scales(
-    act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float
-) -> torch.Tensor:
-    """``s_j = max|X_j|^α / max_i |W_ij|^(1-α)`` over all linears reading the activation."""
-    w_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-    s = act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1.0 - alpha)
-    return s.clamp(min=1e-5)
-
-
-@torch.no_grad()
-def fold_smooth_into_layernorm_(norm: nn.Module, smooth: torch.Tensor) -> None:
-    """LayerNorm output divided per channel by ``smooth``: scale its affine parameters."""
-    norm.weight.div_(smooth)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(smooth)
-
-
 @torch.no_grad()
 def quantize_linears_(
     model: nn.Module,
@@ -146,18 +133,17 @@ def quantize_linears_(
         # A group can only share a folded divisor when every reader of the activation is quantized.
         foldable = g.producer is not None and len(members) == len(g.linears)
         if alpha is not None and act_stats is not None and (foldable or not fold_only):
-            weights = [model.get_submodule(n).weight for n in members]
-            smooth = smoothquant_scales(act_stats[members[0]], weights, alpha)
-            if foldable:
-                fold_smooth_into_layernorm_(model.get_submodule(g.producer), smooth)
-                for n in members:  # the divisor now lives in the norm: fold s into W directly
-                    model.get_submodule(n).weight.mul_(smooth[None, :])
+            linears = [get_linear(model, n) for n in members]
+            smooth = smoothquant_scales(act_stats[members[0]], [lin.weight for lin in linears], alpha)
+            if foldable and g.producer is not None:
+                # The divisor now lives in the norm and s in W: the layers see no input scale.
+                fold_input_scale_(model.get_submodule(g.producer), linears, smooth)
                 smooth = None
         for n in members:
-            set_module(model, n, Int8Linear.from_linear(model.get_submodule(n), act_scheme, smooth))
+            set_module(model, n, Int8Linear.from_linear(get_linear(model, n), act_scheme, smooth))
             chosen.discard(n)
     for n in chosen:  # layers no group mentions
-        set_module(model, n, Int8Linear.from_linear(model.get_submodule(n), act_scheme))
+        set_module(model, n, Int8Linear.from_linear(get_linear(model, n), act_scheme))
 
 
 # ---- the pass -----------------------------------------------------------------------------
@@ -245,7 +231,13 @@ class QuantizePass(Pass):
         if current is not None and current >= cfg.target_mean_cosine:
             ctx.record(
                 "per_layer",
-                {n: {"precision": "int8", "why": f"all-int8 calibration fidelity {current:.6f} meets the target"} for n in names},
+                {
+                    n: {
+                        "precision": "int8",
+                        "why": f"all-int8 calibration fidelity {current:.6f} meets the target",
+                    }
+                    for n in names
+                },
             )
             return []
         sensitivity = {}

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from compressor.passes.hessian import HessianAccumulator
 from torch import nn
+
+from compressor.passes.hessian import HessianAccumulator
 
 
 @dataclass

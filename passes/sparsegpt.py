@@ -14,6 +14,7 @@ of every ``m`` consecutive input weights of a row are zeroed.
 from __future__ import annotations
 
 import torch
+
 from compressor.passes.hessian import damped_inverse_cholesky
 
 

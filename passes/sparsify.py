@@ -18,7 +18,7 @@ from torch import nn
 from compressor.adapters.base import ModelAdapter
 from compressor.config import option
 from compressor.errors import PassError, PlanError, RecipeError
-from compressor.modules import select_modules
+from compressor.modules import get_linear, select_modules
 from compressor.pipeline import Pass, PassContext, register_pass
 from compressor.targets import Target
 
@@ -56,7 +56,7 @@ def is_24_sparse(weight: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def apply_mask_(linear: nn.Module, mask: torch.Tensor) -> None:
+def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
     linear.weight.mul_(mask)
     if getattr(linear, "weight_mask", None) is None:
         linear.register_buffer("weight_mask", mask)
@@ -72,7 +72,7 @@ class SparsifyPass(Pass):
 
     def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
         names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
-        bad = [n for n in names if model.get_submodule(n).in_features % 4]
+        bad = [n for n in names if get_linear(model, n).in_features % 4]
         if bad:
             raise PlanError(
                 f"sparsify: 2:4 needs in_features divisible by 4; not so for {', '.join(bad[:3])}"
@@ -81,7 +81,7 @@ class SparsifyPass(Pass):
     def run(self, model: nn.Module, ctx: PassContext) -> None:
         names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
         for n in names:
-            lin = model.get_submodule(n)
+            lin = get_linear(model, n)
             apply_mask_(lin, mask_24_by_magnitude(lin.weight))
         ctx.record("sparsified_layers", len(names))
         ctx.record(
@@ -91,5 +91,5 @@ class SparsifyPass(Pass):
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         for n in select_modules(model, self.config.targets, self.config.ignore, what="sparsify"):
-            if not is_24_sparse(model.get_submodule(n).weight):
+            if not is_24_sparse(get_linear(model, n).weight):
                 raise PassError(f"{n}: weight is not 2:4 sparse after sparsify")

@@ -25,7 +25,9 @@ def test_targets_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
-def test_validate_reports_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_reports_errors_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = _write(tmp_path, {"target": "cpu", "passes": [{"pass": "quantize", "bits": 3}]})
     assert main(["recipe", "validate", str(bad), "--static"]) == 2
     err = capsys.readouterr().err
@@ -33,7 +35,11 @@ def test_validate_reports_errors_without_traceback(tmp_path: Path, capsys: pytes
 
 
 def test_validate_checks_the_plan_against_the_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    recipe = {"target": "cpu", "model": {"source": str(tiny_bert_dir)}, "passes": [{"pass": "quantize", "targets": ["decoder.*"]}]}
+    recipe = {
+        "target": "cpu",
+        "model": {"source": str(tiny_bert_dir)},
+        "passes": [{"pass": "quantize", "targets": ["decoder.*"]}],
+    }
     assert main(["recipe", "validate", str(_write(tmp_path, recipe))]) == 2
     assert "target pattern 'decoder.*' matches no Linear layer" in capsys.readouterr().err
     recipe["passes"] = [{"pass": "quantize", "targets": ["encoder.*"]}]
@@ -56,7 +62,13 @@ def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsy
         "name": "tiny",
         "target": "cpu",
         "model": {"source": str(tiny_bert_dir)},
-        "data": {"calibration_samples": 16, "train_samples": 16, "eval_samples": 16, "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration_samples": 16,
+            "train_samples": 16,
+            "eval_samples": 16,
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "passes": [
             {"pass": "sparsify", "targets": ["encoder.*"]},
             {"pass": "distill", "steps": 3, "lr": 1e-4, "warmup_steps": 1},
@@ -79,7 +91,25 @@ def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsy
     text = capsys.readouterr().out
     assert "speedup vs ORT fp32" in text and "fidelity of the exported engine" in text
     # `compressor bench` on the bundle works on its own and checks the hashes first.
-    assert main(["bench", str(out), "--batch", "1", "--seq-len", "8", "--repeats", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(out),
+                "--batch",
+                "1",
+                "--seq-len",
+                "8",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "b.json").read_text())["latency"][0]["batch"] == 1
     (out / "model.onnx").write_bytes(b"tampered")
     assert main(["bench", str(out)]) == 2
@@ -89,7 +119,13 @@ def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: 
     recipe = {
         "target": "cpu",
         "model": {"source": str(tiny_bert_dir)},
-        "data": {"calibration_samples": 8, "train_samples": 0, "eval_samples": 8, "max_length": 16, "batch_size": 8},
+        "data": {
+            "calibration_samples": 8,
+            "train_samples": 0,
+            "eval_samples": 8,
+            "max_length": 16,
+            "batch_size": 8,
+        },
         "passes": [{"pass": "sparsify", "targets": ["encoder.*"]}],
         "exports": [{"format": "onnx"}],
         "evaluation": {"min_mean_cosine": 0.99999, "run_bench": False},

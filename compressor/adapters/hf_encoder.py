@@ -127,7 +127,9 @@ class _MultiHeadAttentionOnnx(torch.autograd.Function):
         # ``mask_bias`` is the [B, T] key padding mask (1 keep, 0 pad) cast to int32.
         empty = g.op("prim::Constant")
         empty.setType(torch._C.OptionalType.ofTensor())  # type: ignore[attr-defined]
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, empty, mask_bias, num_heads_i=num_heads)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, empty, mask_bias, num_heads_i=num_heads)
+        out.setType(q.type())  # [B, T, H*d] like the query: tells the exporter's shape inference
+        return out
 
 
 def _attention_reference(
@@ -162,9 +164,10 @@ class BertEncoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        bert: Any = model  # a transformers BertModel-like: .embeddings, .encoder.layer
         self.model = model
-        self.embeddings = model.embeddings
-        self.layers = model.encoder.layer
+        self.embeddings = bert.embeddings
+        self.layers = bert.encoder.layer
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
@@ -290,7 +293,8 @@ class HFEncoderAdapter(ModelAdapter):
         """Linears reading the same activation. BERT is post-LN: every LayerNorm output is also
         the residual stream, so no divisor can be folded into a norm (producer None)."""
         groups = []
-        for i, _ in enumerate(model.encoder.layer):
+        bert: Any = model
+        for i, _ in enumerate(bert.encoder.layer):
             prefix = f"encoder.layer.{i}"
             groups.append(
                 SmoothGroup(None, tuple(f"{prefix}.attention.self.{p}" for p in ("query", "key", "value")))

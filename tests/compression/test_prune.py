@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.config import from_dict
+from compressor.errors import PassError, PlanError, RecipeError
 from compressor.passes.importance import activation_importance, random_importance
 from compressor.passes.prune import (
     PrunePlan,
@@ -16,11 +21,6 @@ from compressor.passes.prune import (
     prune_structured_,
 )
 from compressor.passes.structure import count_parameters, describe_model
-from transformers import AutoModel, AutoModelForCausalLM
-
-from compressor.adapters.base import DataSplits, ModelAdapter
-from compressor.config import from_dict
-from compressor.errors import PassError, PlanError, RecipeError
 from compressor.pipeline import PASS_REGISTRY, PassContext
 from compressor.targets import TARGETS
 from tests.compression._helpers import model_output, tiny_bert, tiny_llama, token_batches

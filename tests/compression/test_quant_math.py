@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compressor.passes.awq import awq_output_error, awq_search_scales
 from compressor.passes.fp8 import FP8_DTYPE, fp8_error_bound, quantize_fp8
 from compressor.passes.gptq import gptq_quantize
@@ -15,7 +16,6 @@ from compressor.passes.int4 import (
     unpack_int4,
 )
 from compressor.passes.smoothquant import fold_input_scale_
-
 from tests.compression._helpers import correlated_inputs, rel_err
 
 G = torch.Generator().manual_seed(3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import torch
+
 from compressor.passes.gptq import gptq_quantize
 from compressor.passes.int4 import fake_quantize_rtn
 from compressor.passes.sequential import (
@@ -14,7 +15,6 @@ from compressor.passes.sequential import (
     sequential_calibrate,
 )
 from compressor.passes.sparsegpt import magnitude_prune, sparsegpt_prune
-
 from tests.compression._helpers import model_output, tiny_llama, token_batches
 
 BATCH, SEQ, HIDDEN = 4, 16, 64

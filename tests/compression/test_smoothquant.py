@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compressor.passes.smoothquant import (
     fold_input_scale_,
     smoothquant_alpha_search,
     smoothquant_scales,
     w8a8_output_error,
 )
-
 from tests.compression._helpers import correlated_inputs
 
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compressor.passes.hessian import HessianAccumulator, hessian_from_inputs
 from compressor.passes.sparsegpt import magnitude_prune, sparsegpt_prune
-
 from tests.compression._helpers import correlated_inputs, rel_err
 
 

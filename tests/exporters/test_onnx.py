@@ -42,7 +42,9 @@ def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:
         assert dims[0].dim_param and dims[1].dim_param
     assert [o.name for o in model.graph.output] == ["sentence_embedding"]
     # OUR int8 weights travel, not a re-quantization: every Int8Linear's weight is an initializer.
-    inits = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    inits = [
+        numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
     for name, m in q.named_modules():
         if isinstance(m, Int8Linear):
             w = m.qweight().t().numpy()

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import torch
+
+from compressor.distill import evaluate_loss, layer_map, squarehead_loss
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.distill import DistillConfig, DistillPass
 from compressor.passes.quantize import QuantizeConfig, QuantizePass
-
-from compressor.distill import evaluate_loss, layer_map, squarehead_loss
 
 
 def test_layer_map_for_pruned_depth() -> None:

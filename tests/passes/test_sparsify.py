@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compressor.kernels.int8_linear import Int8Linear
-from compressor.passes.quantize import QuantizeConfig, QuantizePass
-from compressor.passes.sparsify import SparsifyConfig, SparsifyPass, is_24_sparse, mask_24_by_magnitude
 
 from compressor.distill import RecoverConfig, distill_
 from compressor.errors import PlanError
+from compressor.kernels.int8_linear import Int8Linear
+from compressor.passes.quantize import QuantizeConfig, QuantizePass
+from compressor.passes.sparsify import SparsifyConfig, SparsifyPass, is_24_sparse, mask_24_by_magnitude
 
 
 def test_mask_keeps_the_two_largest_of_every_four() -> None:
