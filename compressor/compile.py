@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from compressor.adapters import make_adapter
+from compressor.adapters.base import ModelAdapter
 from compressor.bundle import BundleWriter, read_manifest
 from compressor.errors import PassError
 from compressor.exporters import EXPORTERS
@@ -30,10 +31,12 @@ from compressor.targets import get_target
 log = logging.getLogger(__name__)
 
 
-def plan(recipe: Recipe) -> tuple[Any, Any, torch.nn.Module, list[Pass], list[Any]]:
+def plan(
+    recipe: Recipe, adapter: ModelAdapter | None = None
+) -> tuple[Any, ModelAdapter, torch.nn.Module, list[Pass], list[Any]]:
     """Load the model and check the whole plan; no pass has run when this returns."""
     target = get_target(recipe.target)
-    adapter = make_adapter(recipe.model.adapter)
+    adapter = adapter or make_adapter(recipe.model.adapter)
     model = adapter.load(recipe.model.source)
     passes = [PASSES[p.name](p.config) for p in recipe.passes]
     exporters = [EXPORTERS[e.format](e.config) for e in recipe.exports]
@@ -49,8 +52,12 @@ def compile_recipe(
     overwrite: bool = False,
     progress: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> dict[str, Any]:
-    """Run ``recipe`` and write its bundle to ``out_dir``; returns the manifest."""
+    """Run ``recipe`` and write its bundle to ``out_dir``; returns the manifest.
+
+    ``adapter`` replaces the recipe's model: e.g. a ``ModuleAdapter`` around any
+    ``nn.Module`` and its data, from Python."""
 
     def stage(msg: str) -> None:
         log.info(msg)
@@ -59,7 +66,7 @@ def compile_recipe(
 
     torch.manual_seed(recipe.seed)
     stage(f"planning {recipe.name} for target {recipe.target}")
-    target, adapter, model, passes, exporters = plan(recipe)
+    target, adapter, model, passes, exporters = plan(recipe, adapter)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -96,7 +103,10 @@ def compile_recipe(
             res = e.export(model, ectx, bundle.path)
             bundle.add_artifacts(res.artifacts)
             bundle.manifest["verification"].update(res.verification)
-        if recipe.evaluation.run_bench and "onnx" in bundle.manifest["artifacts"]:
+        from compressor.adapters.hf_encoder import HFEncoderAdapter
+
+        timed = isinstance(adapter, HFEncoderAdapter)  # bench knows how to feed sentence encoders
+        if recipe.evaluation.run_bench and timed and "onnx" in bundle.manifest["artifacts"]:
             from compressor.bench import bench_bundle
 
             b = recipe.evaluation.bench

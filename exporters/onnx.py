@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.adapters.base import Batch
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
@@ -51,11 +50,6 @@ class OnnxExportConfig:
             raise RecipeError(f"{path}.min_cosine: {self.min_cosine} is not in (0, 1]")
         if "/" in self.file or not self.file.endswith(".onnx"):
             raise RecipeError(f"{path}.file: {self.file!r} must be a plain file name ending in .onnx")
-
-
-def slice_batch(batch: Batch, size: int, length: int) -> Batch:
-    """The first ``size`` rows and ``length`` positions of every [B, T] tensor."""
-    return {k: v[:size, :length].contiguous() for k, v in batch.items()}
 
 
 def export_onnx(module: nn.Module, spec, path: Path, opset: int) -> None:  # type: ignore[no-untyped-def]
@@ -131,15 +125,16 @@ def verify_onnx(
     path: Path, model: nn.Module, ctx: ExportContext, batch_sizes: tuple[int, ...], lengths: tuple[int, ...]
 ) -> dict[str, float]:
     """Worst-case agreement of ONNX Runtime with the torch model over the held-out grid."""
-    source = max(ctx.data.eval, key=lambda b: b["input_ids"].shape[0] * b["input_ids"].shape[1])
-    cases = [slice_batch(source, b, t) for b in batch_sizes for t in lengths]
+    source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
+    cases = ctx.adapter.verification_cases(source, batch_sizes, lengths)
     with torch.no_grad():
         model.eval()
         refs = [ctx.adapter.forward(model, c).float().numpy() for c in cases]  # before anything else
     sess = ort_session(path)
     worst_cos, worst_abs = 1.0, 0.0
     for case, ref in zip(cases, refs):
-        out = sess.run(None, {k: v.numpy() for k, v in case.items()})[0]
+        names = {i.name for i in sess.get_inputs()}
+        out = sess.run(None, {k: v.numpy() for k, v in case.items() if k in names})[0]
         if out.shape != ref.shape:
             raise ExportError(f"{path.name}: ONNX output shape {out.shape} != torch {ref.shape}")
         if not np.isfinite(out).all():
@@ -161,7 +156,7 @@ class OnnxExporter(Exporter):
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
         cfg = self.config
         path = out_dir / cfg.file
-        example = slice_batch(ctx.data.eval[0], 2, 16)
+        example = ctx.adapter.verification_cases(ctx.data.eval[0], (2,), (16,))[0]
         spec = ctx.adapter.export_spec(model, example)
         log.info("exporting %s", path)
         export_onnx(model, spec, path, cfg.opset)

@@ -86,7 +86,9 @@ def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsy
     assert manifest["verification"]["onnx"]["min_cosine"] > 0.999
     bench = manifest["benchmark"]
     assert bench["latency"][0]["bundle"]["median_ms"] > 0 and "speedup_vs_ort_fp32" in bench["latency"][0]
-    assert bench["fidelity"]["mean_cosine"] > 0.9
+    # The engine's fidelity, measured by bench in ONNX Runtime, is what the pipeline measured in torch.
+    final = manifest["passes"][-1]["metrics"]
+    assert abs(bench["fidelity"]["mean_cosine"] - final["mean_cosine"]) < 0.01, (bench["fidelity"], final)
     assert (out / "report.md").read_text().count("|") > 10 and (out / "report.html").is_file()
     text = capsys.readouterr().out
     assert "speedup vs ORT fp32" in text and "fidelity of the exported engine" in text

@@ -30,5 +30,7 @@ def test_default_recipe_compiles_minilm(tmp_path: Path) -> None:
     assert m["passes"][1]["details"]["activation_scheme"] == "dynamic_per_tensor"
     assert m["target"]["name"] == "cpu" and m["model"]["source"] == "default"
     onnx_bytes = m["files"]["model.onnx"]["bytes"]
-    fp32_linear_bytes = 4 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    assert onnx_bytes < 0.6 * (fp32_linear_bytes + 4 * 30522 * 384)  # int8 weights, not fp32
+    fp32_linear_bytes = 4 * 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # 42.5 MB
+    fp32_embedding_bytes = 4 * (30522 + 512 + 2) * 384  # 47.7 MB, kept in fp32
+    # The linear layers travel as int8 (1/4 of fp32, plus scales), not as fp32.
+    assert onnx_bytes - fp32_embedding_bytes < 0.3 * fp32_linear_bytes, onnx_bytes

@@ -84,7 +84,13 @@ class ModelAdapter(ABC):
         """Default: every Linear is its own group with an explicit input scale."""
         return [SmoothGroup(None, (n,)) for n in self.linear_names(model)]
 
-    def export_spec(self, model: nn.Module, batch: Batch) -> ExportSpec:
+    def verification_cases(
+        self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
+    ) -> list[Batch]:
+        """Inputs of several shapes cut from a held-out batch (default: batch sizes only)."""
+        return [{k: v[:b] for k, v in batch.items()} for b in batch_sizes]
+
+    def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         raise NotImplementedError(f"{type(self).__name__} does not support ONNX export")
 
     def iter_inputs(self, batches: Sequence[Batch]) -> Iterator[Batch]:

@@ -304,6 +304,12 @@ class HFEncoderAdapter(ModelAdapter):
             groups.append(SmoothGroup(None, (f"{prefix}.output.dense",)))
         return groups
 
+    def verification_cases(
+        self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
+    ) -> list[Batch]:
+        """Every (batch size, length) pair: the first rows and positions of a held-out batch."""
+        return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
+
     def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         """``fused``: our layer-by-layer graph with ORT's fused attention; else transformers' own forward
         (what a user exporting the model by hand gets, used as the benchmark baseline)."""

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from compressor.errors import ExportError
 from compressor.exporters.base import ExportContext
-from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, ort_session, slice_batch
+from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, ort_session
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.quantize import QuantizeConfig, QuantizePass
 
@@ -54,7 +54,7 @@ def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:
 def test_output_is_the_normalised_sentence_embedding(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     q, ectx, _ = _export(tiny_ctx, tmp_path)
     sess = ort_session(tmp_path / "model.onnx")
-    batch = slice_batch(ectx.data.eval[0], 5, 20)
+    batch = ectx.adapter.verification_cases(ectx.data.eval[0], (5,), (20,))[0]
     out = sess.run(None, {k: v.numpy() for k, v in batch.items()})[0]
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-5)
     with torch.no_grad():

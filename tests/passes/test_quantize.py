@@ -14,7 +14,7 @@ from tests.conftest import add_activation_outliers_
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()).detach())
 
 
 def test_int8_linear_matches_the_integer_computation() -> None:
@@ -96,9 +96,9 @@ def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # 
     ctx.teacher = copy.deepcopy(model)
     scores = {}
     for sq in (False, True):
-        out = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=sq)).run(
-            copy.deepcopy(model), ctx
-        )
+        # alpha fixed at the paper's 0.5: this tests the smoothing, not the (noisy on 16 texts) search
+        cfg = QuantizeConfig(targets=("encoder.*",), smoothquant=sq, alpha=0.5)
+        out = QuantizePass(cfg).run(copy.deepcopy(model), ctx)
         scores[sq] = adapter.metrics(out, ctx.teacher, ctx.data.eval)["mean_cosine"]
     assert 1 - scores[True] < 0.8 * (1 - scores[False]), scores
 
