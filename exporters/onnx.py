@@ -155,6 +155,12 @@ class OnnxExporter(Exporter):
 
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
         cfg = self.config
+        fp8 = [n for n, m in model.named_modules() if type(m).__name__ == "Fp8Linear"]
+        if fp8:
+            raise ExportError(
+                f"onnx (ONNX Runtime flavour) cannot run FP8 layers ({fp8[0]}, ...): ONNX Runtime has no "
+                "FP8 GEMM on this engine; FP8 bundles need a TensorRT engine export"
+            )
         path = out_dir / cfg.file
         example = ctx.adapter.verification_cases(ctx.data.eval[0], (2,), (16,))[0]
         spec = ctx.adapter.export_spec(model, example)

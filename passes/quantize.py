@@ -32,6 +32,7 @@ from torch import nn
 from compressor.adapters.base import Batch, ModelAdapter, SmoothGroup
 from compressor.config import option
 from compressor.errors import DataError, PassError, PlanError, RecipeError
+from compressor.kernels.fp8_linear import Fp8Linear
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import get_linear, select_modules, set_module
 from compressor.passes.smoothquant import fold_input_scale_, smoothquant_scales
@@ -43,7 +44,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: Literal["int8"] = option("int8", help="quantization scheme: int8 = W8A8")
+    method: Literal["int8", "fp8"] = option(
+        "int8",
+        help="int8 = W8A8 (int8 weights and activations); fp8 = E4M3 weights and activations (h100 only)",
+    )
+    fp8_weights: Literal["per_channel", "per_tensor"] = option(
+        "per_channel", help="fp8: one weight scale per output channel or per tensor"
+    )
     targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to quantize")
     ignore: tuple[str, ...] = option((), help="module-name patterns to leave in float")
     activations: Literal["auto", "dynamic_per_token", "dynamic_per_tensor"] = option(
@@ -156,7 +163,7 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @register_pass
 class QuantizePass(Pass):
     name = "quantize"
-    description = "INT8 W8A8 (per-channel weights, dynamic activations) with SmoothQuant and mixed precision"
+    description = "INT8 W8A8 (SmoothQuant, mixed precision) or FP8 E4M3 (h100) with dynamic activations"
     Config = QuantizeConfig
 
     def act_scheme(self, target: Target) -> str:
@@ -166,6 +173,8 @@ class QuantizePass(Pass):
 
     def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
         target.require_precision(self.config.method, "quantize.method")
+        if self.config.method == "fp8" and (self.config.smoothquant or self.config.max_float_layers):
+            raise PlanError("quantize: smoothquant and max_float_layers apply to method int8 only")
         if target.device == "cpu" and self.config.activations == "dynamic_per_token":
             raise PlanError(
                 "quantize.activations: dynamic_per_token has no fast ONNX Runtime CPU kernel; "
@@ -179,6 +188,8 @@ class QuantizePass(Pass):
 
     def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         cfg = self.config
+        if cfg.method == "fp8":
+            return self._run_fp8(model, ctx)
         names = select_modules(model, cfg.targets, cfg.ignore, what="quantize")
         scheme = self.act_scheme(ctx.target)
         adapter = ctx.adapter
@@ -216,6 +227,15 @@ class QuantizePass(Pass):
         ctx.record("quantized_layers", len(names) - len(keep))
         ctx.record("calibration_mean_cosine", round(fidelity(quantized), 6))
         return quantized
+
+    def _run_fp8(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        """FP8 E4M3 weights (per channel or tensor) and dynamic per-tensor E4M3 activations."""
+        names = select_modules(model, self.config.targets, self.config.ignore, what="quantize")
+        for n in names:
+            set_module(model, n, Fp8Linear.from_linear(get_linear(model, n), self.config.fp8_weights))
+        ctx.record("quantized_layers", len(names))
+        ctx.record("fp8_weights", self.config.fp8_weights)
+        return model
 
     def _choose_float_layers(self, model, names, scheme, groups, stats, alpha, fidelity, ctx) -> list[str]:  # type: ignore[no-untyped-def]
         """Greedy mixed precision: float for the layers whose quantization alone costs most."""
@@ -266,6 +286,9 @@ class QuantizePass(Pass):
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         found = 0
         for n, m in model.named_modules():
+            if isinstance(m, Fp8Linear):
+                found += 1
+                ensure_finite(n, m.weight_scale, "fp8 weight scale")
             if isinstance(m, Int8Linear):
                 found += 1
                 ensure_finite(n, m.weight_scale, "weight scale")

@@ -136,3 +136,18 @@ def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: 
     assert main(["compile", "--recipe", str(_write(tmp_path, recipe)), "--out", str(out)]) == 2
     assert "below evaluation.min_mean_cosine" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]  # no bundle, no partial directory
+
+
+def test_fp8_for_a100_is_refused_before_any_work(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    recipe = {
+        "target": "a100",
+        "model": {"source": str(tiny_bert_dir)},
+        "passes": [{"pass": "quantize", "method": "fp8", "targets": ["encoder.*"]}],
+    }
+    path = _write(tmp_path, recipe)
+    assert main(["recipe", "validate", str(path)]) == 2
+    assert "fp8 is not supported on target 'a100'" in capsys.readouterr().err
+    assert main(["compile", "--recipe", str(path), "--out", str(tmp_path / "b")]) == 2
+    assert "use target h100" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main(["recipe", "validate", str(path), "--target", "h100"]) == 0

@@ -128,3 +128,29 @@ def test_quantize_weight_saturates() -> None:
     w = torch.tensor([[1.0, -1.0, 0.5, 3.0]])
     q = quantize_weight(w, torch.tensor([1.0 / 127]))
     assert q.tolist() == [[127, -127, 64, 127]]
+
+
+@pytest.mark.parametrize("target", ["a100", "orin", "cpu"])
+def test_fp8_plan_refused_before_any_work(tiny_ctx, target: str) -> None:  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    with pytest.raises(PlanError, match=f"quantize.method: fp8 is not supported on target '{target}'"):
+        QuantizePass(QuantizeConfig(method="fp8")).check(model, get_target(target), adapter)
+
+
+def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    from compressor.kernels.fp8_linear import Fp8Linear
+
+    adapter, model, ctx = tiny_ctx
+    ctx.target = get_target("h100")
+    p = QuantizePass(QuantizeConfig(method="fp8", targets=("encoder.*",)))
+    p.check(model, ctx.target, adapter)
+    out = p.run(model, ctx)
+    p.ensures(out, ctx)
+    layers = [m for m in out.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 12
+    for m in layers:
+        w8 = m.fp8_weight()
+        assert w8.dtype == torch.float8_e4m3fn and torch.isfinite(m.weight_scale).all()
+        assert float(w8.float().abs().max()) <= 448.0
+    m = adapter.metrics(out, ctx.teacher, ctx.data.eval)
+    assert m["mean_cosine"] > 0.99, m

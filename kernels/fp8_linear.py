@@ -1,0 +1,91 @@
+"""Fp8Linear: FP8 (E4M3) weights and activations, the Hopper tensor-core format.
+
+Math. Weights are E4M3 with a float32 scale per output channel or per tensor,
+``W ≈ fp8(W / sw) · sw`` with ``sw = max|W| / 448`` (``compressor.passes.fp8``);
+activations are quantized on the fly to E4M3 with one dynamic scale per tensor,
+``sx = max|x| / 448``. The product accumulates in fp32: ``y = (Xq · sx)(Wq · sw)ᵀ + b``.
+
+Paths. This is the reference path (any device torch can cast float8 on): it runs the
+E4M3 rounding exactly through ``torch.float8_e4m3fn`` and trains the float master
+weight through a straight-through estimator with the scales fixed, like Int8Linear.
+FP8 GEMMs run only on sm_89+ GPUs (target ``h100``); the GPU kernel and the TensorRT
+Q/DQ export are separate pieces (kernels and engines issues).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 quantize-dequantize with a straight-through gradient."""
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(x.dtype) * scale
+    return x + (q - x).detach()
+
+
+class Fp8Linear(nn.Module):
+    weight_scale: torch.Tensor
+    weight_mask: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        granularity: Literal["per_tensor", "per_channel"] = "per_channel",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("weight_scale", torch.ones(out_features, 1))
+        self.register_buffer("weight_mask", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, granularity: Literal["per_tensor", "per_channel"] = "per_channel"
+    ) -> Fp8Linear:
+        from compressor.passes.fp8 import fp8_scale  # the weight math lives with the passes
+
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity)
+        w = linear.weight.detach().float()
+        mask = getattr(linear, "weight_mask", None)
+        if isinstance(mask, torch.Tensor):
+            m.weight_mask = mask.clone()
+            w = w * mask
+        m.weight.data.copy_(w)
+        m.weight_scale = fp8_scale(w, granularity).reshape(-1, 1).expand(linear.out_features, 1).clone()
+        if linear.bias is not None and m.bias is not None:
+            m.bias.data.copy_(linear.bias.detach().float())
+        return m
+
+    def fp8_weight(self) -> torch.Tensor:
+        """The E4M3 weights [N, K] the GPU runs (scale them by ``weight_scale``)."""
+        return (self.weight.detach() / self.weight_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError("Fp8Linear has no ONNX Runtime lowering; FP8 engines are built by TensorRT")
+        sx = (x.detach().abs().amax() / FP8_MAX).clamp(min=1e-12)
+        xq = fake_quant_fp8(x, sx)
+        wq = fake_quant_fp8(self.weight, self.weight_scale.to(self.weight.dtype))
+        return F.linear(xq, wq, self.bias)
+
+    def weight_bytes(self) -> int:
+        return (
+            self.weight.numel()
+            + 4 * self.weight_scale.numel()
+            + (0 if self.bias is None else 4 * self.bias.numel())
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 {self.granularity}"
+        )
