@@ -61,6 +61,8 @@ class RecoverConfig:
             raise RecipeError(f"{path}.steps: must be at least 1")
         if not 0 < self.lr < 1:
             raise RecipeError(f"{path}.lr: {self.lr} is not in (0, 1)")
+        if self.warmup_steps > self.steps:
+            raise RecipeError(f"{path}.warmup_steps: {self.warmup_steps} is more than steps ({self.steps})")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise RecipeError(f"{path}: warmup_steps, grad_clip and weight_decay must not be negative")
 

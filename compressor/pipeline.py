@@ -154,6 +154,19 @@ class Pipeline:
             inst.after_pass(p, model, ctx, result)
         return result
 
+    @staticmethod
+    def _recover(model: nn.Module, ctx: PassContext, recover: Any) -> None:
+        """Distillation after a lossy pass (its ``recover:`` block); masks and quantizers stay fixed."""
+        from compressor.distill import distill_
+
+        if not ctx.data.train:
+            raise PassError("recover: needs training data (data.train_samples is 0)")
+        losses = distill_(model, ctx.teacher, ctx.adapter, ctx.data.train, recover, ctx.progress)
+        ctx.record(
+            "recover",
+            {"steps": len(losses), "loss_first": round(losses[0], 6), "loss_last": round(losses[-1], 6)},
+        )
+
     def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         self.results = [self._measure(None, model, ctx, 0.0)]
         for i, p in enumerate(self.passes):
@@ -167,6 +180,9 @@ class Pipeline:
             p.requires(model, ctx)
             out = p.run(model, ctx)
             model = out if out is not None else model
+            recover = getattr(p.config, "recover", None)
+            if recover is not None:
+                self._recover(model, ctx, recover)
             p.ensures(model, ctx)
             wall = time.perf_counter() - start
             result = self._measure(p, model, ctx, wall)

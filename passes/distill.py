@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.config import option
 from compressor.distill import DistillLossConfig, RecoverConfig, distill_
-from compressor.errors import DataError, RecipeError
+from compressor.errors import DataError
 from compressor.pipeline import Pass, PassContext, register_pass
 
 
@@ -51,8 +51,6 @@ class DistillPass(Pass):
     def requires(self, model: nn.Module, ctx: PassContext) -> None:
         if not ctx.data.train:
             raise DataError("distill: no training data (data.train_samples is 0)")
-        if self.config.warmup_steps > self.config.steps:
-            raise RecipeError("distill.warmup_steps: larger than steps")
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
         losses = distill_(

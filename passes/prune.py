@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compressor.config import option
+from compressor.distill import RecoverConfig
 from compressor.errors import PassError, PlanError, RecipeError
 from compressor.passes.importance import (
     ImportanceScores,
@@ -104,6 +105,9 @@ class StructuredPruneConfig:
         "'relative_change' (||out - in|| / ||in||) or 'random'",
     )
     calibration_batches: int = option(8, help="calibration batches used to score units")
+    recover: RecoverConfig | None = option(
+        None, help="distill against the original model right after this pass (steps, lr, loss)"
+    )
 
     def validate(self, path: str) -> None:
         for name in ("heads", "ffn", "layers"):

@@ -31,6 +31,7 @@ from torch import nn
 
 from compressor.adapters.base import Batch, ModelAdapter, SmoothGroup
 from compressor.config import option
+from compressor.distill import RecoverConfig
 from compressor.errors import DataError, PassError, PlanError, RecipeError
 from compressor.kernels.fp8_linear import Fp8Linear
 from compressor.kernels.int8_linear import Int8Linear
@@ -71,6 +72,9 @@ class QuantizeConfig:
         help="keep sensitive layers in float until calibration fidelity reaches this (with max_float_layers)",
     )
     calibration_batches: int = option(4, help="calibration batches used for statistics and sensitivity")
+    recover: RecoverConfig | None = option(
+        None, help="distill against the original model right after this pass (steps, lr, loss)"
+    )
 
     def validate(self, path: str) -> None:
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:

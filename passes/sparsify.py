@@ -1,9 +1,11 @@
-"""`sparsify`: 2:4 semi-structured sparsity by weight magnitude.
+"""`sparsify`: 2:4 semi-structured sparsity, by magnitude or by SparseGPT.
 
-In every group of 4 consecutive weights along the input dimension, the 2 of smallest
-magnitude are set to zero (Mishra et al., 2021, "Accelerating Sparse Deep Neural
-Networks"): the pattern Ampere-and-later sparse tensor cores run at twice the dense
-rate. The mask is kept as a ``weight_mask`` buffer on the layer so that distillation
+In every group of 4 consecutive weights along the input dimension, 2 are set to zero
+(Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks"): the pattern
+Ampere-and-later sparse tensor cores run at twice the dense rate. ``magnitude`` drops
+the 2 smallest; ``sparsegpt`` (Frantar & Alistarh, 2023) chooses and compensates with
+the inverse Hessian of each layer's calibration inputs, calibrating one transformer
+block at a time (``compressor.passes.sequential``). The mask is kept as a ``weight_mask`` buffer on the layer so that distillation
 (recovery) and quantization keep the zeros where they are.
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from compressor.adapters.base import ModelAdapter
 from compressor.config import option
+from compressor.distill import RecoverConfig
 from compressor.errors import PassError, PlanError, RecipeError
 from compressor.modules import get_linear, select_modules
 from compressor.pipeline import Pass, PassContext, register_pass
@@ -25,10 +28,17 @@ from compressor.targets import Target
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    method: Literal["magnitude"] = option("magnitude", help="how weights are chosen: by magnitude")
+    method: Literal["magnitude", "sparsegpt"] = option(
+        "magnitude", help="magnitude, or sparsegpt (Hessian-compensated, one block at a time)"
+    )
+    blocksize: int = option(128, help="sparsegpt: columns processed per block")
+    percdamp: float = option(0.01, help="sparsegpt: Hessian dampening, as a fraction of its mean diagonal")
     pattern: Literal["2:4"] = option("2:4", help="sparsity pattern along the input dimension")
     targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to sparsify")
     ignore: tuple[str, ...] = option((), help="module-name patterns to leave dense")
+    recover: RecoverConfig | None = option(
+        None, help="distill against the original model right after this pass (steps, lr, loss)"
+    )
 
     def validate(self, path: str) -> None:
         if not self.targets:
@@ -80,6 +90,9 @@ class SparsifyPass(Pass):
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
         names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
+        if self.config.method == "sparsegpt":
+            self._run_sparsegpt(model, ctx, names)
+            return
         for n in names:
             lin = get_linear(model, n)
             apply_mask_(lin, mask_24_by_magnitude(lin.weight))
@@ -88,6 +101,47 @@ class SparsifyPass(Pass):
             "speedup_on_target",
             "2:4 sparse tensor cores" if ctx.target.sparse_24 else "none (no 2:4 hardware)",
         )
+
+    def _run_sparsegpt(self, model: nn.Module, ctx: PassContext, names: list[str]) -> None:
+        from compressor.passes.sequential import compress_linears_sequentially
+        from compressor.passes.sparsegpt import sparsegpt_prune
+        from compressor.passes.structure import describe_model
+
+        try:
+            blocks = describe_model(model).layers
+        except ValueError as e:
+            raise PassError(f"sparsify: sparsegpt calibrates block by block and {e}") from None
+        chosen = {id(get_linear(model, n)): n for n in names}
+        done: list[str] = []
+
+        @torch.no_grad()
+        def compress(_name: str, linear: nn.Linear, hessian: torch.Tensor) -> None:
+            w, keep = sparsegpt_prune(
+                linear.weight,
+                hessian,
+                prune_n=2,
+                prune_m=4,
+                blocksize=self.config.blocksize,
+                percdamp=self.config.percdamp,
+            )
+            linear.weight.copy_(w)
+            apply_mask_(linear, keep.to(linear.weight.dtype))
+            done.append(chosen[id(linear)])
+
+        compress_linears_sequentially(
+            model,
+            list(blocks),
+            ctx.data.calibration,
+            ctx.adapter.forward,
+            compress,
+            lambda _n, m: id(m) in chosen,
+        )
+        rest = [n for n in names if n not in set(done)]  # selected layers outside the blocks
+        for n in rest:
+            lin = get_linear(model, n)
+            apply_mask_(lin, mask_24_by_magnitude(lin.weight))
+        ctx.record("sparsegpt_layers", len(done))
+        ctx.record("magnitude_layers", rest)
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         for n in select_modules(model, self.config.targets, self.config.ignore, what="sparsify"):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from compressor.cli import main
@@ -151,3 +152,32 @@ def test_fp8_for_a100_is_refused_before_any_work(tiny_bert_dir: Path, tmp_path: 
     assert "use target h100" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert main(["recipe", "validate", str(path), "--target", "h100"]) == 0
+
+
+def test_recover_block_distills_after_a_lossy_pass(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    from compressor.distill import RecoverConfig
+    from compressor.passes.sparsify import SparsifyConfig, SparsifyPass, is_24_sparse
+    from compressor.pipeline import Pipeline
+
+    adapter, model, ctx = tiny_ctx
+    plain = Pipeline([SparsifyPass(SparsifyConfig(targets=("encoder.*",)))])
+    recovered = Pipeline(
+        [
+            SparsifyPass(
+                SparsifyConfig(
+                    targets=("encoder.*",), recover=RecoverConfig(steps=30, lr=1e-3, warmup_steps=2)
+                )
+            )
+        ]
+    )
+    import copy
+
+    a = plain.run(copy.deepcopy(model), ctx)
+    b = recovered.run(copy.deepcopy(model), ctx)
+    details = recovered.results[-1].details["recover"]
+    assert details["steps"] == 30
+    assert recovered.results[-1].metrics["mean_cosine"] > plain.results[-1].metrics["mean_cosine"]
+    for m in (a, b):
+        for name, layer in m.named_modules():
+            if name.startswith("encoder") and isinstance(layer, torch.nn.Linear):
+                assert is_24_sparse(layer.weight)

@@ -59,6 +59,10 @@ def test_shipped_recipes_parse_and_round_trip() -> None:
             r"passes\[0\]\.loss\.output: 'kl' is not one of",
         ),
         (_recipe(target="tpu"), r"target: unknown target 'tpu'"),
+        (
+            _recipe(passes=[{"pass": "sparsify", "recover": {"steps": 5}}]),
+            r"passes\[0\]\.recover\.warmup_steps: 10 is more than steps \(5\)",
+        ),
         (_recipe(exports=[{"format": "onnx", "opset": 11}]), r"exports\[0\]\.opset: 11 is too old"),
         (_recipe(exports=[{"format": "tflite"}]), r"exports\[0\]\.format: unknown export format 'tflite'"),
         (_recipe(data={"batch_size": 0}), r"data\.batch_size: must be at least 1"),

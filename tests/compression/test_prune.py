@@ -211,8 +211,9 @@ def test_check_refuses_impossible_widths() -> None:
             p.check(model, cpu, adapter)
     with pytest.raises(RecipeError, match="passes\\[0\\].ffn: fraction 1.5"):
         from_dict(StructuredPruneConfig, {"ffn": 1.5}, "passes[0]")
-    with pytest.raises(RecipeError, match="unknown key"):
-        from_dict(StructuredPruneConfig, {"recover": {}}, "passes[0]")
+    assert from_dict(StructuredPruneConfig, {"recover": {"steps": 20}}, "passes[0]").recover.steps == 20
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.recover\.epochs: unknown key"):
+        from_dict(StructuredPruneConfig, {"recover": {"epochs": 1}}, "passes[0]")
     assert PASS_REGISTRY["prune"] is StructuredPrunePass
 
 

@@ -48,3 +48,18 @@ def test_sparsify_refuses_patterns_that_match_nothing(tiny_ctx) -> None:  # type
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match="sparsify: target pattern 'encoder.layer.9.\\*' matches no"):
         SparsifyPass(SparsifyConfig(targets=("encoder.layer.9.*",))).check(model, ctx.target, adapter)
+
+
+def test_sparsegpt_beats_magnitude_on_the_model(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    adapter, model, ctx = tiny_ctx
+    scores = {}
+    for method in ("magnitude", "sparsegpt"):
+        m = copy.deepcopy(model)
+        p = SparsifyPass(SparsifyConfig(method=method, targets=("encoder.*",)))
+        p.run(m, ctx)
+        p.ensures(m, ctx)
+        scores[method] = adapter.metrics(m, ctx.teacher, ctx.data.eval)["mean_cosine"]
+    assert ctx.details["sparsegpt_layers"] == 12 and ctx.details["magnitude_layers"] == []
+    assert 1 - scores["sparsegpt"] < 1 - scores["magnitude"], scores
