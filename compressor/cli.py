@@ -44,9 +44,21 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return recipe
 
 
+def _print_bench(result: dict) -> None:  # type: ignore[type-arg]
+    from compressor.report import bench_table, text_table
+
+    print(text_table(bench_table(result)))
+    f = result.get("fidelity")
+    if f:
+        print(
+            f"\nfidelity of the exported engine vs the original model ({f['texts']} held-out texts): "
+            f"mean cosine {f['mean_cosine']:.5f}, min {f['min_cosine']:.5f}, Spearman {f['spearman']:.5f}"
+        )
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from compressor.compile import compile_recipe
-    from compressor.report import bench_table, pass_table, text_table
+    from compressor.report import pass_table, text_table
     from compressor.targets import get_target
 
     recipe = _load(args)
@@ -69,13 +81,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if manifest.get("benchmark"):
         b = manifest["benchmark"]
         print(f"\nbenchmark ({b['engine']}, {b['threads']} threads, real held-out sentences):")
-        print(text_table(bench_table(b)))
-        f = b.get("fidelity")
-        if f:
-            print(
-                f"\nfidelity of the exported engine vs the original model ({f['texts']} held-out texts): "
-                f"mean cosine {f['mean_cosine']:.5f}, min {f['min_cosine']:.5f}, Spearman {f['spearman']:.5f}"
-            )
+        _print_bench(b)
     print(f"\nmanifest: {out / 'manifest.json'}   report: {out / 'report.md'}")
     return 0
 
@@ -83,7 +89,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from compressor.bench import bench_bundle
     from compressor.bundle import verify_bundle
-    from compressor.report import bench_table, text_table
 
     verify_bundle(Path(args.bundle))
     result = bench_bundle(
@@ -95,13 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         baseline=not args.no_baseline,
     )
-    print(text_table(bench_table(result)))
-    f = result.get("fidelity")
-    if f:
-        print(
-            f"fidelity vs original: mean cosine {f['mean_cosine']:.5f}, min {f['min_cosine']:.5f}, "
-            f"Spearman {f['spearman']:.5f} ({f['texts']} held-out texts)"
-        )
+    _print_bench(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")

@@ -9,53 +9,25 @@ through a straight-through estimator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from compressor.config import option
-from compressor.distill import DistillLossConfig, RecoverConfig, distill_
+from compressor.distill import RecoverConfig, distill_
 from compressor.errors import DataError
 from compressor.pipeline import Pass, PassContext, register_pass
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    steps: int = option(100, help="optimizer steps")
-    lr: float = option(1e-5, help="peak learning rate (AdamW), linear warm-up then cosine decay")
-    warmup_steps: int = option(10, help="linear warm-up steps")
-    weight_decay: float = option(0.0, help="AdamW weight decay")
-    grad_clip: float = option(1.0, help="clip the gradient norm to this (0 = off)")
-    loss: DistillLossConfig = option(DistillLossConfig(), help="what the student matches")
-
-    def validate(self, path: str) -> None:
-        self.recover_config().validate(path)
-
-    def recover_config(self) -> RecoverConfig:
-        return RecoverConfig(
-            steps=self.steps,
-            lr=self.lr,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            loss=self.loss,
-        )
 
 
 @register_pass
 class DistillPass(Pass):
     name = "distill"
     description = "recover fidelity by distillation from the original model (masks and quantizers fixed)"
-    Config = DistillConfig
+    Config = RecoverConfig
 
     def requires(self, model: nn.Module, ctx: PassContext) -> None:
         if not ctx.data.train:
             raise DataError("distill: no training data (data.train_samples is 0)")
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
-        losses = distill_(
-            model, ctx.teacher, ctx.adapter, ctx.data.train, self.config.recover_config(), ctx.progress
-        )
+        losses = distill_(model, ctx.teacher, ctx.adapter, ctx.data.train, self.config, ctx.progress)
         ctx.record("loss_first", round(losses[0], 6))
         ctx.record("loss_last", round(losses[-1], 6))
         tail = losses[-max(1, len(losses) // 10) :]

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from compressor.distill import evaluate_loss, layer_map, squarehead_loss
+from compressor.distill import RecoverConfig, evaluate_loss, layer_map, squarehead_loss
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.passes.distill import DistillConfig, DistillPass
+from compressor.passes.distill import DistillPass
 from compressor.passes.quantize import QuantizeConfig, QuantizePass
 
 
@@ -28,7 +28,7 @@ def test_quantization_aware_distillation_recovers_and_keeps_scales(tiny_ctx) -> 
     adapter, model, ctx = tiny_ctx
     q = QuantizePass(QuantizeConfig(targets=("encoder.*",))).run(model, ctx)
     scales = {n: m.weight_scale.clone() for n, m in q.named_modules() if isinstance(m, Int8Linear)}
-    cfg = DistillConfig(steps=40, lr=1e-4, warmup_steps=2)
+    cfg = RecoverConfig(steps=40, lr=1e-4, warmup_steps=2)
     before = evaluate_loss(q, ctx.teacher, adapter, ctx.data.eval, cfg.loss)  # held-out text
     p = DistillPass(cfg)
     p.requires(q, ctx)
