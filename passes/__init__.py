@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from compressor.passes import schedulers, step_reduction  # noqa: F401  (registers the diffusion passes)
+
 from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
