@@ -10,6 +10,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from compressor.errors import PlanError
@@ -48,6 +49,14 @@ def select_modules(
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
+
+
+def get_linear(model: nn.Module, name: str) -> nn.Linear:
+    """The Linear (or Linear-like, e.g. Int8Linear) layer called ``name``."""
+    m = model.get_submodule(name)
+    if not isinstance(getattr(m, "weight", None), torch.Tensor):
+        raise TypeError(f"{name} is a {type(m).__name__}, not a Linear layer")
+    return m  # type: ignore[return-value]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -141,7 +141,9 @@ def _parse_entries(items: Any, key: str, name_key: str, registry: Mapping[str, A
             raise RecipeError(f"{path}: each entry needs a '{name_key}:' key naming the {what}")
         name = item[name_key]
         if name not in registry:
-            raise RecipeError(f"{path}.{name_key}: unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
+            raise RecipeError(
+                f"{path}.{name_key}: unknown {what} {name!r}; known: {', '.join(sorted(registry))}"
+            )
         options = {k: v for k, v in item.items() if k != name_key}
         out.append((name, from_dict(registry[name].Config, options, path)))
     return out

@@ -57,8 +57,7 @@ class Target:
             legal = ", ".join(p for p in PRECISIONS if p in self.precisions)
             hint = " FP8 needs an sm_89+ GPU: use target h100." if precision == "fp8" else ""
             raise PlanError(
-                f"{what}: {precision} is not supported on target {self.name!r} "
-                f"(supported: {legal}).{hint}"
+                f"{what}: {precision} is not supported on target {self.name!r} (supported: {legal}).{hint}"
             )
 
 
@@ -91,7 +90,14 @@ TARGETS: dict[str, Target] = {
         arch="sm_90",
         precisions=frozenset({"fp32", "fp16", "bf16", "int8", "fp8", "int4"}),
         sparse_24=True,
-        peak_tflops={"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9, "int8": 1978.9},
+        peak_tflops={
+            "fp32": 67.0,
+            "tf32": 494.7,
+            "fp16": 989.4,
+            "bf16": 989.4,
+            "fp8": 1978.9,
+            "int8": 1978.9,
+        },
         sparse_peak_tflops={"tf32": 989.4, "fp16": 1978.9, "bf16": 1978.9, "fp8": 3957.8, "int8": 3957.8},
         memory_bandwidth_gbs=3350.0,
         engines=("tensorrt", "onnxruntime", "aoti", "torch"),

@@ -11,3 +11,5 @@ from compressor.exporters.base import EXPORTER_REGISTRY
 EXPORTERS = EXPORTER_REGISTRY
 
 __all__ = ["EXPORTERS"]
+
+from compressor.exporters import onnx  # noqa: E402,F401  (registers the exporter)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from compressor.passes import prune  # noqa: F401
 from compressor.passes import schedulers, step_reduction  # noqa: F401  (registers the diffusion passes)
 
 from compressor.pipeline import PASS_REGISTRY
@@ -12,3 +13,5 @@ from compressor.pipeline import PASS_REGISTRY
 PASSES = PASS_REGISTRY
 
 __all__ = ["PASSES"]
+
+from compressor.passes import distill, quantize, sparsify  # noqa: E402,F401  (registers the passes)

@@ -33,8 +33,10 @@ class DataSplits:
 class SmoothGroup:
     """Linear layers that read the same activation, and the module that produces it.
 
-    ``producer`` is a LayerNorm (its weight and bias absorb a SmoothQuant divisor) or
-    None, in which case the divisor stays an explicit input scale of the linears.
+    ``producer`` is a norm whose output feeds only these linears (pre-norm models), so
+    its weight and bias can absorb a SmoothQuant divisor; or None (e.g. post-LN BERT,
+    where the norm output is also the residual stream), in which case the divisor
+    stays an explicit input scale of the linears.
     """
 
     producer: str | None

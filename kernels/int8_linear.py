@@ -1,0 +1,227 @@
+"""Int8Linear: W8A8 linear layer (int8 weights per output channel, int8 activations).
+
+Math. Weights are symmetric per output channel: ``Wq = clamp(round(W / sw), -127, 127)``
+with ``sw[n] = max|W[n, :]| / 127``. Activations are quantized on the fly, by one of
+two schemes that match what the engines run:
+
+- ``dynamic_per_token``: symmetric, one scale per row, ``sx[m] = max|x[m, :]| / 127``
+  (what GPU W8A8 kernels and TensorRT-LLM-style engines run);
+- ``dynamic_per_tensor``: ONNX Runtime's ``DynamicQuantizeLinear``: asymmetric uint8,
+  ``sx = (max(0, max x) - min(0, min x)) / 255``, ``zp = round(-min(0, min x) / sx)``.
+
+The output is ``(Xq - zp) @ Wqᵀ * sx * sw + b`` (int32 accumulation). An optional
+SmoothQuant vector ``smooth`` divides the input per channel (its inverse is already
+multiplied into ``weight``), moving activation outliers into the weights.
+
+Paths. The module keeps a float master ``weight`` so quantization-aware distillation
+can train it with a straight-through estimator while ``weight_scale`` stays fixed
+(quantizers are frozen, the weights move). The CPU forward is the reference: exact
+emulation of the engine's rounding (round half to even, saturation), so fidelity
+measured in torch is the fidelity of the exported engine. Under ONNX export the layer
+lowers to ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add`` carrying our
+int8 weights and scales, which ONNX Runtime fuses into ``DynamicQuantizeMatMul``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ActScheme = Literal["dynamic_per_token", "dynamic_per_tensor"]
+ACT_SCHEMES: tuple[str, ...] = ("dynamic_per_token", "dynamic_per_tensor")
+_EPS = 1e-8
+
+
+def weight_scale_per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale per output channel: ``max|W[n]| / 127`` (never zero)."""
+    return (weight.detach().abs().amax(dim=1).float() / 127.0).clamp(min=_EPS)
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 weights ``clamp(round(W / scale), -127, 127)``; ``scale`` is [N]."""
+    return torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+
+
+def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Forward ``xq``, backward identity (straight-through estimator)."""
+    return x + (xq - x).detach()
+
+
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = scale[:, None].to(weight.dtype)
+    q = torch.clamp(torch.round(weight / s), -127, 127)
+    return _ste(weight, q * s)
+
+
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    s = (x.detach().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=_EPS)
+    q = torch.clamp(torch.round(x / s), -127, 127)
+    return _ste(x, q * s)
+
+
+def fake_quant_dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
+    """ONNX ``DynamicQuantizeLinear`` then dequantize, with a straight-through gradient."""
+    xd = x.detach()
+    lo = torch.clamp(xd.min(), max=0.0)
+    hi = torch.clamp(xd.max(), min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=_EPS)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    return _ste(x, (q - zp) * scale)
+
+
+class _Int8LinearOnnx(torch.autograd.Function):
+    """Carries the int8 lowering through ``torch.onnx.export`` (TorchScript exporter)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight_t, w_scale, bias, inv_smooth, per_token):  # type: ignore[override]
+        # Only shapes matter while tracing; the real math is Int8Linear.forward.
+        return x.new_zeros((*x.shape[:-1], qweight_t.shape[1]))
+
+    @staticmethod
+    def symbolic(g, x, qweight_t, w_scale, bias, inv_smooth, per_token):  # type: ignore[no-untyped-def]
+        from torch.onnx import TensorProtoDataType as DT  # type: ignore[attr-defined]
+
+        if not _is_none(g, inv_smooth):
+            x = g.op("Mul", x, inv_smooth)
+        if per_token:
+            # s[m] = max(|x[m, :]|) / 127; q = clip(round(x / s), -127, 127) as int8
+            amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+            s = g.op(
+                "Max",
+                g.op("Div", amax, g.op("Constant", value_t=torch.tensor(127.0))),
+                g.op("Constant", value_t=torch.tensor(_EPS)),
+            )
+            r = g.op("Round", g.op("Div", x, s))
+            r = g.op(
+                "Clip",
+                r,
+                g.op("Constant", value_t=torch.tensor(-127.0)),
+                g.op("Constant", value_t=torch.tensor(127.0)),
+            )
+            q = g.op("Cast", r, to_i=DT.INT8)
+            acc = g.op("MatMulInteger", q, qweight_t)
+            y = g.op("Mul", g.op("Cast", acc, to_i=DT.FLOAT), g.op("Mul", s, w_scale))
+        else:
+            q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+            acc = g.op("MatMulInteger", q, qweight_t, zp)
+            y = g.op("Mul", g.op("Cast", acc, to_i=DT.FLOAT), g.op("Mul", s, w_scale))
+        if not _is_none(g, bias):
+            y = g.op("Add", y, bias)
+        return y
+
+
+def _is_none(g, value) -> bool:  # type: ignore[no-untyped-def]
+    return value is None or (hasattr(value, "node") and value.node().mustBeNone())
+
+
+class Int8Linear(nn.Module):
+    """A W8A8 linear layer; see the module docstring for the math and the paths."""
+
+    weight_scale: torch.Tensor
+    smooth: torch.Tensor | None
+    weight_mask: torch.Tensor | None
+    qweight_t: torch.Tensor | None
+    inv_smooth: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        act_scheme: ActScheme = "dynamic_per_token",
+    ) -> None:
+        super().__init__()
+        if act_scheme not in ACT_SCHEMES:
+            raise ValueError(f"act_scheme {act_scheme!r} is not one of {', '.join(ACT_SCHEMES)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.act_scheme: ActScheme = act_scheme
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("smooth", None)
+        self.register_buffer("weight_mask", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        act_scheme: ActScheme = "dynamic_per_token",
+        smooth: torch.Tensor | None = None,
+    ) -> Int8Linear:
+        """Quantize ``linear``; ``smooth`` (SmoothQuant) divides the input per channel."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, act_scheme)
+        w = linear.weight.detach().float()
+        if smooth is not None:
+            smooth = smooth.detach().float().clamp(min=_EPS)
+            w = w * smooth[None, :]
+            m.smooth = smooth
+        mask = getattr(linear, "weight_mask", None)
+        if mask is not None:
+            m.weight_mask = mask.clone()
+            w = w * mask
+        m.weight.data.copy_(w)
+        m.weight_scale.copy_(weight_scale_per_channel(w))
+        if linear.bias is not None and m.bias is not None:
+            m.bias.data.copy_(linear.bias.detach().float())
+        return m
+
+    def qweight(self) -> torch.Tensor:
+        """The int8 weights [N, K] that the engines run."""
+        return quantize_weight(self.weight.detach(), self.weight_scale)
+
+    @torch.no_grad()
+    def freeze_for_export_(self) -> None:
+        """Store the int8 weights [K, N] and 1/smooth as buffers, so a trace carries them as
+        initializers (computed inside the trace they would be float weights plus Round ops)."""
+        self.register_buffer("qweight_t", self.qweight().t().contiguous())
+        self.register_buffer("inv_smooth", None if self.smooth is None else 1.0 / self.smooth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            if getattr(self, "qweight_t", None) is None:
+                raise RuntimeError("call freeze_for_export_() on Int8Linear before ONNX export")
+            return _Int8LinearOnnx.apply(
+                x,
+                self.qweight_t,
+                self.weight_scale,
+                self.bias,
+                self.inv_smooth,
+                self.act_scheme == "dynamic_per_token",
+            )
+        if x.is_cuda and self.act_scheme == "dynamic_per_token" and not self.training:
+            fast = _cuda_w8a8()
+            if fast is not None:
+                return fast(x, self.qweight(), self.weight_scale, self.bias, self.smooth, "none", x.dtype)
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.act_scheme == "dynamic_per_token":
+            xq = fake_quant_per_token(x)
+        else:
+            xq = fake_quant_dynamic_uint8(x)
+        wq = fake_quant_weight(self.weight, self.weight_scale)
+        return F.linear(xq, wq.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def weight_bytes(self) -> int:
+        n = self.weight.numel() + 4 * self.weight_scale.numel()
+        n += 0 if self.bias is None else 4 * self.bias.numel()
+        return n + (0 if self.smooth is None else 4 * self.smooth.numel())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"act={self.act_scheme}, smooth={self.smooth is not None}"
+        )
+
+
+def _cuda_w8a8():  # type: ignore[no-untyped-def]
+    """The Triton W8A8 path when the kernels package provides it, else None."""
+    try:
+        from compressor.kernels.w8a8 import w8a8_linear
+    except ImportError:
+        return None
+    return w8a8_linear

@@ -1,0 +1,171 @@
+"""Group-wise round-to-nearest (RTN) integer weight quantization (int4 and int8).
+
+The one weight format every weight-only quantizer here returns (RTN, GPTQ, AWQ+RTN)::
+
+    W[o, i] ≈ (q[o, i] - zeros[o, g]) * scales[o, g],   g = i // group_size
+
+- ``q``: integers in ``[qmin, qmax]``, stored as int8 (symmetric: ``[-2^(b-1), 2^(b-1)-1]``,
+  zero point 0) or uint8 (asymmetric: ``[0, 2^b - 1]``, integer zero point per group).
+- ``scales``: float32, shape (out, n_groups); ``zeros``: same dtype as ``q``, shape
+  (out, n_groups). ``group_size=None`` means one group per output row (per-channel).
+
+This is the layout of GPTQ/AWQ checkpoints and ONNX ``MatMulNBits`` (block-wise,
+per-row), before bit-packing; ``pack_int4`` does the packing (two nibbles a byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer weights plus per-group scale and zero point (see the module docstring)."""
+
+    q: torch.Tensor  # (out, in) int8 (symmetric) or uint8 (asymmetric)
+    scales: torch.Tensor  # (out, n_groups) float32
+    zeros: torch.Tensor  # (out, n_groups), dtype of q
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groupwise(self.q, self.scales, self.zeros, self.group_size)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range of ``bits``-bit codes."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits={bits} is not one of 2, 3, 4, 8")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _check_groups(in_features: int, group_size: int | None) -> int:
+    if group_size is None:
+        return in_features
+    if group_size <= 0 or in_features % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+    return group_size
+
+
+def compute_qparams(
+    w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``w`` (rows are the groups), both shape (rows,).
+
+    Symmetric: ``scale = absmax / qmax`` and zero 0 (absmax/qmax rather than
+    absmax/|qmin| so +absmax is representable). Asymmetric: the range
+    ``[min(w,0), max(w,0)]`` maps onto ``[0, 2^b-1]``. ``clip_ratio`` < 1 shrinks the
+    range (clipping search). All-zero rows get scale 1 so the scale is always finite.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    w = w.to(torch.float32)
+    if symmetric:
+        absmax = w.abs().amax(dim=1) * clip_ratio
+        scale = absmax / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    wmin = w.amin(dim=1).clamp(max=0) * clip_ratio
+    wmax = w.amax(dim=1).clamp(min=0) * clip_ratio
+    scale = (wmax - wmin) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-wmin / scale).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize_with_qparams(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` (rows, cols) with per-row ``scale``/``zero`` (rows,)."""
+    qmin, qmax = qrange(bits, symmetric)
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], qmin, qmax)
+
+
+def compute_group_qparams(
+    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group float scales and (float) zero points, each shape (out, n_groups)."""
+    out_f, in_f = weight.shape
+    gs = _check_groups(in_f, group_size)
+    groups = weight.detach().to(torch.float32).reshape(out_f * (in_f // gs), gs)  # (out*G, gs)
+    scale, zero = compute_qparams(groups, bits, symmetric)
+    return scale.reshape(out_f, -1), zero.reshape(out_f, -1)
+
+
+def _storage_dtype(symmetric: bool) -> torch.dtype:
+    return torch.int8 if symmetric else torch.uint8
+
+
+def quantize_groupwise(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+) -> torch.Tensor:
+    """Integer codes of ``weight`` (out, in) under given group parameters (out, n_groups)."""
+    out_f, in_f = weight.shape
+    gs = _check_groups(in_f, group_size)
+    w = weight.detach().to(torch.float32).reshape(-1, gs)  # (out*G, gs)
+    q = quantize_with_qparams(w, scales.reshape(-1).float(), zeros.reshape(-1).float(), bits, symmetric)
+    return q.reshape(out_f, in_f).to(_storage_dtype(symmetric))
+
+
+def dequantize_groupwise(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
+) -> torch.Tensor:
+    """Float32 weight (out, in) from codes ``q`` and per-group ``scales``/``zeros``."""
+    out_f, in_f = q.shape
+    gs = _check_groups(in_f, group_size)
+    qg = q.to(torch.float32).reshape(out_f, in_f // gs, gs)  # (out, G, gs)
+    w = (qg - zeros.to(torch.float32)[..., None]) * scales.to(torch.float32)[..., None]
+    return w.reshape(out_f, in_f)
+
+
+def quantize_rtn(
+    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of a Linear weight (out, in)."""
+    scales, zeros = compute_group_qparams(weight, bits, group_size, symmetric)
+    q = quantize_groupwise(weight, scales, zeros, bits, group_size, symmetric)
+    dtype = _storage_dtype(symmetric)
+    return QuantizedWeight(q, scales, zeros.to(dtype), bits, group_size, symmetric)
+
+
+def fake_quantize_rtn(
+    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+) -> torch.Tensor:
+    """``dequantize(quantize_rtn(weight))``: the float weight the quantized layer computes with."""
+    return quantize_rtn(weight, bits, group_size, symmetric).dequantize()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (out, in) two per byte, low nibble first -> uint8 (out, in/2).
+
+    Symmetric int8 codes in [-8, 7] are offset by 8 into [0, 15] first, so a packed
+    symmetric weight dequantizes with a zero point of 8 (the ``MatMulNBits`` default).
+    """
+    if q.shape[-1] % 2:
+        raise ValueError(f"in_features={q.shape[-1]} must be even to pack int4")
+    u = q.to(torch.int16)
+    if q.dtype == torch.int8:
+        u = u + 8
+    if u.min() < 0 or u.max() > 15:
+        raise ValueError("codes do not fit in 4 bits")
+    u = u.to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Inverse of ``pack_int4``."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    u = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return (u.to(torch.int16) - 8).to(torch.int8) if symmetric else u

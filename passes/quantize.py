@@ -1,0 +1,287 @@
+"""`quantize`: INT8 W8A8 with optional SmoothQuant and sensitivity-based mixed precision.
+
+Methods:
+- weights: symmetric int8 per output channel (``compressor.kernels.int8_linear``);
+- activations: quantized on the fly, per token (GPU engines) or per tensor as ONNX
+  Runtime's ``DynamicQuantizeLinear`` (CPU), chosen by the target unless set;
+- SmoothQuant (Xiao et al., 2023, "SmoothQuant: Accurate and Efficient Post-Training
+  Quantization for Large Language Models"): per input channel ``s = max|X|^α /
+  max|W|^(1-α)``; ``X / s`` and ``W · s`` compute the same product with the activation
+  outliers moved into the weights. Where a LayerNorm produces the activation the
+  divisor is folded into its weight and bias (free at run time); elsewhere it stays an
+  explicit input scale of the layer (one Mul at run time, which ``fold_only: true``
+  avoids by smoothing only foldable groups). α is calibrated on the calibration data
+  when not given;
+- mixed precision: each layer's sensitivity is the fidelity lost when only that layer
+  is quantized; the most sensitive layers stay in float until the calibration
+  fidelity reaches ``target_mean_cosine`` or ``max_float_layers`` are kept. The
+  decision for every layer is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from compressor.kernels.int8_linear import Int8Linear
+from torch import nn
+
+from compressor.adapters.base import Batch, ModelAdapter, SmoothGroup
+from compressor.config import option
+from compressor.errors import DataError, PassError, PlanError, RecipeError
+from compressor.modules import select_modules, set_module
+from compressor.pipeline import Pass, PassContext, ensure_finite, register_pass
+from compressor.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: Literal["int8"] = option("int8", help="quantization scheme: int8 = W8A8")
+    targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to quantize")
+    ignore: tuple[str, ...] = option((), help="module-name patterns to leave in float")
+    activations: Literal["auto", "dynamic_per_token", "dynamic_per_tensor"] = option(
+        "auto",
+        help="activation scales: per token (GPU kernels) or per tensor (ONNX Runtime); auto picks by target",
+    )
+    smoothquant: bool = option(False, help="migrate activation outliers into the weights (SmoothQuant)")
+    alpha: float | None = option(None, help="SmoothQuant migration strength in [0, 1]; null = calibrate")
+    alpha_grid: tuple[float, ...] = option(
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), help="alphas tried when calibrating SmoothQuant"
+    )
+    fold_only: bool = option(
+        False, help="smooth only where the divisor folds into a norm (no run-time Mul; none in post-LN BERT)"
+    )
+    max_float_layers: int = option(0, help="at most this many of the most sensitive layers stay in float")
+    target_mean_cosine: float | None = option(
+        None,
+        help="keep sensitive layers in float until calibration fidelity reaches this (with max_float_layers)",
+    )
+    calibration_batches: int = option(4, help="calibration batches used for statistics and sensitivity")
+
+    def validate(self, path: str) -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise RecipeError(f"{path}.alpha: {self.alpha} is not in [0, 1]")
+        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid) or not self.alpha_grid:
+            raise RecipeError(f"{path}.alpha_grid: every alpha must be in [0, 1]")
+        if self.max_float_layers < 0:
+            raise RecipeError(f"{path}.max_float_layers: must not be negative")
+        if self.target_mean_cosine is not None and not 0.0 < self.target_mean_cosine <= 1.0:
+            raise RecipeError(f"{path}.target_mean_cosine: {self.target_mean_cosine} is not in (0, 1]")
+        if self.calibration_batches < 1:
+            raise RecipeError(f"{path}.calibration_batches: must be at least 1")
+
+
+# ---- math (no pipeline imports) ----------------------------------------------------------
+
+
+@torch.no_grad()
+def activation_absmax(
+    model: nn.Module, names: Sequence[str], run: callable, batches: Sequence[Batch]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by each named Linear over ``batches``."""
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            if not torch.isfinite(x).all():
+                raise DataError(f"calibration activations entering {name} contain NaN or inf")
+            amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    try:
+        for b in batches:
+            run(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def smoothquant_scales(
+    act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """``s_j = max|X_j|^α / max_i |W_ij|^(1-α)`` over all linears reading the activation."""
+    w_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1.0 - alpha)
+    return s.clamp(min=1e-5)
+
+
+@torch.no_grad()
+def fold_smooth_into_layernorm_(norm: nn.Module, smooth: torch.Tensor) -> None:
+    """LayerNorm output divided per channel by ``smooth``: scale its affine parameters."""
+    norm.weight.div_(smooth)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(smooth)
+
+
+@torch.no_grad()
+def quantize_linears_(
+    model: nn.Module,
+    names: Sequence[str],
+    act_scheme: str,
+    groups: Sequence[SmoothGroup],
+    act_stats: dict[str, torch.Tensor] | None,
+    alpha: float | None,
+    fold_only: bool,
+) -> None:
+    """Replace each named Linear by an Int8Linear, smoothing per group when ``alpha`` is set."""
+    chosen = set(names)
+    for g in groups:
+        members = [n for n in g.linears if n in chosen]
+        if not members:
+            continue
+        smooth = None
+        # A group can only share a folded divisor when every reader of the activation is quantized.
+        foldable = g.producer is not None and len(members) == len(g.linears)
+        if alpha is not None and act_stats is not None and (foldable or not fold_only):
+            weights = [model.get_submodule(n).weight for n in members]
+            smooth = smoothquant_scales(act_stats[members[0]], weights, alpha)
+            if foldable:
+                fold_smooth_into_layernorm_(model.get_submodule(g.producer), smooth)
+                for n in members:  # the divisor now lives in the norm: fold s into W directly
+                    model.get_submodule(n).weight.mul_(smooth[None, :])
+                smooth = None
+        for n in members:
+            set_module(model, n, Int8Linear.from_linear(model.get_submodule(n), act_scheme, smooth))
+            chosen.discard(n)
+    for n in chosen:  # layers no group mentions
+        set_module(model, n, Int8Linear.from_linear(model.get_submodule(n), act_scheme))
+
+
+# ---- the pass -----------------------------------------------------------------------------
+
+
+def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+@register_pass
+class QuantizePass(Pass):
+    name = "quantize"
+    description = "INT8 W8A8 (per-channel weights, dynamic activations) with SmoothQuant and mixed precision"
+    Config = QuantizeConfig
+
+    def act_scheme(self, target: Target) -> str:
+        if self.config.activations != "auto":
+            return self.config.activations
+        return "dynamic_per_tensor" if target.device == "cpu" else "dynamic_per_token"
+
+    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
+        target.require_precision(self.config.method, "quantize.method")
+        if target.device == "cpu" and self.config.activations == "dynamic_per_token":
+            raise PlanError(
+                "quantize.activations: dynamic_per_token has no fast ONNX Runtime CPU kernel; "
+                "use dynamic_per_tensor (or auto) for target cpu"
+            )
+        select_modules(model, self.config.targets, self.config.ignore, what="quantize")
+
+    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+        if not ctx.data.calibration:
+            raise DataError("quantize: no calibration data")
+
+    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        cfg = self.config
+        names = select_modules(model, cfg.targets, cfg.ignore, what="quantize")
+        scheme = self.act_scheme(ctx.target)
+        adapter = ctx.adapter
+        cal = ctx.data.calibration[: cfg.calibration_batches]
+        groups = adapter.smooth_groups(model)
+        with torch.no_grad():
+            reference = torch.cat([adapter.forward(ctx.teacher, b) for b in cal])
+
+        def build(alpha: float | None, keep_float: Sequence[str]) -> nn.Module:
+            m = copy.deepcopy(model)
+            chosen = [n for n in names if n not in set(keep_float)]
+            quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
+            return m.eval()
+
+        @torch.no_grad()
+        def fidelity(m: nn.Module) -> float:
+            return _mean_cosine(torch.cat([adapter.forward(m, b) for b in cal]), reference)
+
+        stats = activation_absmax(model, names, adapter.forward, cal) if cfg.smoothquant else None
+        alpha = cfg.alpha
+        if cfg.smoothquant and alpha is None:
+            scores = {a: fidelity(build(a, ())) for a in cfg.alpha_grid}
+            alpha = max(scores, key=lambda a: scores[a])
+            ctx.record("alpha_search", {f"{a:g}": round(s, 6) for a, s in scores.items()})
+        if not cfg.smoothquant:
+            alpha = None
+        ctx.record("alpha", alpha)
+        ctx.record("activation_scheme", scheme)
+
+        keep: list[str] = []
+        if cfg.max_float_layers > 0:
+            keep = self._choose_float_layers(model, names, scheme, groups, stats, alpha, fidelity, ctx)
+        quantized = build(alpha, keep)
+        ctx.record("float_layers", keep)
+        ctx.record("quantized_layers", len(names) - len(keep))
+        ctx.record("calibration_mean_cosine", round(fidelity(quantized), 6))
+        return quantized
+
+    def _choose_float_layers(self, model, names, scheme, groups, stats, alpha, fidelity, ctx) -> list[str]:  # type: ignore[no-untyped-def]
+        """Greedy mixed precision: float for the layers whose quantization alone costs most."""
+        cfg = self.config
+
+        def quantized_except(keep: Sequence[str]) -> float:
+            m = copy.deepcopy(model)
+            chosen = [x for x in names if x not in set(keep)]
+            quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
+            return fidelity(m.eval())
+
+        current = quantized_except(()) if cfg.target_mean_cosine is not None else None
+        if current is not None and current >= cfg.target_mean_cosine:
+            ctx.record(
+                "per_layer",
+                {n: {"precision": "int8", "why": f"all-int8 calibration fidelity {current:.6f} meets the target"} for n in names},
+            )
+            return []
+        sensitivity = {}
+        for n in names:
+            m = copy.deepcopy(model)
+            quantize_linears_(m, [n], scheme, groups, stats, alpha, cfg.fold_only)
+            sensitivity[n] = 1.0 - fidelity(m.eval())
+        order = sorted(names, key=lambda n: -sensitivity[n])
+        keep: list[str] = []
+        decisions = {}
+        for n in order[: cfg.max_float_layers]:
+            if current is not None and current >= cfg.target_mean_cosine:
+                break
+            keep.append(n)
+            if cfg.target_mean_cosine is not None:
+                current = quantized_except(keep)
+        for n in names:
+            decisions[n] = {
+                "sensitivity": round(sensitivity[n], 7),
+                "precision": "fp32" if n in keep else "int8",
+                "why": "among the most sensitive layers" if n in keep else "within the fidelity budget",
+            }
+        ctx.record("per_layer", decisions)
+        return keep
+
+    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
+        found = 0
+        for n, m in model.named_modules():
+            if isinstance(m, Int8Linear):
+                found += 1
+                ensure_finite(n, m.weight_scale, "weight scale")
+                if (m.weight_scale <= 0).any():
+                    raise PassError(f"{n}: weight scale has non-positive entries")
+                if m.smooth is not None:
+                    ensure_finite(n, m.smooth, "SmoothQuant divisor")
+                if m.weight_mask is not None and (m.weight.detach()[m.weight_mask == 0] != 0).any():
+                    raise PassError(f"{n}: a sparsity mask was not preserved through quantization")
+        if found == 0:
+            raise PassError("quantize: no layer was quantized")

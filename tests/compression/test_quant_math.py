@@ -1,0 +1,104 @@
+"""Int4 RTN, GPTQ, AWQ and FP8 weight quantization math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressor.passes.awq import awq_output_error, awq_search_scales
+from compressor.passes.fp8 import FP8_DTYPE, fp8_error_bound, quantize_fp8
+from compressor.passes.gptq import gptq_quantize
+from compressor.passes.hessian import hessian_from_inputs
+from compressor.passes.int4 import (
+    dequantize_groupwise,
+    pack_int4,
+    quantize_rtn,
+    unpack_int4,
+)
+from compressor.passes.smoothquant import fold_input_scale_
+
+from tests.compression._helpers import correlated_inputs, rel_err
+
+G = torch.Generator().manual_seed(3)
+W = torch.randn(48, 128, generator=G)
+X = correlated_inputs(1024, 128, seed=4)
+H = hessian_from_inputs(X)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_rtn_codes_in_range_and_error_bounded(symmetric: bool, group_size: int) -> None:
+    qw = quantize_rtn(W, 4, group_size, symmetric)
+    assert qw.q.dtype == (torch.int8 if symmetric else torch.uint8)
+    assert qw.scales.shape == (48, 128 // group_size) and qw.zeros.shape == qw.scales.shape
+    lo, hi = (-8, 7) if symmetric else (0, 15)
+    assert int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
+    # round-to-nearest error is at most half a step, per group
+    step = qw.scales.repeat_interleave(group_size, dim=1)
+    assert bool(((W - qw.dequantize()).abs() <= 0.5 * step + 1e-6).all())
+    torch.testing.assert_close(dequantize_groupwise(qw.q, qw.scales, qw.zeros, group_size), qw.dequantize())
+
+
+def test_int4_pack_round_trip() -> None:
+    for sym in (True, False):
+        q = quantize_rtn(W, 4, 32, sym).q
+        packed = pack_int4(q)
+        assert packed.shape == (48, 64) and packed.dtype == torch.uint8
+        assert torch.equal(unpack_int4(packed, sym), q)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric", "act_order"),
+    [(4, 128, True, False), (4, 32, False, False), (4, 64, True, True), (8, 128, True, False)],
+)
+def test_gptq_beats_rtn(bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
+    qg = gptq_quantize(W, H, bits, group_size, symmetric, act_order, blocksize=64)
+    qr = quantize_rtn(W, bits, group_size, symmetric)
+    # same format as RTN
+    assert (
+        qg.q.dtype == qr.q.dtype and qg.scales.shape == qr.scales.shape and qg.zeros.shape == qr.zeros.shape
+    )
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    assert int(qg.q.min()) >= lo and int(qg.q.max()) <= hi
+    e_g, e_r = rel_err(X, W, qg.dequantize()), rel_err(X, W, qr.dequantize())
+    print(f"gptq w{bits} g{group_size} sym={symmetric} act_order={act_order}: {e_g:.4f} vs rtn {e_r:.4f}")
+    assert e_g < 0.85 * e_r
+
+
+def test_awq_beats_rtn_on_held_out_inputs() -> None:
+    x = correlated_inputs(2048, 128, seed=5, outliers=4)
+    calib, held_out = x[:1024], x[1024:]
+    s, alpha, errors = awq_search_scales(calib, [W], bits=4, group_size=128)
+    assert alpha > 0 and errors[alpha] < errors[0.0]
+    e_awq = awq_output_error(held_out, [W], s)
+    e_rtn = awq_output_error(held_out, [W], torch.ones(128))
+    print(f"awq alpha={alpha}: held-out rel sq err {e_awq:.5f} vs rtn {e_rtn:.5f}")
+    assert e_awq < 0.7 * e_rtn
+
+
+def test_awq_scales_fold_exactly() -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    ref = lin(norm(x))
+    fold_input_scale_(norm, [lin], torch.rand(16) + 0.5)
+    torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_fp8_round_trip_within_bound(granularity: str) -> None:
+    w = W.clone()
+    w[3] *= 100.0  # one loud row: per-channel must not crush the others
+    w[5] = 0.0  # an all-zero row must still get a finite scale
+    f = quantize_fp8(w, granularity)  # type: ignore[arg-type]
+    assert f.data.dtype == FP8_DTYPE
+    assert bool(torch.isfinite(f.scale).all()) and bool((f.scale > 0).all())
+    assert f.scale.shape == ((48, 1) if granularity == "per_channel" else ())
+    err = (w - f.dequantize()).abs()
+    assert bool((err <= fp8_error_bound(w, f.scale) + 1e-12).all())
+    assert float(f.data.float().abs().max()) == 448.0
+    rel = float(err.norm() / w.norm())
+    print(f"fp8 {granularity}: rel err {rel:.5f}")
+    assert rel < 0.04

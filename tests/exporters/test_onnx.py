@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compressor.errors import ExportError
+from compressor.exporters.base import ExportContext
+from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, ort_session, slice_batch
+from compressor.kernels.int8_linear import Int8Linear
+from compressor.passes.quantize import QuantizeConfig, QuantizePass
+
+
+def _export(tiny_ctx, tmp_path: Path, **cfg):  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=True, alpha=0.5)).run(model, ctx)
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    res = OnnxExporter(OnnxExportConfig(**cfg)).export(q, ectx, tmp_path)
+    return q, ectx, res
+
+
+def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    q, ectx, res = _export(tiny_ctx, tmp_path)
+    assert res.artifacts == {"onnx": "model.onnx"}
+    report = res.verification["onnx"]
+    assert report["cases"] == 9 and report["min_cosine"] > 0.999
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "MultiHeadAttention"} <= ops
+    assert "Where" not in ops and "IsNaN" not in ops  # none of the SDPA masking subgraph
+    # The contract other tools read: names, dtypes, dynamic batch and length.
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["input_ids", "attention_mask", "token_type_ids"]
+    for i in inputs.values():
+        assert i.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        dims = i.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param
+    assert [o.name for o in model.graph.output] == ["sentence_embedding"]
+    # OUR int8 weights travel, not a re-quantization: every Int8Linear's weight is an initializer.
+    inits = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    for name, m in q.named_modules():
+        if isinstance(m, Int8Linear):
+            w = m.qweight().t().numpy()
+            assert any(i.shape == w.shape and np.array_equal(i, w) for i in inits), name
+
+
+def test_output_is_the_normalised_sentence_embedding(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    q, ectx, _ = _export(tiny_ctx, tmp_path)
+    sess = ort_session(tmp_path / "model.onnx")
+    batch = slice_batch(ectx.data.eval[0], 5, 20)
+    out = sess.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-5)
+    with torch.no_grad():
+        ref = ectx.adapter.forward(q, batch).numpy()
+    assert float((out * ref).sum(-1).min()) > 0.999
+
+
+def test_disagreement_fails_the_export(tiny_ctx, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Make the torch reference disagree with what gets exported: the export must refuse.
+    import compressor.exporters.onnx as onnx_exporter
+
+    real_verify = onnx_exporter.verify_onnx
+
+    def verify_against_a_different_model(path, model, ctx, sizes, lengths):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, Int8Linear):
+                    m.weight.mul_(-1.0)
+        return real_verify(path, model, ctx, sizes, lengths)
+
+    monkeypatch.setattr(onnx_exporter, "verify_onnx", verify_against_a_different_model)
+    with pytest.raises(ExportError, match="ONNX Runtime disagrees with torch: min cosine"):
+        _export(tiny_ctx, tmp_path)
+
+
+def test_fp32_graph_matches_transformers(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The layer-by-layer export graph computes what transformers computes (no passes at all)."""
+    adapter, model, ctx = tiny_ctx
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=model)
+    res = OnnxExporter(OnnxExportConfig(min_cosine=0.99999)).export(model, ectx, tmp_path)
+    assert res.verification["onnx"]["max_abs_error"] < 1e-4

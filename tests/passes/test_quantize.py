@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from compressor.kernels.int8_linear import Int8Linear, fake_quant_dynamic_uint8, quantize_weight
+from compressor.passes.quantize import (
+    QuantizeConfig,
+    QuantizePass,
+    activation_absmax,
+    fold_smooth_into_layernorm_,
+    smoothquant_scales,
+)
+from torch import nn
+
+from compressor.errors import DataError, PlanError
+from compressor.targets import get_target
+from tests.conftest import add_activation_outliers_
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+
+
+def test_int8_linear_matches_the_integer_computation() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    x = torch.randn(3, 7, 40) * 3
+    for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
+        q = Int8Linear.from_linear(lin, scheme)
+        wq = q.qweight().to(torch.int64)
+        assert wq.abs().max() <= 127 and q.qweight().dtype == torch.int8
+        if scheme == "dynamic_per_token":
+            sx = x.abs().amax(-1, keepdim=True) / 127
+            xq = torch.clamp(torch.round(x / sx), -127, 127).to(torch.int64)
+            zp = torch.zeros(())
+        else:
+            lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+            sx = torch.tensor((hi - lo) / 255)
+            zp = torch.clamp(torch.round(-lo / sx), 0, 255)
+            xq = (torch.clamp(torch.round(x / sx) + zp, 0, 255) - zp).to(torch.int64)
+        acc = xq @ wq.T  # exact int64 accumulation
+        expected = acc.double() * sx.double() * q.weight_scale.double() + lin.bias.double()
+        torch.testing.assert_close(q(x).double(), expected, rtol=1e-5, atol=1e-5)
+        assert sqnr_db(lin(x), q(x)) > 30  # and it is still the same layer
+
+
+def test_dynamic_uint8_emulates_onnx_dynamicquantizelinear() -> None:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = (torch.randn(5, 33) * 2 + 0.7).float()
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "zp"])
+    deq = helper.make_node("DequantizeLinear", ["y", "s", "zp"], ["out"])
+    graph = helper.make_graph(
+        [node, deq],
+        "dql",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 33])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 33])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ort_out = sess.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(fake_quant_dynamic_uint8(x).numpy(), ort_out, rtol=0, atol=1e-6)
+
+
+def test_straight_through_gradient_reaches_master_weights() -> None:
+    lin = nn.Linear(16, 8)
+    q = Int8Linear.from_linear(lin, "dynamic_per_tensor")
+    scale_before = q.weight_scale.clone()
+    q(torch.randn(4, 16)).sum().backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    assert not q.weight_scale.requires_grad and torch.equal(q.weight_scale, scale_before)
+
+
+def test_smoothing_is_exact_in_float() -> None:
+    torch.manual_seed(0)
+    norm, lin = nn.LayerNorm(16), nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(6, 16)
+    ref = lin(norm(x))
+    s = smoothquant_scales(torch.rand(16) * 10 + 0.1, [lin.weight], alpha=0.5)
+    fold_smooth_into_layernorm_(norm, s)
+    with torch.no_grad():
+        lin.weight.mul_(s[None, :])
+    torch.testing.assert_close(lin(norm(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_pass_on_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    cfg = QuantizeConfig(targets=("encoder.*",), smoothquant=True, max_float_layers=2, target_mean_cosine=1.0)
+    p = QuantizePass(cfg)
+    p.check(model, ctx.target, adapter)
+    out = p.run(model, ctx)
+    p.ensures(out, ctx)
+    int8 = [n for n, m in out.named_modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 12 - 2  # 6 linears x 2 layers, the 2 most sensitive kept in float
+    assert ctx.details["activation_scheme"] == "dynamic_per_tensor"  # cpu target -> ORT's scheme
+    assert ctx.details["alpha"] in cfg.alpha_grid
+    decisions = ctx.details["per_layer"]
+    kept = [n for n, d in decisions.items() if d["precision"] == "fp32"]
+    assert sorted(kept) == sorted(ctx.details["float_layers"])
+    worst_quantized = max(d["sensitivity"] for d in decisions.values() if d["precision"] == "int8")
+    assert all(decisions[n]["sensitivity"] >= worst_quantized for n in kept)
+    m = adapter.metrics(out, ctx.teacher, ctx.data.eval)
+    assert m["mean_cosine"] > 0.99, m
+    assert m["weight_bytes"] < adapter.metrics(ctx.teacher, ctx.teacher, ctx.data.eval)["weight_bytes"]
+
+
+def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    add_activation_outliers_(model)
+    ctx.teacher = copy.deepcopy(model)
+    scores = {}
+    for sq in (False, True):
+        out = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=sq)).run(
+            copy.deepcopy(model), ctx
+        )
+        scores[sq] = adapter.metrics(out, ctx.teacher, ctx.data.eval)["mean_cosine"]
+    assert 1 - scores[True] < 0.8 * (1 - scores[False]), scores
+
+
+def test_plan_checks(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    with pytest.raises(PlanError, match="target pattern 'decoder.\\*' matches no Linear layer"):
+        QuantizePass(QuantizeConfig(targets=("decoder.*",))).check(model, ctx.target, adapter)
+    with pytest.raises(PlanError, match="dynamic_per_token has no fast ONNX Runtime CPU kernel"):
+        QuantizePass(QuantizeConfig(activations="dynamic_per_token")).check(model, ctx.target, adapter)
+    QuantizePass(QuantizeConfig(activations="dynamic_per_token")).check(model, get_target("a100"), adapter)
+
+
+def test_nan_in_calibration_is_named(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    adapter, model, ctx = tiny_ctx
+    with torch.no_grad():
+        model.encoder.layer[0].attention.output.dense.weight[0, 0] = float("nan")
+    with pytest.raises(
+        DataError, match="calibration activations entering encoder.layer.0.intermediate.dense contain NaN"
+    ):
+        activation_absmax(
+            model, ["encoder.layer.0.intermediate.dense"], adapter.forward, ctx.data.calibration
+        )
+
+
+def test_quantize_weight_saturates() -> None:
+    w = torch.tensor([[1.0, -1.0, 0.5, 3.0]])
+    q = quantize_weight(w, torch.tensor([1.0 / 127]))
+    assert q.tolist() == [[127, -127, 64, 127]]

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compressor.cli import main
+
+
+def _write(tmp_path: Path, data: dict) -> Path:  # type: ignore[type-arg]
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_targets_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert "h100" in out and "sm_90" in out and "fp8" in out
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("quantize", "sparsify", "distill"):
+        assert name in out
+
+
+def test_validate_reports_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _write(tmp_path, {"target": "cpu", "passes": [{"pass": "quantize", "bits": 3}]})
+    assert main(["recipe", "validate", str(bad), "--static"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "passes[0].bits: unknown key" in err and "Traceback" not in err
+
+
+def test_validate_checks_the_plan_against_the_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    recipe = {"target": "cpu", "model": {"source": str(tiny_bert_dir)}, "passes": [{"pass": "quantize", "targets": ["decoder.*"]}]}
+    assert main(["recipe", "validate", str(_write(tmp_path, recipe))]) == 2
+    assert "target pattern 'decoder.*' matches no Linear layer" in capsys.readouterr().err
+    recipe["passes"] = [{"pass": "quantize", "targets": ["encoder.*"]}]
+    assert main(["recipe", "validate", str(_write(tmp_path, recipe))]) == 0
+
+
+def test_untrusted_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    assert main(["compile", "--model", str(folder), "--out", str(tmp_path / "b"), "--no-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "no .safetensors weights (found pickle checkpoints pytorch_model.bin)" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    recipe = {
+        "name": "tiny",
+        "target": "cpu",
+        "model": {"source": str(tiny_bert_dir)},
+        "data": {"calibration_samples": 16, "train_samples": 16, "eval_samples": 16, "max_length": 32, "batch_size": 8},
+        "passes": [
+            {"pass": "sparsify", "targets": ["encoder.*"]},
+            {"pass": "distill", "steps": 3, "lr": 1e-4, "warmup_steps": 1},
+            {"pass": "quantize", "targets": ["encoder.*"], "smoothquant": True, "alpha": 0.5},
+        ],
+        "exports": [{"format": "onnx"}],
+        "evaluation": {"bench": {"batch_sizes": [2], "seq_len": 16, "warmup": 1, "repeats": 2, "threads": 1}},
+    }
+    out = tmp_path / "bundle"
+    assert main(["compile", "--recipe", str(_write(tmp_path, recipe)), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["onnx"] == "model.onnx" and (out / "model.onnx").is_file()
+    assert [p["pass"] for p in manifest["passes"]] == ["original", "sparsify", "distill", "quantize"]
+    assert manifest["passes"][1]["metrics"]["linear_sparsity"] > 0.45
+    assert manifest["verification"]["onnx"]["min_cosine"] > 0.999
+    bench = manifest["benchmark"]
+    assert bench["latency"][0]["bundle"]["median_ms"] > 0 and "speedup_vs_ort_fp32" in bench["latency"][0]
+    assert bench["fidelity"]["mean_cosine"] > 0.9
+    assert (out / "report.md").read_text().count("|") > 10 and (out / "report.html").is_file()
+    text = capsys.readouterr().out
+    assert "speedup vs ORT fp32" in text and "fidelity of the exported engine" in text
+    # `compressor bench` on the bundle works on its own and checks the hashes first.
+    assert main(["bench", str(out), "--batch", "1", "--seq-len", "8", "--repeats", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["latency"][0]["batch"] == 1
+    (out / "model.onnx").write_bytes(b"tampered")
+    assert main(["bench", str(out)]) == 2
+
+
+def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    recipe = {
+        "target": "cpu",
+        "model": {"source": str(tiny_bert_dir)},
+        "data": {"calibration_samples": 8, "train_samples": 0, "eval_samples": 8, "max_length": 16, "batch_size": 8},
+        "passes": [{"pass": "sparsify", "targets": ["encoder.*"]}],
+        "exports": [{"format": "onnx"}],
+        "evaluation": {"min_mean_cosine": 0.99999, "run_bench": False},
+    }
+    out = tmp_path / "bundle"
+    assert main(["compile", "--recipe", str(_write(tmp_path, recipe)), "--out", str(out)]) == 2
+    assert "below evaluation.min_mean_cosine" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]  # no bundle, no partial directory
