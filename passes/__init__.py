@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
-from compressor.passes import prune  # noqa: F401
-from compressor.passes import schedulers, step_reduction  # noqa: F401  (registers the diffusion passes)
+from compressor.passes import (  # noqa: F401  (registers the diffusion passes)
+    prune,  # noqa: F401
+    schedulers,
+    step_reduction,
+)
 
 from compressor.pipeline import PASS_REGISTRY
 

@@ -74,11 +74,18 @@ class AdaptiveGuidanceConfig:
         0.99,
         help="cosine similarity of eps_cond and eps_uncond above which a sample drops the uncond evaluation",
     )
+    warmup: float = option(
+        0.3,
+        help="fraction of steps that are always guided: at pure noise both branches predict the input, "
+        "so their cosine is ~1 before guidance has done anything",
+    )
     version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:
         if not -1.0 < self.threshold <= 1.0:
             raise RecipeError(f"{path}.threshold: must be in (-1, 1], got {self.threshold}")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise RecipeError(f"{path}.warmup: must be in [0, 1], got {self.warmup}")
 
 
 @register_pass
@@ -101,4 +108,6 @@ class AdaptiveGuidancePass(Pass):
             )
 
     def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        return model.with_spec(adaptive_guidance_threshold=self.config.threshold)  # type: ignore[union-attr]
+        return model.with_spec(  # type: ignore[union-attr]
+            adaptive_guidance_threshold=self.config.threshold, adaptive_guidance_warmup=self.config.warmup
+        )

@@ -57,13 +57,26 @@ class SamplingSpec:
     guidance: Guidance = "cfg"
     guidance_scale: float = 2.0
     adaptive_guidance_threshold: float | None = None  # cosine(eps_c, eps_u) above which uncond is dropped
+    adaptive_guidance_warmup: float = 0.3  # fraction of steps always guided (at pure noise eps_c ~ eps_u ~ x)
     original_inference_steps: int = 50  # the LCM skipping-step grid a consistency student was trained on
+
+
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
 
 
 def make_scheduler(train_config: dict[str, Any], spec: SamplingSpec) -> Any:
     """A diffusers scheduler for ``spec`` sharing the teacher's noise schedule, set to ``spec.steps``."""
     d = _diffusers()
-    base = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    # only the noise schedule carries over: sampler options (clipping etc.) are set here, so a
+    # student reloaded from its own scheduler config samples identically
+    base = {k: v for k, v in train_config.items() if k in SCHEDULE_KEYS}
     if spec.sampler == "ddim":
         sched = d.DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=True)
     elif spec.sampler == "dpmsolver++":
@@ -73,7 +86,9 @@ def make_scheduler(train_config: dict[str, Any], spec: SamplingSpec) -> Any:
     elif spec.sampler == "unipc":
         sched = d.UniPCMultistepScheduler.from_config(base, solver_order=2, timestep_spacing="trailing")
     elif spec.sampler == "lcm":
-        sched = d.LCMScheduler.from_config(base, original_inference_steps=spec.original_inference_steps)
+        sched = d.LCMScheduler.from_config(
+            base, original_inference_steps=spec.original_inference_steps, clip_sample=True
+        )
     else:
         raise ValueError(f"unknown sampler {spec.sampler!r}")
     sched.set_timesteps(spec.steps)
@@ -126,7 +141,12 @@ class DiffusionModel(nn.Module):
         return self.unet(x, t, class_labels=emb).sample
 
     def guided_eps(
-        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, active: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor,
+        active: torch.Tensor | None = None,
+        may_drop: bool = True,
     ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
         """Guided epsilon per the spec -> (eps, evaluations spent per image, still-guided mask).
 
@@ -150,7 +170,7 @@ class DiffusionModel(nn.Module):
         eps = eps_c.clone()
         eps[idx] = eps_u_active + s * (eps_c[idx] - eps_u_active)
         cost = 1.0 + idx.numel() / b
-        if self.spec.adaptive_guidance_threshold is not None and idx.numel():
+        if self.spec.adaptive_guidance_threshold is not None and idx.numel() and may_drop:
             cos = nn.functional.cosine_similarity(eps_c[idx].flatten(1), eps_u_active.flatten(1), dim=1)
             active = active.clone()
             active[idx[cos > self.spec.adaptive_guidance_threshold]] = False
@@ -166,9 +186,12 @@ class DiffusionModel(nn.Module):
         chans = int(self.unet.config.in_channels)
         x = torch.randn((labels.shape[0], chans, size, size), generator=generator) * sched.init_noise_sigma
         nfe, active = 0.0, None
-        for t in sched.timesteps:
+        warm = self.spec.adaptive_guidance_warmup * len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
             tt = torch.full((labels.shape[0],), int(t), dtype=torch.long)
-            eps, cost, active = self.guided_eps(sched.scale_model_input(x, t), tt, labels, active)
+            eps, cost, active = self.guided_eps(
+                sched.scale_model_input(x, t), tt, labels, active, i + 1 >= warm
+            )
             nfe += cost
             kwargs = {"generator": generator} if spec_takes_generator(sched) else {}
             x = sched.step(eps, t, x, **kwargs).prev_sample
@@ -242,6 +265,11 @@ class DiffusersAdapter(ModelAdapter):
         return self._scorer
 
     def make_data(self, spec: Any, seed: int) -> DataSplits:
+        corpus = getattr(spec, "corpus", "sklearn-digits")
+        if corpus != "sklearn-digits":
+            raise DataError(
+                f"data.corpus: the diffusers adapter trains on images; set corpus: sklearn-digits, not {corpus!r}"
+            )
         split = load_digits_split()
         bs = int(getattr(spec, "batch_size", 64))
         n_cal = int(getattr(spec, "calibration_samples", 128))

@@ -54,6 +54,8 @@ class ClassConditioner(ModelMixin, ConfigMixin):
         guidance_scale: float = 3.0,
         adaptive_guidance_threshold: float | None = None,
         original_inference_steps: int = 50,
+        adaptive_guidance_warmup: float = 0.3,
+        int8_layers: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.label_embedding = nn.Embedding(num_embeddings, embed_dim)
@@ -83,12 +85,13 @@ class StepReducedPipeline(DiffusionPipeline):
     (ClassConditioner, which also records the compiled sampling recipe) and ``scheduler``
     (the diffusers scheduler set up for the student's step count). Load with
     ``StepReducedPipeline.from_pretrained(folder)`` or, from the folder alone,
-    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder)`` (the folder
+    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`` (the folder
     carries a ``pipeline.py`` that imports this class).
     """
 
     def __init__(self, unet: nn.Module, conditioner: ClassConditioner, scheduler: SchedulerMixin) -> None:
         super().__init__()
+        restore_int8_layers_(unet, conditioner)
         self.register_modules(unet=unet, conditioner=conditioner, scheduler=scheduler)
 
     def to_diffusion_model(self) -> nn.Module:
@@ -97,10 +100,14 @@ class StepReducedPipeline(DiffusionPipeline):
 
         c = self.conditioner.config
         spec = SamplingSpec(
-            c.sampler, c.num_inference_steps, c.guidance, c.guidance_scale,
-            c.adaptive_guidance_threshold, c.original_inference_steps,
+            sampler=c.sampler, steps=c.num_inference_steps, guidance=c.guidance, guidance_scale=c.guidance_scale,
+            adaptive_guidance_threshold=c.adaptive_guidance_threshold,
+            adaptive_guidance_warmup=c.adaptive_guidance_warmup,
+            original_inference_steps=c.original_inference_steps,
         )  # fmt: skip
-        train = {k: v for k, v in dict(self.scheduler.config).items() if k in _SCHEDULE_KEYS}
+        from compressor.adapters.diffusion import SCHEDULE_KEYS
+
+        train = {k: v for k, v in dict(self.scheduler.config).items() if k in SCHEDULE_KEYS}
         return DiffusionModel(self.unet, self.conditioner, train, spec)
 
     @torch.no_grad()
@@ -121,3 +128,28 @@ _SCHEDULE_KEYS = (
     "trained_betas",
     "prediction_type",
 )
+
+
+def restore_int8_layers_(unet: nn.Module, conditioner: ClassConditioner) -> None:
+    """Re-wrap the Linear layers the compiler quantized (recorded in the conditioner's
+    ``int8_layers``: name -> activation scheme) as ``Int8Linear``.
+
+    The folder stores an int8 layer's float weight (what ``Int8Linear`` keeps; its
+    per-channel scales are a pure function of it), so ``Int8Linear.from_linear`` on the
+    reloaded Linear rebuilds the same layer. Layers with a SmoothQuant divisor are
+    refused at export, since the divisor would be lost.
+    """
+    layers = conditioner.config.int8_layers or {}
+    if not layers:
+        return
+    from compressor.kernels.int8_linear import Int8Linear
+    from compressor.modules import set_module
+
+    roots = {"unet": unet, "conditioner": conditioner}
+    for name, scheme in layers.items():
+        root_name, _, sub = name.partition(".")
+        root = roots[root_name]
+        linear = root.get_submodule(sub)
+        if isinstance(linear, Int8Linear):
+            continue
+        set_module(root, sub, Int8Linear.from_linear(linear, act_scheme=scheme).eval())

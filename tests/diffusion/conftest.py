@@ -54,7 +54,9 @@ def adapter() -> DiffusersAdapter:
 
 @pytest.fixture(scope="session")
 def data(adapter: DiffusersAdapter) -> DataSplits:
-    return adapter.make_data(DataSpec(calibration_samples=32, eval_samples=40, batch_size=32), seed=0)
+    return adapter.make_data(
+        DataSpec(corpus="sklearn-digits", calibration_samples=32, eval_samples=40, batch_size=32), seed=0
+    )
 
 
 @pytest.fixture()

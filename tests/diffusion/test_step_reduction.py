@@ -105,11 +105,12 @@ def test_adaptive_guidance_drops_uncond_evaluations(teacher, adapter, data) -> N
         AdaptiveGuidancePass(AdaptiveGuidancePass.Config(threshold=1.0)), teacher, adapter, data
     )
     assert nfe_of(never) == 8
-    # threshold below any cosine: every sample drops uncond after the first step
-    always, _ = run_pass(
-        AdaptiveGuidancePass(AdaptiveGuidancePass.Config(threshold=-0.999)), teacher, adapter, data
-    )
-    assert nfe_of(always) == 4 + 1
+    # threshold below any cosine, no warmup: every sample drops uncond after the first step
+    always = AdaptiveGuidancePass(AdaptiveGuidancePass.Config(threshold=-0.999, warmup=0.0))
+    assert nfe_of(run_pass(always, teacher, adapter, data)[0]) == 4 + 1
+    # warmup 0.5 of 4 steps: steps 1-2 always guided, the decision at step 2 drops uncond for 3-4
+    half = AdaptiveGuidancePass(AdaptiveGuidancePass.Config(threshold=-0.999, warmup=0.5))
+    assert nfe_of(run_pass(half, teacher, adapter, data)[0]) == 2 + 2 + 1 + 1
 
 
 def test_composed_pipeline_measures_each_student(teacher, adapter, data) -> None:
@@ -137,6 +138,7 @@ def test_composed_pipeline_measures_each_student(teacher, adapter, data) -> None
         ({"pass": "consistency_distill", "segments": 2}, "set sampling_steps: 2"),
         ({"pass": "scheduler", "solver": "euler"}, "passes[0].solver: 'euler' is not one of"),
         ({"pass": "adaptive_guidance", "threshold": 2}, "passes[0].threshold: must be in"),
+        ({"pass": "adaptive_guidance", "warmup": 1.5}, "passes[0].warmup: must be in"),
         ({"pass": "guidance_distill", "train_steps": 0}, "passes[0].train_steps: must be at least 1"),
     ],
 )
