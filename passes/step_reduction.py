@@ -151,10 +151,53 @@ def make_student(model: DiffusionModel, **spec_changes: Any) -> DiffusionModel:
     return student.with_spec(**spec_changes).train().requires_grad_(True)
 
 
+LORA_TARGETS = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
+
+
+def attach_lora_(unet: nn.Module, rank: int) -> None:
+    """Freeze the denoiser and train rank-``rank`` LoRA adapters on its convs, projections
+    and attention (Hu et al., 2021), through peft; for denoisers too large to fine-tune."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise PassError("lora_rank > 0 needs peft: pip install peft") from e
+    unet.requires_grad_(False)
+    names = [n for n, _ in unet.named_modules()]
+    targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
+
+
+def merge_lora_(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and put the plain layer back; returns the count."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from compressor.modules import set_module
+
+    merged = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            set_module(model, name, m.get_base_layer())
+            merged += 1
+    return merged
+
+
 def fit(
-    student: nn.Module, loss_fn: Any, steps: int, lr: float, what: str, on_step: Any = None
+    student: nn.Module,
+    loss_fn: Any,
+    steps: int,
+    lr: float,
+    what: str,
+    on_step: Any = None,
+    lora_rank: int = 0,
 ) -> list[float]:
-    """Adam on ``loss_fn(step)``; returns the loss curve, raises on a non-finite loss."""
+    """Adam on ``loss_fn(step)``; returns the loss curve, raises on a non-finite loss.
+
+    With ``lora_rank > 0`` only LoRA adapters on ``student.unet`` (and any new conditioner
+    layers) train, and are merged back afterwards so the student is a plain denoiser.
+    """
+    if lora_rank > 0:
+        attach_lora_(student.unet, lora_rank)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
@@ -168,6 +211,9 @@ def fit(
         if on_step is not None:
             on_step(step)
         losses.append(float(loss.detach()))
+    if lora_rank > 0:
+        merge_lora_(student)
+        student.requires_grad_(True)
     return losses
 
 
@@ -193,6 +239,8 @@ class TrainOptions:
     """Shared training options (mixed into each distillation config)."""
 
     def _check_train(self, path: str) -> None:
+        if self.lora_rank < 0:  # type: ignore[attr-defined]
+            raise RecipeError(f"{path}.lora_rank: must be 0 (full fine-tuning) or positive")
         for name in ("train_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
@@ -207,6 +255,9 @@ class GuidanceDistillConfig(TrainOptions):
     lr: float = option(2e-4, help="AdamW learning rate")
     guidance_min: float = option(1.0, help="lowest guidance scale w sampled during training")
     guidance_max: float = option(4.0, help="highest guidance scale w sampled during training")
+    lora_rank: int = option(
+        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+    )
     version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:
@@ -248,7 +299,7 @@ def guidance_distill(
             target = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
         return nn.functional.mse_loss(student(x, t, y, w), target)
 
-    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "guidance_distill")
+    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "guidance_distill", lora_rank=cfg.lora_rank)
     return student.eval().requires_grad_(False), losses
 
 
@@ -285,6 +336,9 @@ class ProgressiveDistillConfig(TrainOptions):
     train_steps: int = option(200, help="optimizer steps per halving round")
     batch_size: int = option(64, help="real images per step")
     lr: float = option(2e-4, help="AdamW learning rate")
+    lora_rank: int = option(
+        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+    )
     version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:
@@ -331,7 +385,14 @@ def progressive_round(
             target = eps_for_target(x, x2, t, tn, ac)
         return nn.functional.mse_loss(student.guided_eps(x, t, y)[0], target)
 
-    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, f"progressive_distill ({2 * steps}->{steps})")
+    losses = fit(
+        student,
+        loss_fn,
+        cfg.train_steps,
+        cfg.lr,
+        f"progressive_distill ({2 * steps}->{steps})",
+        lora_rank=cfg.lora_rank,
+    )
     return student.eval().requires_grad_(False), losses
 
 
@@ -387,6 +448,9 @@ class ConsistencyDistillConfig(TrainOptions):
     train_steps: int = option(600, help="optimizer steps")
     batch_size: int = option(64, help="real images per step")
     lr: float = option(1e-4, help="AdamW learning rate")
+    lora_rank: int = option(
+        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+    )
     version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:
@@ -419,7 +483,8 @@ def consistency_distill(
         )
     else:
         student = make_student(model, sampler="ddim", steps=cfg.segments)
-    target_net = copy.deepcopy(student).eval().requires_grad_(False)
+    # LoRA (as in LCM-LoRA) has no EMA copy: the target is the student itself under no_grad
+    target_net = student if cfg.lora_rank else copy.deepcopy(student).eval().requires_grad_(False)
     n_train = teacher.num_train_timesteps
     skip = n_train // cfg.original_inference_steps
     grid = torch.arange(1, cfg.original_inference_steps + 1) * skip - 1  # LCM's origin timesteps
@@ -448,11 +513,13 @@ def consistency_distill(
         return (((online - target) ** 2).flatten(1).sum(1) + cfg.huber_c**2).sqrt().mean() - cfg.huber_c
 
     def ema_update(step: int) -> None:
+        if target_net is student:
+            return
         with torch.no_grad():
             for pt, ps in zip(target_net.parameters(), student.parameters()):
                 pt.lerp_(ps, 1.0 - cfg.ema_decay)
 
-    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "consistency_distill", ema_update)
+    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "consistency_distill", ema_update, cfg.lora_rank)
     return student.eval().requires_grad_(False), losses
 
 

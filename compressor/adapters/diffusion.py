@@ -71,6 +71,11 @@ SCHEDULE_KEYS = (
 )
 
 
+# clip the predicted clean image to the data range at every step, as DDIM's clip_sample does:
+# dynamic thresholding with sample_max_value 1 is exactly that clip (the quantile is floored at 1)
+_X0_CLIP = {"thresholding": True, "sample_max_value": 1.0}
+
+
 def make_scheduler(train_config: dict[str, Any], spec: SamplingSpec) -> Any:
     """A diffusers scheduler for ``spec`` sharing the teacher's noise schedule, set to ``spec.steps``."""
     d = _diffusers()
@@ -81,10 +86,12 @@ def make_scheduler(train_config: dict[str, Any], spec: SamplingSpec) -> Any:
         sched = d.DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=True)
     elif spec.sampler == "dpmsolver++":
         sched = d.DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", **_X0_CLIP
         )
     elif spec.sampler == "unipc":
-        sched = d.UniPCMultistepScheduler.from_config(base, solver_order=2, timestep_spacing="trailing")
+        sched = d.UniPCMultistepScheduler.from_config(
+            base, solver_order=2, timestep_spacing="trailing", **_X0_CLIP
+        )
     elif spec.sampler == "lcm":
         sched = d.LCMScheduler.from_config(
             base, original_inference_steps=spec.original_inference_steps, clip_sample=True

@@ -140,6 +140,7 @@ def test_composed_pipeline_measures_each_student(teacher, adapter, data) -> None
         ({"pass": "adaptive_guidance", "threshold": 2}, "passes[0].threshold: must be in"),
         ({"pass": "adaptive_guidance", "warmup": 1.5}, "passes[0].warmup: must be in"),
         ({"pass": "guidance_distill", "train_steps": 0}, "passes[0].train_steps: must be at least 1"),
+        ({"pass": "consistency_distill", "lora_rank": -1}, "passes[0].lora_rank: must be 0"),
     ],
 )
 def test_bad_config_values_name_the_key(entry: dict, message: str) -> None:
@@ -160,3 +161,20 @@ def test_passes_refuse_models_they_cannot_handle(teacher, adapter, data) -> None
     pd = ProgressiveDistillPass(ProgressiveDistillPass.Config(final_steps=3))  # model samples 4 steps
     with pytest.raises(PassError, match="set start_steps"):
         pd.requires(teacher, make_ctx(teacher, adapter, data))
+
+
+@pytest.mark.parametrize("which", ["guidance_distill", "consistency_distill"])
+def test_lora_option_trains_adapters_and_merges_them(teacher, adapter, data, which: str) -> None:
+    pytest.importorskip("peft")
+    from compressor.passes import PASSES
+
+    cls = PASSES[which]
+    cfg = from_dict(cls.Config, {"train_steps": 3, "lora_rank": 2, "lr": 1e-2}, "p")
+    student, _ = run_pass(cls(cfg), teacher, adapter, data)
+    assert not any("lora" in n for n, _ in student.named_parameters())  # merged back: a plain UNet2DModel
+    conv = dict(student.unet.named_modules())["down_blocks.0.resnets.0.conv1"]
+    assert type(conv) is torch.nn.Conv2d
+    before = dict(teacher.unet.named_parameters())["down_blocks.0.resnets.0.conv1.weight"]
+    assert not torch.equal(conv.weight, before)  # the merged low-rank update changed the weight
+    delta = (conv.weight - before).flatten(1)
+    assert torch.linalg.matrix_rank(delta).item() <= 2
