@@ -40,7 +40,8 @@ class ModelSpec:
         "default", help="'default' (the packaged all-MiniLM-L6-v2) or a path to a Hugging Face model folder"
     )
     adapter: Literal["auto", "hf-encoder", "diffusers"] = option(
-        "auto", help="the model family adapter; 'auto' picks from the model's config; 'diffusers' = a class-conditional diffusers pipeline folder"
+        "auto",
+        help="the model family adapter; 'auto' picks from the model's config; 'diffusers' = a class-conditional diffusers pipeline folder",
     )
 
 

@@ -167,7 +167,7 @@ class DiffusersPipelineExporter(Exporter):
             path = out_dir / "denoiser.onnx"
             quantized = [m for m in model.modules() if hasattr(m, "freeze_for_export_")]
             for m in quantized:
-                m.freeze_for_export_()
+                m.freeze_for_export_()  # type: ignore[operator]
             export_denoiser_onnx(spec.module, spec.example_inputs, spec, path, self.config.opset)
             # verify on a different batch size than the traced one (dynamic batch axis)
             check = ctx.adapter.export_spec(model, {k: v[:7] for k, v in batch.items()})

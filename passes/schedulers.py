@@ -47,21 +47,21 @@ class SchedulerPass(Pass):
     description = "training-free: sample with DPM-Solver++ / UniPC / DDIM at N steps"
     Config = SchedulerConfig
 
-    def check(self, model: nn.Module, target: Any, adapter: Any) -> None:
+    def check(self, model: Any, target: Any, adapter: Any) -> None:
         _require_diffusion(model, self.name)
 
-    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+    def requires(self, model: Any, ctx: PassContext) -> None:
         _require_diffusion(model, self.name)
-        if model.spec.sampler == "lcm":  # type: ignore[union-attr]
+        if model.spec.sampler == "lcm":
             raise PassError(f"{self.name}: a consistency student must keep its LCM scheduler")
 
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        return model.with_spec(sampler=self.config.solver, steps=self.config.steps)  # type: ignore[union-attr]
+    def run(self, model: Any, ctx: PassContext) -> nn.Module:
+        return model.with_spec(sampler=self.config.solver, steps=self.config.steps)
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
+    def ensures(self, model: Any, ctx: PassContext) -> None:
         from compressor.adapters.diffusion import make_scheduler
 
-        sched = make_scheduler(model.train_config, model.spec)  # type: ignore[union-attr]
+        sched = make_scheduler(model.train_config, model.spec)
         if len(sched.timesteps) != self.config.steps:
             raise PassError(
                 f"{self.name}: scheduler has {len(sched.timesteps)} timesteps, not {self.config.steps}"
@@ -96,18 +96,18 @@ class AdaptiveGuidancePass(Pass):
     )
     Config = AdaptiveGuidanceConfig
 
-    def check(self, model: nn.Module, target: Any, adapter: Any) -> None:
+    def check(self, model: Any, target: Any, adapter: Any) -> None:
         _require_diffusion(model, self.name)
 
-    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+    def requires(self, model: Any, ctx: PassContext) -> None:
         _require_diffusion(model, self.name)
-        if model.spec.guidance != "cfg":  # type: ignore[union-attr]
+        if model.spec.guidance != "cfg":
             raise PassError(
-                f"{self.name}: the model samples with guidance {model.spec.guidance!r}; "  # type: ignore[union-attr]
+                f"{self.name}: the model samples with guidance {model.spec.guidance!r}; "
                 "adaptive guidance needs classifier-free guidance (two evaluations per step)"
             )
 
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        return model.with_spec(  # type: ignore[union-attr]
+    def run(self, model: Any, ctx: PassContext) -> nn.Module:
+        return model.with_spec(
             adaptive_guidance_threshold=self.config.threshold, adaptive_guidance_warmup=self.config.warmup
         )

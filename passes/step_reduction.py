@@ -197,7 +197,7 @@ def fit(
     layers) train, and are merged back afterwards so the student is a plain denoiser.
     """
     if lora_rank > 0:
-        attach_lora_(student.unet, lora_rank)
+        attach_lora_(student.unet, lora_rank)  # type: ignore[arg-type]
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
@@ -309,21 +309,21 @@ class GuidanceDistillPass(Pass):
     description = "one evaluation reproduces classifier-free guidance at scale w (w embedded); halves NFE"
     Config = GuidanceDistillConfig
 
-    def check(self, model: nn.Module, target: Any, adapter: Any) -> None:
+    def check(self, model: Any, target: Any, adapter: Any) -> None:
         _require_diffusion(model, self.name)
 
-    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+    def requires(self, model: Any, ctx: PassContext) -> None:
         _require_diffusion(model, self.name)
-        if model.spec.guidance != "cfg" or model.guidance_embedded:  # type: ignore[union-attr]
+        if model.spec.guidance != "cfg" or model.guidance_embedded:
             raise PassError(f"{self.name}: the model must use classifier-free guidance (guidance: cfg)")
 
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        student, losses = guidance_distill(model, ctx.data, self.config, ctx.seed)  # type: ignore[arg-type]
+    def run(self, model: Any, ctx: PassContext) -> nn.Module:
+        student, losses = guidance_distill(model, ctx.data, self.config, ctx.seed)
         ctx.record("loss", _summary(losses))
         return student
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
-        if not (model.guidance_embedded and model.spec.guidance == "embedded"):  # type: ignore[union-attr]
+    def ensures(self, model: Any, ctx: PassContext) -> None:
+        if not (model.guidance_embedded and model.spec.guidance == "embedded"):
             raise PassError(f"{self.name}: the student does not embed the guidance scale")
 
 
@@ -402,30 +402,30 @@ class ProgressiveDistillPass(Pass):
     description = "rounds of teacher-to-student distillation, each halving the DDIM step count"
     Config = ProgressiveDistillConfig
 
-    def check(self, model: nn.Module, target: Any, adapter: Any) -> None:
+    def check(self, model: Any, target: Any, adapter: Any) -> None:
         _require_diffusion(model, self.name)
 
-    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+    def requires(self, model: Any, ctx: PassContext) -> None:
         _require_diffusion(model, self.name)
-        start = self.config.start_steps or model.spec.steps  # type: ignore[union-attr]
+        start = self.config.start_steps or model.spec.steps
         try:
             _check_halvings(start, self.config.final_steps, f"{self.name}: start steps")
         except RecipeError as e:
             raise PassError(f"{e}; set start_steps") from None
 
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        steps = self.config.start_steps or model.spec.steps  # type: ignore[union-attr]
+    def run(self, model: Any, ctx: PassContext) -> nn.Module:
+        steps = self.config.start_steps or model.spec.steps
         rounds = []
         while steps > self.config.final_steps:
             steps //= 2
-            model, losses = progressive_round(model, ctx.data, steps, self.config, ctx.seed + steps)  # type: ignore[arg-type]
+            model, losses = progressive_round(model, ctx.data, steps, self.config, ctx.seed + steps)
             rounds.append({"steps": steps, **_summary(losses)})
             log.info("progressive_distill: %d-step student, loss %s", steps, rounds[-1])
         ctx.record("rounds", rounds)
         return model
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
-        spec = model.spec  # type: ignore[union-attr]
+    def ensures(self, model: Any, ctx: PassContext) -> None:
+        spec = model.spec
         if spec.steps != self.config.final_steps or spec.guidance == "cfg":
             raise PassError(
                 f"{self.name}: the student samples {spec.steps} steps with {spec.guidance} guidance"
@@ -529,25 +529,25 @@ class ConsistencyDistillPass(Pass):
     description = "latent-consistency distillation (skipping-step DDIM solver, EMA target); 1-4 step sampling"
     Config = ConsistencyDistillConfig
 
-    def check(self, model: nn.Module, target: Any, adapter: Any) -> None:
+    def check(self, model: Any, target: Any, adapter: Any) -> None:
         _require_diffusion(model, self.name)
-        n_train = model.num_train_timesteps  # type: ignore[union-attr]
+        n_train = model.num_train_timesteps
         if n_train % self.config.original_inference_steps:
             raise PlanError(
                 f"{self.name}: original_inference_steps {self.config.original_inference_steps} must divide "
                 f"the teacher's {n_train} training timesteps"
             )
 
-    def requires(self, model: nn.Module, ctx: PassContext) -> None:
+    def requires(self, model: Any, ctx: PassContext) -> None:
         self.check(model, ctx.target, ctx.adapter)
 
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        student, losses = consistency_distill(model, ctx.data, self.config, ctx.seed)  # type: ignore[arg-type]
+    def run(self, model: Any, ctx: PassContext) -> nn.Module:
+        student, losses = consistency_distill(model, ctx.data, self.config, ctx.seed)
         ctx.record("loss", _summary(losses))
         return student
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
-        spec = model.spec  # type: ignore[union-attr]
+    def ensures(self, model: Any, ctx: PassContext) -> None:
+        spec = model.spec
         want = self.config.sampling_steps
         if spec.steps != want or spec.guidance == "cfg":
             raise PassError(

@@ -111,6 +111,12 @@ def spec_takes_generator(sched: Any) -> bool:
 class DiffusionModel(nn.Module):
     """Denoiser + conditioner + noise schedule + sampling spec; ``sample`` counts NFE."""
 
+    unet: Any  # a diffusers UNet2DModel
+    conditioner: Any  # a ClassConditioner
+    alphas_cumprod: torch.Tensor
+    spec: SamplingSpec
+    train_config: dict[str, Any]
+
     def __init__(
         self, unet: nn.Module, conditioner: nn.Module, train_config: dict[str, Any], spec: SamplingSpec
     ):
@@ -223,7 +229,7 @@ def from_class_unet(unet: nn.Module, train_config: dict[str, Any], spec: Samplin
     cond = ClassConditioner(num_embeddings=emb.num_embeddings, embed_dim=emb.embedding_dim)
     cond.label_embedding.load_state_dict(emb.state_dict())
     unet.class_embedding = nn.Identity()
-    unet.register_to_config(class_embed_type="identity", num_class_embeds=None)
+    unet.register_to_config(class_embed_type="identity", num_class_embeds=None)  # type: ignore[operator]
     return DiffusionModel(unet, cond, train_config, spec)
 
 
@@ -237,7 +243,7 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
         from compressor.adapters.diffusion_modules import StepReducedPipeline
 
         pipe = StepReducedPipeline.from_pretrained(folder)
-        return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return]
+        return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return,return-value]
     unet = d.UNet2DModel.from_pretrained(folder / "unet").eval()
     train_config = dict(d.DDPMScheduler.load_config(folder / "scheduler"))
     return from_class_unet(unet, train_config, _read_sampling(folder)).eval()
@@ -251,7 +257,7 @@ class DenoiserGraph(nn.Module):
         self.model = model
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(*args)
+        return self.model(*args)  # type: ignore[no-any-return]
 
 
 class DiffusersAdapter(ModelAdapter):

@@ -17,6 +17,7 @@ the compiler measured it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def fourier_features(w: torch.Tensor, dim: int, max_period: float = 100.0) -> to
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class ClassConditioner(ModelMixin, ConfigMixin):
+class ClassConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """label (and optionally w) -> the (B, embed_dim) vector the UNet adds to its time embedding."""
 
     @register_to_config
@@ -65,15 +66,17 @@ class ClassConditioner(ModelMixin, ConfigMixin):
                 nn.Linear(guidance_fourier_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
             )
             # zero-init the last layer: the student starts as exactly the conditional teacher
-            nn.init.zeros_(self.guidance_mlp[2].weight)
-            nn.init.zeros_(self.guidance_mlp[2].bias)
+            last = self.guidance_mlp[2]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, labels: torch.Tensor, guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.label_embedding(labels)  # (B, D)
         if self.guidance_mlp is not None:
             if guidance_scale is None:
                 raise ValueError("this conditioner was guidance-distilled: pass guidance_scale (B,)")
-            feats = fourier_features(guidance_scale, self.config.guidance_fourier_dim)
+            feats = fourier_features(guidance_scale, int(self.config["guidance_fourier_dim"]))
             emb = emb + self.guidance_mlp(feats.to(emb.dtype))
         return emb
 
@@ -98,7 +101,7 @@ class StepReducedPipeline(DiffusionPipeline):
         """The compiler's DiffusionModel over these components (shared, not copied)."""
         from compressor.adapters.diffusion import DiffusionModel, SamplingSpec
 
-        c = self.conditioner.config
+        c: Any = self.conditioner.config
         spec = SamplingSpec(
             sampler=c.sampler, steps=c.num_inference_steps, guidance=c.guidance, guidance_scale=c.guidance_scale,
             adaptive_guidance_threshold=c.adaptive_guidance_threshold,
@@ -116,7 +119,7 @@ class StepReducedPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput:
         """Samples in [0, 1] as numpy (B, H, W, C), with the compiled steps and guidance."""
         labels = torch.as_tensor(class_labels, dtype=torch.long)
-        images, _ = self.to_diffusion_model().sample(labels, generator)
+        images, _ = self.to_diffusion_model().sample(labels, generator)  # type: ignore[operator]
         return ImagePipelineOutput(images=((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
 
 
@@ -139,7 +142,7 @@ def restore_int8_layers_(unet: nn.Module, conditioner: ClassConditioner) -> None
     reloaded Linear rebuilds the same layer. Layers with a SmoothQuant divisor are
     refused at export, since the divisor would be lost.
     """
-    layers = conditioner.config.int8_layers or {}
+    layers: dict[str, str] = getattr(conditioner.config, "int8_layers", None) or {}
     if not layers:
         return
     from compressor.kernels.int8_linear import Int8Linear
