@@ -5,16 +5,12 @@
 
 from __future__ import annotations
 
-from compressor.passes import (  # noqa: F401  (registers the diffusion passes)
-    prune,  # noqa: F401
-    schedulers,
-    step_reduction,
-)
+from compressor.passes import schedulers, step_reduction  # noqa: F401  (registers the diffusion passes)
 
 from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
 
-__all__ = ["PASSES"]
+from compressor.passes import distill, prune, quantize, sparsify  # noqa: E402,F401  (registers the passes)
 
-from compressor.passes import distill, quantize, sparsify  # noqa: E402,F401  (registers the passes)
+__all__ = ["PASSES"]
