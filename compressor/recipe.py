@@ -39,15 +39,18 @@ class ModelSpec:
     source: str = option(
         "default", help="'default' (the packaged all-MiniLM-L6-v2) or a path to a Hugging Face model folder"
     )
-    adapter: Literal["auto", "hf-encoder"] = option(
-        "auto", help="the model family adapter; 'auto' picks from the model's config"
+    adapter: Literal["auto", "hf-encoder", "diffusers"] = option(
+        "auto",
+        help="the model family adapter; 'auto' picks from the model's config; 'diffusers' = a class-conditional diffusers pipeline folder",
     )
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    corpus: Literal["stdlib-docstrings"] = option(
-        "stdlib-docstrings", help="real text shipped on every machine: Python standard library docstrings"
+    corpus: Literal["stdlib-docstrings", "sklearn-digits"] = option(
+        "stdlib-docstrings",
+        help="real data shipped on every machine: Python standard library docstrings (text), "
+        "or scikit-learn's 8x8 digits (images, for the diffusers adapter)",
     )
     calibration_samples: int = option(256, help="texts used to calibrate quantization and importance scores")
     train_samples: int = option(2048, help="texts used for distillation (recovery)")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from compressor.exporters import diffusers_pipeline  # noqa: F401  (registers diffusers-pipeline)
 from compressor.exporters.base import EXPORTER_REGISTRY
 
 EXPORTERS = EXPORTER_REGISTRY

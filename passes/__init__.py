@@ -9,6 +9,13 @@ from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
 
-from compressor.passes import distill, prune, quantize, sparsify  # noqa: E402,F401  (registers the passes)
+from compressor.passes import (  # noqa: E402,F401  (registers the passes)
+    distill,
+    prune,
+    quantize,
+    schedulers,
+    sparsify,
+    step_reduction,
+)
 
 __all__ = ["PASSES"]

@@ -12,4 +12,8 @@ def make_adapter(name: str) -> ModelAdapter:
         from compressor.adapters.hf_encoder import HFEncoderAdapter
 
         return HFEncoderAdapter()
+    if name == "diffusers":
+        from compressor.adapters.diffusion import DiffusersAdapter
+
+        return DiffusersAdapter()
     raise RecipeError(f"model.adapter: unknown adapter {name!r}")

@@ -1,0 +1,70 @@
+"""Tiny class-conditional UNet2DModel teachers and real digits data for the step-reduction tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from compressor.adapters.base import DataSplits  # noqa: E402
+from compressor.adapters.diffusion import DiffusersAdapter, DiffusionModel, SamplingSpec, from_class_unet  # noqa: E402
+from compressor.pipeline import PassContext  # noqa: E402
+from compressor.recipe import DataSpec  # noqa: E402
+from compressor.targets import TARGETS  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # tiny convolutions on a shared CPU: one thread avoids oversubscription stalls
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_teacher(steps: int = 4, guidance_scale: float = 2.0, seed: int = 0) -> DiffusionModel:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=11,
+    )
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    spec = SamplingSpec(sampler="ddim", steps=steps, guidance="cfg", guidance_scale=guidance_scale)
+    return from_class_unet(unet, dict(sched.config), spec).eval()
+
+
+@pytest.fixture(scope="session")
+def adapter() -> DiffusersAdapter:
+    return DiffusersAdapter(eval_samples=40)
+
+
+@pytest.fixture(scope="session")
+def data(adapter: DiffusersAdapter) -> DataSplits:
+    return adapter.make_data(
+        DataSpec(corpus="sklearn-digits", calibration_samples=32, eval_samples=40, batch_size=32), seed=0
+    )
+
+
+@pytest.fixture()
+def teacher() -> DiffusionModel:
+    return tiny_teacher()
+
+
+def make_ctx(model: DiffusionModel, adapter: DiffusersAdapter, data: DataSplits) -> PassContext:
+    import copy
+
+    return PassContext(target=TARGETS["cpu"], adapter=adapter, teacher=copy.deepcopy(model), data=data)
