@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 from torch import nn
 
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
+from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 
 log = logging.getLogger(__name__)
 

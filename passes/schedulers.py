@@ -18,11 +18,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from compressor.passes.step_reduction import _require_diffusion
 from torch import nn
 
 from compressor.config import option
 from compressor.errors import PassError, RecipeError
+from compressor.passes.step_reduction import _require_diffusion
 from compressor.pipeline import Pass, PassContext, register_pass
 
 log = logging.getLogger(__name__)

@@ -334,7 +334,7 @@ class DiffusersAdapter(ModelAdapter):
     def linear_names(self, model: nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("unet.")]
 
-    def export_spec(self, model: nn.Module, batch: Batch) -> ExportSpec:
+    def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         assert isinstance(model, DiffusionModel)
         b = batch["images"].shape[0]
         size = int(model.unet.config.sample_size)

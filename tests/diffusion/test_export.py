@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressor.exporters.base import ExportContext
-from compressor.exporters.diffusers_pipeline import DiffusersPipelineExporter
-from compressor.passes.step_reduction import ConsistencyDistillPass, GuidanceDistillPass
 
 from compressor.adapters.diffusion import load_diffusion_model, make_scheduler
 from compressor.errors import ExportError, RecipeError
+from compressor.exporters.base import ExportContext
+from compressor.exporters.diffusers_pipeline import DiffusersPipelineExporter
+from compressor.passes.step_reduction import ConsistencyDistillPass, GuidanceDistillPass
 from compressor.recipe import load_recipe, parse_recipe
 from compressor.targets import TARGETS
 

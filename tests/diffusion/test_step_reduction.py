@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from compressor.adapters.diffusion import DiffusionModel, make_scheduler
+from compressor.config import from_dict
+from compressor.errors import PassError, RecipeError
 from compressor.passes.schedulers import AdaptiveGuidancePass, SchedulerPass
 from compressor.passes.step_reduction import (
     ConsistencyDistillPass,
@@ -13,10 +17,6 @@ from compressor.passes.step_reduction import (
     ddim_step,
     eps_for_target,
 )
-
-from compressor.adapters.diffusion import DiffusionModel, make_scheduler
-from compressor.config import from_dict
-from compressor.errors import PassError, RecipeError
 from compressor.pipeline import MetricsInstrument, Pipeline
 from compressor.recipe import parse_recipe
 
