@@ -2,8 +2,11 @@
 
 Speed is a ratio measured in one run: the bundle's engine and the baseline (the
 original model exported as-is to ONNX and run in ONNX Runtime fp32, what a user gets
-without us) are timed in alternation, one run each in turn, so that a noisy machine
-slows both alike. Inputs are real held-out sentences padded to the asked length.
+without us) are timed in rotation, so that a noisy machine slows both alike. Each turn
+runs one engine ``block`` times in a row and drops the first: ONNX Runtime's worker
+threads spin for a while after a run, and without that the engine timed right after
+another one pays for the other's spinning (seen here: batch-1 latencies off by 1.5x).
+Inputs are real held-out sentences padded to the asked length.
 """
 
 from __future__ import annotations
@@ -40,17 +43,23 @@ def latency_stats(times_s: list[float], batch: int) -> dict[str, float]:
     }
 
 
-def time_side_by_side(runs: Mapping[str, RunFn], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Alternate the candidates run by run; returns seconds per run for each."""
+def time_side_by_side(
+    runs: Mapping[str, RunFn], warmup: int, repeats: int, block: int = 3
+) -> dict[str, list[float]]:
+    """Rotate the candidates, ``block`` runs each per turn, timing all but the first of each
+    block, until each has ``repeats`` timed runs; returns seconds per timed run."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
+    per_turn = max(1, block - 1)
+    while min(len(t) for t in times.values()) < repeats:
         for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            fn()  # absorbs the previous engine's spinning threads
+            for _ in range(min(per_turn, repeats - len(times[name]))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 

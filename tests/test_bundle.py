@@ -67,3 +67,16 @@ def test_missing_artifact_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CompressorError, match="was not written"), BundleWriter(tmp_path / "b") as b:
         b.add_artifacts({"onnx": "model.onnx"})
     assert not (tmp_path / "b").exists()
+
+
+def test_side_by_side_timing_rotates_and_counts() -> None:
+    from compressor.bench import latency_stats, time_side_by_side
+
+    calls: list[str] = []
+    runs = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_side_by_side(runs, warmup=1, repeats=5, block=3)
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5}
+    assert calls[:2] == ["a", "b"]  # warm-up
+    assert calls[2:8] == ["a", "a", "a", "b", "b", "b"]  # blocks of 3, the first untimed
+    stats = latency_stats([0.010, 0.020, 0.030], batch=4)
+    assert stats["median_ms"] == 20.0 and stats["throughput_per_s"] == 200.0
