@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,20 @@ def compile_recipe(
         p.requires_grad_(False)
     stage("building calibration / training / held-out data")
     data = adapter.make_data(recipe.data, recipe.seed)
-    ctx = PassContext(
-        target=target, adapter=adapter, teacher=teacher, data=data, seed=recipe.seed, progress=progress
-    )
     pipeline = Pipeline(passes, on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"))
-    with BundleWriter(out_dir, overwrite=overwrite) as bundle:
+    with (
+        tempfile.TemporaryDirectory(prefix="compressor-work-") as work,
+        BundleWriter(out_dir, overwrite) as bundle,
+    ):
+        ctx = PassContext(
+            target=target,
+            adapter=adapter,
+            teacher=teacher,
+            data=data,
+            seed=recipe.seed,
+            work_dir=Path(work),  # scratch space for passes; never part of the bundle
+            progress=progress,
+        )
         model = pipeline.run(model, ctx)
         final = pipeline.results[-1].metrics
         floor = recipe.evaluation.min_mean_cosine
