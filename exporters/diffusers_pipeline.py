@@ -119,6 +119,14 @@ def export_denoiser_onnx(
         opset_version=opset,
         dynamo=False,
     )
+    import onnx
+
+    from compressor.exporters.ort_int8 import encode_int8_weights_
+
+    proto = onnx.load(str(path))
+    encoding = encode_int8_weights_(proto, "auto")  # U8S8 saturates on x86 without VNNI
+    if encoding["uint8_rewritten"]:
+        onnx.save(proto, str(path))
 
 
 def verify_onnx(

@@ -4,7 +4,9 @@ The model is traced through the adapter's export graph (for BERT encoders:
 ORT's fused ``MultiHeadAttention``); every ``Int8Linear`` lowers to
 ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add`` carrying the weights and
 scales our passes chose (no re-quantization by ``onnxruntime.quantization``), which
-ONNX Runtime fuses into ``DynamicQuantizeMatMul``.
+ONNX Runtime fuses into ``DynamicQuantizeMatMul``. Where this machine's ONNX Runtime
+saturates uint8 × int8 products (x86 without VNNI), the weights are stored as uint8
+with zero point 128 instead (``int8_weights``; see ``ort_int8``).
 
 Verification is part of the export: the ONNX model runs in ONNX Runtime on held-out
 inputs of several batch sizes and lengths and is compared with the torch model;
@@ -21,6 +23,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
+from compressor.exporters.ort_int8 import INT8_WEIGHT_CHOICES, encode_int8_weights_
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +46,32 @@ class OnnxExportConfig:
     min_cosine: float = option(
         0.999, help="fail when any ONNX Runtime output's cosine vs torch is below this"
     )
+    int8_weights: str = option(
+        "auto",
+        help="MatMulInteger weight encoding: int8 (fastest with VNNI), uint8 (exact on any x86 CPU), "
+        "auto (int8 where this machine's ONNX Runtime computes U8S8 exactly, else uint8)",
+    )
 
     def validate(self, path: str) -> None:
         if self.opset < 17:
             raise RecipeError(f"{path}.opset: {self.opset} is too old; 17 or later is needed")
         if not 0 < self.min_cosine <= 1:
             raise RecipeError(f"{path}.min_cosine: {self.min_cosine} is not in (0, 1]")
+        if self.int8_weights not in INT8_WEIGHT_CHOICES:
+            raise RecipeError(
+                f"{path}.int8_weights: {self.int8_weights!r} is not one of {', '.join(INT8_WEIGHT_CHOICES)}"
+            )
         if "/" in self.file or not self.file.endswith(".onnx"):
             raise RecipeError(f"{path}.file: {self.file!r} must be a plain file name ending in .onnx")
 
 
-def export_onnx(module: nn.Module, spec, path: Path, opset: int) -> None:  # type: ignore[no-untyped-def]
-    """Trace ``spec.module`` (a copy is traced) to ``path`` with the TorchScript exporter."""
+def export_onnx(  # type: ignore[no-untyped-def]
+    module: nn.Module, spec, path: Path, opset: int, int8_weights: str = "auto"
+) -> dict[str, object]:
+    """Trace ``spec.module`` (a copy is traced) to ``path`` with the TorchScript exporter.
+
+    Returns how int8 GEMM weights were encoded (see ``compressor.exporters.ort_int8``).
+    """
     traced = copy.deepcopy(spec.module).eval()
     for m in traced.modules():
         freeze = getattr(m, "freeze_for_export_", None)
@@ -74,8 +92,11 @@ def export_onnx(module: nn.Module, spec, path: Path, opset: int) -> None:  # typ
     import onnx
 
     proto = onnx.load(str(path))
-    if dedupe_initializers_(proto):
+    merged = dedupe_initializers_(proto)
+    encoding = encode_int8_weights_(proto, int8_weights)
+    if merged or encoding["uint8_rewritten"]:
         onnx.save(proto, str(path))
+    return encoding
 
 
 def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
@@ -123,7 +144,7 @@ def ort_session(path: Path, threads: int = 0):  # type: ignore[no-untyped-def]
 
 def verify_onnx(
     path: Path, model: nn.Module, ctx: ExportContext, batch_sizes: tuple[int, ...], lengths: tuple[int, ...]
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Worst-case agreement of ONNX Runtime with the torch model over the held-out grid."""
     source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
     cases = ctx.adapter.verification_cases(source, batch_sizes, lengths)
@@ -165,8 +186,9 @@ class OnnxExporter(Exporter):
         example = ctx.adapter.verification_cases(ctx.data.eval[0], (2,), (16,))[0]
         spec = ctx.adapter.export_spec(model, example)
         log.info("exporting %s", path)
-        export_onnx(model, spec, path, cfg.opset)
+        encoding = export_onnx(model, spec, path, cfg.opset, cfg.int8_weights)
         report = verify_onnx(path, model, ctx, cfg.verify_batch_sizes, cfg.verify_lengths)
+        report.update(encoding)
         if report["min_cosine"] < cfg.min_cosine:
             raise ExportError(
                 f"{cfg.file}: ONNX Runtime disagrees with torch: min cosine {report['min_cosine']:.5f} "
