@@ -158,7 +158,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         raise CompressorError(
             f"kernels: the Triton kernels are not available here ({e}); pip install triton"
         ) from None
-    rows = build_arch_report([a.strip() for a in args.arch.split(",") if a.strip()])
+    try:
+        rows = build_arch_report([a.strip() for a in args.arch.split(",") if a.strip()])
+    except ValueError as e:
+        raise CompressorError(str(e)) from None
     print(format_arch_report(rows))
     return 0 if all(r.get("ok", True) for r in rows) else 1
 

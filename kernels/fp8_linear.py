@@ -8,8 +8,9 @@ activations are quantized on the fly to E4M3 with one dynamic scale per tensor,
 Paths. This is the reference path (any device torch can cast float8 on): it runs the
 E4M3 rounding exactly through ``torch.float8_e4m3fn`` and trains the float master
 weight through a straight-through estimator with the scales fixed, like Int8Linear.
-FP8 GEMMs run only on sm_89+ GPUs (target ``h100``); the GPU kernel and the TensorRT
-Q/DQ export are separate pieces (kernels and engines issues).
+FP8 GEMMs run only on sm_89+ GPUs (target ``h100``): there, at inference, the layer runs
+the Triton FP8 GEMM (``compressor.kernels.fp8_gemm``); the TensorRT Q/DQ export is a
+separate piece (engines issue).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError("Fp8Linear has no ONNX Runtime lowering; FP8 engines are built by TensorRT")
+        if x.is_cuda and not self.training and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            from compressor.kernels.fp8_gemm import fp8_linear  # the Triton FP8 GEMM
+
+            return fp8_linear(x, self.fp8_weight(), self.weight_scale, self.bias, "per_tensor", x.dtype)
         sx = (x.detach().abs().amax() / FP8_MAX).clamp(min=1e-12)
         xq = fake_quant_fp8(x, sx)
         wq = fake_quant_fp8(self.weight, self.weight_scale.to(self.weight.dtype))

@@ -174,6 +174,16 @@ class Int8Linear(nn.Module):
         """The int8 weights [N, K] that the engines run."""
         return quantize_weight(self.weight.detach(), self.weight_scale)
 
+    def _inference_qweight(self) -> torch.Tensor:
+        """``qweight()`` cached until the master weight or the scales change (in place or not):
+        re-quantizing the weight on every call would cost more than the int8 GEMM saves."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight_scale._version)
+        cached = getattr(self, "_qweight_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.qweight())
+            self._qweight_cache = cached
+        return cached[1]
+
     @torch.no_grad()
     def freeze_for_export_(self) -> None:
         """Store the int8 weights [K, N] and 1/smooth as buffers, so a trace carries them as
@@ -196,7 +206,9 @@ class Int8Linear(nn.Module):
         if x.is_cuda and self.act_scheme == "dynamic_per_token" and not self.training:
             fast = _cuda_w8a8()
             if fast is not None:
-                return fast(x, self.qweight(), self.weight_scale, self.bias, self.smooth, "none", x.dtype)
+                return fast(
+                    x, self._inference_qweight(), self.weight_scale, self.bias, self.smooth, "none", x.dtype
+                )
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
         if self.act_scheme == "dynamic_per_token":
