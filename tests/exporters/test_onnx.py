@@ -89,3 +89,19 @@ def test_fp32_graph_matches_transformers(tiny_ctx, tmp_path: Path) -> None:  # t
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=model)
     res = OnnxExporter(OnnxExportConfig(min_cosine=0.99999)).export(model, ectx, tmp_path)
     assert res.verification["onnx"]["max_abs_error"] < 1e-4
+
+
+def test_portable_uint8_weights_are_exact_and_bad_choices_refused(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # int8_weights: uint8 gives a bundle exact on any x86 CPU (VNNI or not), whatever this one is
+    _, _, res = _export(tiny_ctx, tmp_path, int8_weights="uint8")
+    report = res.verification["onnx"]
+    assert report["int8_weights"] == "uint8" and report["uint8_rewritten"] > 0
+    assert report["min_cosine"] > 0.999
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert not any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    from compressor.errors import RecipeError
+
+    with pytest.raises(
+        RecipeError, match=r"exports\[0\]\.int8_weights: 's8' is not one of auto, int8, uint8"
+    ):
+        OnnxExportConfig(int8_weights="s8").validate("exports[0]")
