@@ -31,6 +31,7 @@ from compressor.kernels.spec import KernelSpec
 KERNEL_MODULES: tuple[str, ...] = (
     "compressor.kernels.scaled_gemm",
     "compressor.kernels.w8a8",
+    "compressor.kernels.sparse24",
 )
 
 _INSTRUCTION = re.compile(r"\b(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)")
