@@ -31,6 +31,7 @@ from compressor.kernels.spec import KernelSpec
 KERNEL_MODULES: tuple[str, ...] = (
     "compressor.kernels.scaled_gemm",
     "compressor.kernels.w8a8",
+    "compressor.kernels.w4a16",
     "compressor.kernels.sparse24",
 )
 

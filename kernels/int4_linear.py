@@ -1,0 +1,137 @@
+"""Int4Linear: the runtime layer for group-wise int4 weights with 16-bit activations (W4A16).
+
+Math. ``y = x @ W + b`` with ``W[k, n] = (c[k, n] - zeros[g, n]) * scales[g, n]``,
+``g = k // group_size``, 4-bit unsigned codes ``c``: the GPTQ / AWQ / RTN weight format of
+``compressor.passes.int4`` packed for the W4A16 kernel (layout in
+``compressor.kernels.w4a16``: int32 ``[K/8, N]`` codes, fp32 ``[K/group, N]`` scales,
+uint8 ``[K/group, N]`` zeros). Weights take 4 bits plus 5 bytes per group of
+``group_size`` (scale and zero), about 4.3 bits a weight at group 128.
+
+Paths. On CUDA the forward runs the Triton kernel (``compressor::w4a16_linear``),
+which dequantizes in registers and never materialises the float weight; split-K for
+decode shapes. Elsewhere the forward is the reference: dequantize to float, then
+``F.linear``. ``use_kernel=True`` also sends CPU tensors to the kernel when
+``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CPU-only CI exercises the
+kernel path. The layer is inference-only: no float master weight, buffers only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.kernels.w4a16 import dequantize_w4a16, pack_w4a16, w4a16_linear
+from compressor.passes.int4 import QuantizedWeight, quantize_rtn
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHODS: tuple[str, ...] = ("rtn",)
+
+
+class Int4Linear(nn.Module):
+    """A W4A16 linear layer over packed int4 weights; see the module docstring."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int = 128,
+        bias: bool = True,
+        use_kernel: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_features % 8:
+            raise ValueError(f"in_features={in_features} must be a multiple of 8 to pack int4 weights")
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"group_size={group_size} must be positive and divide in_features={in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.use_kernel = use_kernel
+        n_groups = in_features // group_size
+        self.register_buffer("packed", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float32))
+        self.register_buffer("zeros", torch.full((n_groups, out_features), 8, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, use_kernel: bool = False
+    ) -> Int4Linear:
+        """Pack a 4-bit ``QuantizedWeight`` (from RTN, GPTQ or AWQ) and an optional bias [out]."""
+        out_f, in_f = qw.q.shape
+        group_size = qw.group_size if qw.group_size is not None else in_f
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != (out_features,) = {(out_f,)}")
+        m = cls(in_f, out_f, group_size, bias is not None, use_kernel)
+        packed, scales, zeros = pack_w4a16(qw)
+        m.packed.copy_(packed)
+        m.scales.copy_(scales)
+        m.zeros.copy_(zeros)
+        if bias is not None and m.bias is not None:
+            m.bias.copy_(bias.detach().float())
+        return m
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int | None = 128,
+        method: str = "rtn",
+        symmetric: bool = True,
+        use_kernel: bool = False,
+    ) -> Int4Linear:
+        """Quantize ``linear`` to int4 groups of ``group_size`` input channels (None: one
+        group per row). ``method`` ``"rtn"``; GPTQ and AWQ weights come in through
+        ``from_quantized`` since they need calibration data."""
+        if method not in QUANT_METHODS:
+            raise ValueError(
+                f"method {method!r} is not one of {', '.join(QUANT_METHODS)}; "
+                "quantize with GPTQ/AWQ first and use Int4Linear.from_quantized"
+            )
+        w = linear.weight.detach().float()
+        mask = getattr(linear, "weight_mask", None)
+        if isinstance(mask, torch.Tensor):
+            w = w * mask
+        qw = quantize_rtn(w, bits=4, group_size=group_size, symmetric=symmetric)
+        return cls.from_quantized(qw, linear.bias, use_kernel)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight [out, in] the layer computes with (nn.Linear layout)."""
+        return dequantize_w4a16(self.packed, self.scales, self.zeros, self.group_size).t()
+
+    def _kernel_path(self, x: torch.Tensor) -> bool:
+        if x.is_cuda:
+            return True
+        if self.use_kernel and os.environ.get("TRITON_INTERPRET") != "1":
+            logger.debug("Int4Linear: use_kernel without CUDA or TRITON_INTERPRET=1; torch reference")
+            return False
+        return self.use_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, Int4Linear expects {self.in_features}")
+        if self._kernel_path(x):
+            return w4a16_linear(x, self.packed, self.scales, self.zeros, self.group_size, self.bias)
+        w = self.dequantized_weight().to(x.dtype)  # (N, K)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight: packed codes, scales, zeros and bias."""
+        n = 4 * self.packed.numel() + 4 * self.scales.numel() + self.zeros.numel()
+        return n + (0 if self.bias is None else 4 * self.bias.numel())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, use_kernel={self.use_kernel}"
+        )
