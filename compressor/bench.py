@@ -87,7 +87,7 @@ def bench_bundle(
     if not onnx_rel:
         raise CompressorError(f"{bundle}: the manifest lists no artifacts.onnx to benchmark")
     recipe = parse_recipe(manifest["recipe"], f"{bundle}/manifest.json:recipe")
-    adapter = make_adapter(recipe.model.adapter)
+    adapter = make_adapter(recipe.model.adapter, recipe.model.source)
     if not isinstance(adapter, HFEncoderAdapter):
         raise CompressorError(
             f"{bundle}: bench times sentence-embedding bundles; this one uses {adapter.name}"

@@ -8,8 +8,10 @@ floor the recipe sets, leaves no bundle behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,7 @@ def plan(
 ) -> tuple[Any, ModelAdapter, torch.nn.Module, list[Pass], list[Any]]:
     """Load the model and check the whole plan; no pass has run when this returns."""
     target = get_target(recipe.target)
-    adapter = adapter or make_adapter(recipe.model.adapter)
+    adapter = adapter or make_adapter(recipe.model.adapter, recipe.model.source)
     model = adapter.load(recipe.model.source)
     passes = [PASSES[p.name](p.config) for p in recipe.passes]
     exporters = [EXPORTERS[e.format](e.config) for e in recipe.exports]
@@ -54,17 +56,25 @@ def compile_recipe(
     progress: bool = False,
     on_stage: Callable[[str], None] | None = None,
     adapter: ModelAdapter | None = None,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` and write its bundle to ``out_dir``; returns the manifest.
 
     ``adapter`` replaces the recipe's model: e.g. a ``ModuleAdapter`` around any
-    ``nn.Module`` and its data, from Python."""
+    ``nn.Module`` and its data, from Python. ``work_dir`` is the passes' scratch space
+    (default: a temporary directory removed afterwards); a kept one lets a rerun resume
+    (``distill`` with ``checkpoint_every``). Under ``torchrun`` every rank runs the
+    passes (distillation trains data-parallel) and only rank 0 writes the bundle."""
 
     def stage(msg: str) -> None:
         log.info(msg)
         if on_stage:
             on_stage(msg)
 
+    rank = int(os.environ.get("RANK", "0"))
+    worker = tempfile.TemporaryDirectory(prefix=f"compressor-rank{rank}-") if rank != 0 else None
+    if worker is not None:  # torchrun rank > 0: same passes, bundle thrown away
+        out_dir, overwrite = Path(worker.name) / "bundle", True
     torch.manual_seed(recipe.seed)
     stage(f"planning {recipe.name} for target {recipe.target}")
     target, adapter, model, passes, exporters = plan(recipe, adapter)
@@ -75,7 +85,7 @@ def compile_recipe(
     data = adapter.make_data(recipe.data, recipe.seed)
     pipeline = Pipeline(passes, on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"))
     with (
-        tempfile.TemporaryDirectory(prefix="compressor-work-") as work,
+        _work_dir(work_dir) as work,
         BundleWriter(out_dir, overwrite) as bundle,
     ):
         ctx = PassContext(
@@ -116,7 +126,12 @@ def compile_recipe(
         from compressor.adapters.hf_encoder import HFEncoderAdapter
 
         timed = isinstance(adapter, HFEncoderAdapter)  # bench knows how to feed sentence encoders
-        if recipe.evaluation.run_bench and timed and "onnx" in bundle.manifest["artifacts"]:
+        if (
+            recipe.evaluation.run_bench
+            and timed
+            and worker is None
+            and "onnx" in bundle.manifest["artifacts"]
+        ):
             from compressor.bench import bench_bundle
 
             b = recipe.evaluation.bench
@@ -127,7 +142,18 @@ def compile_recipe(
             )
         bundle.write_text("report.md", render_markdown(bundle.manifest))
         bundle.write_text("report.html", render_html(bundle.manifest))
-    return read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
+    if worker is not None:
+        worker.cleanup()
+    return manifest
+
+
+def _work_dir(path: Path | None) -> contextlib.AbstractContextManager[str]:
+    """The passes' scratch dir: ``path`` (created, kept) or a temporary one (removed)."""
+    if path is None:
+        return tempfile.TemporaryDirectory(prefix="compressor-work-")
+    path.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(path))
 
 
 def _json(obj: Any) -> str:

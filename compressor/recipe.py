@@ -39,9 +39,10 @@ class ModelSpec:
     source: str = option(
         "default", help="'default' (the packaged all-MiniLM-L6-v2) or a path to a Hugging Face model folder"
     )
-    adapter: Literal["auto", "hf-encoder", "diffusers"] = option(
+    adapter: Literal["auto", "hf-encoder", "hf-causal-lm", "diffusers"] = option(
         "auto",
-        help="the model family adapter; 'auto' picks from the model's config; 'diffusers' = a class-conditional diffusers pipeline folder",
+        help="the model family adapter; 'auto' picks from the model's config (a *ForCausalLM architecture: "
+        "hf-causal-lm, else hf-encoder); 'diffusers' = a class-conditional diffusers pipeline folder",
     )
 
 

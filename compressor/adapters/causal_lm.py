@@ -1,0 +1,224 @@
+"""Decoder language models (Llama / Qwen2 / Mistral style) from Hugging Face folders.
+
+What the pipeline compares is the next-token distribution: ``forward`` returns the
+logits [B, T, V] (what the exported ONNX outputs, named ``logits``). Fidelity against
+the teacher is measured on held-out real text (standard-library docstrings), over
+the tokens the attention mask keeps:
+
+- ``perplexity`` of the student on the held-out text (next-token cross-entropy,
+  exponentiated), beside ``teacher_perplexity`` and their ratio;
+- ``kl_per_token``: mean KL(teacher ‖ student) of the next-token distributions;
+- ``top1_agreement``: how often the student's most likely next token is the teacher's;
+- ``mean_cosine`` / ``min_cosine`` of the logit rows (what recipe floors and the
+  quantize pass's sensitivity search read for every adapter).
+
+Structure: Llama-style decoders are pre-norm, so each ``input_layernorm`` feeds only
+q/k/v and each ``post_attention_layernorm`` only gate/up: SmoothQuant divisors fold
+into those RMSNorm weights (no run-time Mul), unlike post-LN BERT.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup
+from compressor.adapters.hf_encoder import resolve_source, weight_stats
+from compressor.errors import DataError, RecipeError
+
+
+def is_causal_lm_folder(path: Path) -> bool:
+    """Whether a Hugging Face folder's config names a ``*ForCausalLM`` architecture."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or ())
+
+
+class CausalLMLogits(nn.Module):
+    """The traced wrapper: token ids and mask in, next-token logits [B, T, V] out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@torch.no_grad()
+def lm_fidelity(triples: Iterable[tuple[torch.Tensor, torch.Tensor, Batch]]) -> dict[str, float]:
+    """Perplexities, KL, top-1 agreement and logit cosines over the kept tokens of
+    (student logits, teacher logits, batch) triples, consumed one at a time (the [B, T, V]
+    logits of a real vocabulary are large)."""
+    nll_s = nll_t = kl = agree = 0.0
+    n_next = n_tok = 0
+    cosines = []
+    for s, t, b in triples:
+        mask = b["attention_mask"].bool()
+        s_rows, t_rows = s[mask].double(), t[mask].double()  # [tokens, V]
+        log_s, log_t = F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1)
+        kl += float((log_t.exp() * (log_t - log_s)).sum())
+        agree += float((s_rows.argmax(-1) == t_rows.argmax(-1)).sum())
+        cosines.append(F.cosine_similarity(s_rows, t_rows, dim=-1))
+        n_tok += int(mask.sum())
+        # next-token prediction: position i predicts token i + 1 where both are kept
+        nxt = mask[:, 1:] & mask[:, :-1]
+        target = b["input_ids"][:, 1:][nxt]
+        nll_s += float(F.cross_entropy(s[:, :-1][nxt].double(), target, reduction="sum"))
+        nll_t += float(F.cross_entropy(t[:, :-1][nxt].double(), target, reduction="sum"))
+        n_next += int(nxt.sum())
+    if n_tok == 0 or n_next == 0:
+        raise DataError("no held-out tokens to score (every text is shorter than two tokens)")
+    cos = torch.cat(cosines)
+    ppl_s, ppl_t = math.exp(nll_s / n_next), math.exp(nll_t / n_next)
+    return {
+        "perplexity": ppl_s,
+        "teacher_perplexity": ppl_t,
+        "perplexity_ratio": ppl_s / ppl_t,
+        "kl_per_token": kl / n_tok,
+        "top1_agreement": agree / n_tok,
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+    }
+
+
+class CausalLMAdapter(ModelAdapter):
+    name = "hf-causal-lm"
+
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+
+    def load(self, source: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = resolve_source(source)
+        if not is_causal_lm_folder(path):
+            raise RecipeError(
+                f"model.source: {str(path)!r} is not a causal language model (config.json names no "
+                "*ForCausalLM architecture); use adapter hf-encoder for encoders"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if self.tokenizer.pad_token is None:  # decoder tokenizers often have none: pad with EOS
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+        if not hasattr(getattr(model, "model", None), "layers"):
+            raise RecipeError(
+                f"model.source: {type(model).__name__} is not a Llama-style decoder (expected .model.layers)"
+            )
+        return model.float().eval()
+
+    # ---- data -------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> Batch:
+        if self.tokenizer is None:
+            raise RuntimeError("load() the model before tokenizing")
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length" if pad_to_max else True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def make_data(self, spec: Any, seed: int) -> DataSplits:
+        from compressor.data import sample, stdlib_docstring_splits
+
+        if spec.corpus != "stdlib-docstrings":
+            raise RecipeError(
+                f"data.corpus: {spec.corpus!r} is not text; language models need stdlib-docstrings"
+            )
+        splits = stdlib_docstring_splits()
+        parts = {
+            "calibration": sample(splits.calibration, spec.calibration_samples, seed),
+            "train": sample(splits.train, spec.train_samples, seed),
+            "eval": sample(splits.eval, spec.eval_samples, seed),
+        }
+        if not parts["calibration"] or not parts["eval"]:
+            raise DataError("the stdlib docstring corpus is empty on this Python install")
+        bs, n = spec.batch_size, spec.max_length
+        batched = {
+            k: [self.tokenize(v[i : i + bs], n) for i in range(0, len(v), bs)] for k, v in parts.items()
+        }
+        return DataSplits(
+            calibration=batched["calibration"],
+            train=batched["train"],
+            eval=batched["eval"],
+            info={"corpus": spec.corpus, **{k: len(v) for k, v in parts.items()}},
+        )
+
+    # ---- running ----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits
+
+    def forward_with_hidden(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        return out.logits, list(out.hidden_states[1:])
+
+    @torch.no_grad()
+    def metrics(self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            stats = lm_fidelity((self.forward(model, b), self.forward(teacher, b), b) for b in batches)
+        finally:
+            model.train(was_training)
+        stats.update(weight_stats(model))
+        return stats
+
+    # ---- structure --------------------------------------------------------------------
+    def linear_names(self, model: nn.Module) -> list[str]:
+        """The decoder layers' Linears; ``lm_head`` stays out unless a recipe targets it."""
+        return [
+            n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+        ]
+
+    def smooth_groups(self, model: nn.Module) -> list[SmoothGroup]:
+        groups = []
+        lm: Any = model
+        for i, _ in enumerate(lm.model.layers):
+            p = f"model.layers.{i}"
+            groups.append(
+                SmoothGroup(f"{p}.input_layernorm", tuple(f"{p}.self_attn.{x}_proj" for x in "qkv"))
+            )
+            groups.append(SmoothGroup(None, (f"{p}.self_attn.o_proj",)))
+            groups.append(
+                SmoothGroup(f"{p}.post_attention_layernorm", (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"))
+            )
+            groups.append(SmoothGroup(None, (f"{p}.mlp.down_proj",)))
+        return groups
+
+    def verification_cases(
+        self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
+    ) -> list[Batch]:
+        return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
+
+    def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
+        """transformers' own forward, traced (no KV cache): ``logits`` [batch, sequence, vocab]."""
+        names = ("input_ids", "attention_mask")
+        dyn = {n: {0: "batch", 1: "sequence"} for n in (*names, "logits")}
+        return ExportSpec(
+            module=CausalLMLogits(model).eval(),
+            example_inputs=tuple(batch[n] for n in names),
+            input_names=names,
+            output_names=("logits",),
+            dynamic_axes=dyn,
+        )
