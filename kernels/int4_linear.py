@@ -13,6 +13,14 @@ decode shapes. Elsewhere the forward is the reference: dequantize to float, then
 ``F.linear``. ``use_kernel=True`` also sends CPU tensors to the kernel when
 ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CPU-only CI exercises the
 kernel path. The layer is inference-only: no float master weight, buffers only.
+
+ONNX. Under ``torch.onnx.export`` the layer lowers to ONNX Runtime's
+``com.microsoft.MatMulNBits`` (4-bit block-wise weights, the op ORT's CPU and CUDA
+int4 GEMMs run) carrying OUR codes, scales and zero points: ``B`` uint8
+``[N, K/block, block/2]`` (two codes a byte, the lower-indexed one in the low nibble),
+``scales`` ``[N · K/block]``, ``zero_points`` uint8 ``[N · ceil(K/block / 2)]`` packed the
+same way along the blocks. The block is the group size, which ORT requires to be a
+power of two of at least 16.
 """
 
 from __future__ import annotations
@@ -24,12 +32,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.w4a16 import dequantize_w4a16, pack_w4a16, w4a16_linear
+from compressor.kernels.w4a16 import dequantize_w4a16, pack_w4a16, unpack_w4a16, w4a16_linear
 from compressor.passes.int4 import QuantizedWeight, quantize_rtn
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHODS: tuple[str, ...] = ("rtn",)
+
+
+def matmulnbits_tensors(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``B``, ``scales`` and ``zero_points`` of ``MatMulNBits`` from the W4A16 layout."""
+    codes = unpack_w4a16(packed).t().to(torch.uint8)  # (N, K)
+    n, k = codes.shape
+    blocks = k // group_size
+    pairs = codes.reshape(n, blocks, group_size // 2, 2)
+    b = pairs[..., 0] | (pairs[..., 1] << 4)  # (N, blocks, group/2)
+    z = zeros.t().to(torch.uint8)  # (N, blocks)
+    if blocks % 2:
+        z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)  # (N * ceil(blocks / 2),)
+    return b.contiguous(), scales.t().contiguous().reshape(-1).float(), zp.contiguous()
+
+
+class _Int4LinearOnnx(torch.autograd.Function):
+    """Carries the ``MatMulNBits`` lowering through ``torch.onnx.export`` (TorchScript exporter)."""
+
+    @staticmethod
+    def forward(ctx, x, b, scales, zero_points, bias, k, n, block):  # type: ignore[override]
+        return x.new_zeros((*x.shape[:-1], n))  # shapes only: the math is Int4Linear.forward
+
+    @staticmethod
+    def symbolic(g, x, b, scales, zero_points, bias, k, n, block):  # type: ignore[no-untyped-def]
+        y = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            b,
+            scales,
+            zero_points,
+            K_i=k,
+            N_i=n,
+            bits_i=4,
+            block_size_i=block,
+        )
+        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
+            y = g.op("Add", y, bias)
+        return y
 
 
 class Int4Linear(nn.Module):
@@ -117,9 +166,35 @@ class Int4Linear(nn.Module):
             return False
         return self.use_kernel
 
+    @torch.no_grad()
+    def freeze_for_export_(self) -> None:
+        """Store the ``MatMulNBits`` tensors as buffers so a trace carries them as initializers."""
+        g = self.group_size
+        if g < 16 or g & (g - 1):
+            raise ValueError(
+                f"Int4Linear: ONNX Runtime's MatMulNBits needs a power-of-two group of at least 16, got {g}"
+            )
+        b, scales, zp = matmulnbits_tensors(self.packed, self.scales, self.zeros, g)
+        self.register_buffer("onnx_b", b)
+        self.register_buffer("onnx_scales", scales)
+        self.register_buffer("onnx_zero_points", zp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Int4Linear expects {self.in_features}")
+        if torch.onnx.is_in_onnx_export():
+            if getattr(self, "onnx_b", None) is None:
+                raise RuntimeError("call freeze_for_export_() on Int4Linear before ONNX export")
+            return _Int4LinearOnnx.apply(
+                x,
+                self.onnx_b,
+                self.onnx_scales,
+                self.onnx_zero_points,
+                self.bias,
+                self.in_features,
+                self.out_features,
+                self.group_size,
+            )
         if self._kernel_path(x):
             return w4a16_linear(x, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         w = self.dequantized_weight().to(x.dtype)  # (N, K)

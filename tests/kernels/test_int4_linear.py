@@ -3,6 +3,9 @@ on the Triton kernel path (interpreted on CPU), plus bytes, repr, state dict and
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,3 +113,51 @@ def test_errors_name_the_problem() -> None:
         layer(torch.randn(2, 32))
     with pytest.raises(ValueError, match="bias shape"):
         Int4Linear.from_quantized(quantize_rtn(lin.weight.detach(), 4, 32), bias=torch.zeros(3))
+
+
+@pytest.mark.parametrize(("group", "symmetric", "k"), [(32, True, 96), (64, False, 192)])
+def test_onnx_lowers_to_matmulnbits_and_runs_exactly_in_onnx_runtime(
+    group: int, symmetric: bool, k: int, tmp_path: Path
+) -> None:
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Int4Linear.from_linear(nn.Linear(k, 40), group, symmetric=symmetric), nn.GELU()
+    ).eval()
+    x = torch.randn(3, 5, k)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    model[0].freeze_for_export_()
+    path = tmp_path / "int4.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), str(path), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "b", 1: "t"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    graph = onnx.load(str(path)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and {a.name: a.i for a in nbits[0].attribute}["block_size"] == group
+    # OUR codes travel: the packed B initializer holds exactly the layer's 4-bit codes
+    b = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == nbits[0].input[1])
+    codes = np.stack([b & 0xF, b >> 4], axis=-1).reshape(40, k)
+    from compressor.kernels.w4a16 import unpack_w4a16
+
+    assert np.array_equal(codes, unpack_w4a16(model[0].packed).t().numpy())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((3, 5, k), (1, 11, k)):
+        xi = torch.randn(*shape)
+        with torch.no_grad():
+            expect = model(xi).numpy()
+        np.testing.assert_allclose(sess.run(None, {"x": xi.numpy()})[0], expect, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_needs_a_power_of_two_group() -> None:
+    layer = Int4Linear.from_linear(nn.Linear(48, 8), group_size=24)
+    with pytest.raises(ValueError, match="power-of-two group of at least 16, got 24"):
+        layer.freeze_for_export_()
