@@ -1,6 +1,6 @@
 """`compressor`: the command line. The CLI owns the terminal; the library only logs.
 
-compressor compile [--recipe NAME|FILE] [--target T] [--model PATH] [--out DIR]
+compressor compile [--recipe NAME|FILE] [--target T] [--model PATH] [--out DIR] [--work-dir DIR]
 compressor bench BUNDLE [--batch 1,32] [--seq-len 128] [--threads 2]
 compressor targets
 compressor passes [--verbose]
@@ -75,7 +75,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     def stage(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    manifest = compile_recipe(recipe, out, overwrite=args.overwrite, progress=True, on_stage=stage)
+    work_dir = Path(args.work_dir) if args.work_dir else None
+    manifest = compile_recipe(
+        recipe, out, overwrite=args.overwrite, progress=True, on_stage=stage, work_dir=work_dir
+    )
     print(f"\nbundle: {out}  ({recipe.name}, target {recipe.target})\n")
     print(text_table(pass_table(manifest["passes"])))
     if manifest.get("benchmark"):
@@ -184,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="bundle directory (default out/RECIPE-TARGET)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     c.add_argument("--no-bench", action="store_true", help="skip the benchmark after export")
+    c.add_argument(
+        "--work-dir",
+        help="scratch dir for the passes, kept across runs: a rerun resumes distillation from its "
+        "checkpoints (checkpoint_every); default a temporary dir",
+    )
     c.set_defaults(func=cmd_compile)
 
     b = sub.add_parser("bench", help="time a bundle against ORT fp32 and score its fidelity")

@@ -13,14 +13,24 @@ step (and masked gradients zeroed, so optimizer state never revives a pruned
 weight); quantizer scales are buffers, never trained, while int8 layers train their
 float master weights through a straight-through estimator (quantization-aware
 distillation). Dropout is off: the student runs in eval mode with gradients on.
+
+Long runs survive interruption: with ``checkpoint_every: N`` the engine writes a
+checkpoint (``compressor.distill_checkpoint``) into the work dir every N steps and
+resumes from it on the next run, without losing or repeating a step. Under
+``torchrun`` the same call trains data-parallel (``torch.nn.parallel.
+DistributedDataParallel``): each global batch is split across the ranks and the loss
+is normalised over the whole global batch, so N ranks follow the same trajectory as
+one process on the same batches.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,6 +39,7 @@ from torch import nn
 
 from compressor.adapters.base import Batch, ModelAdapter
 from compressor.config import option
+from compressor.distill_checkpoint import DistillCheckpoint
 from compressor.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,11 @@ class RecoverConfig:
     weight_decay: float = option(0.0, help="AdamW weight decay")
     grad_clip: float = option(1.0, help="clip the gradient norm to this (0 = off)")
     loss: DistillLossConfig = option(DistillLossConfig(), help="what the student matches")
+    checkpoint_every: int = option(
+        0,
+        help="write a resumable checkpoint to the work dir every N steps and resume from it "
+        "on the next run (0 = off; `compressor compile --work-dir DIR` keeps it across runs)",
+    )
 
     def validate(self, path: str) -> None:
         if self.steps < 1:
@@ -65,6 +81,8 @@ class RecoverConfig:
             raise RecipeError(f"{path}.warmup_steps: {self.warmup_steps} is more than steps ({self.steps})")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise RecipeError(f"{path}: warmup_steps, grad_clip and weight_decay must not be negative")
+        if self.checkpoint_every < 0:
+            raise RecipeError(f"{path}.checkpoint_every: {self.checkpoint_every} is negative (0 = off)")
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -72,19 +90,25 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
+def squarehead_terms(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], token_mask: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per student layer, ``||h_s - h_t||²`` and ``||h_t||²`` summed over real tokens."""
+    nums, dens = [], []
+    for s, j in zip(student, layer_map(len(student), len(teacher))):
+        t = teacher[j]
+        m = token_mask[..., None].to(s.dtype) if token_mask is not None else torch.ones_like(s[..., :1])
+        nums.append(((s - t) ** 2 * m).sum())
+        dens.append((t**2 * m).sum())
+    return nums, dens
+
+
 def squarehead_loss(
     student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], token_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Mean over layers of ||h_s - h_t||² / ||h_t||² on real tokens ([B, T, D] each)."""
-    idx = layer_map(len(student), len(teacher))
-    losses = []
-    for s, j in zip(student, idx):
-        t = teacher[j]
-        m = token_mask[..., None].to(s.dtype) if token_mask is not None else torch.ones_like(s[..., :1])
-        num = ((s - t) ** 2 * m).sum()
-        den = (t**2 * m).sum().clamp(min=1e-12)
-        losses.append(num / den)
-    return torch.stack(losses).mean()
+    nums, dens = squarehead_terms(student, teacher, token_mask)
+    return torch.stack([n / d.clamp(min=1e-12) for n, d in zip(nums, dens)]).mean()
 
 
 def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -93,17 +117,21 @@ def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torc
     return F.mse_loss(student, teacher)
 
 
+def _teacher_outputs(
+    teacher: nn.Module, adapter: ModelAdapter, batch: Batch, use_hidden: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    with torch.no_grad():
+        if use_hidden:
+            return adapter.forward_with_hidden(teacher, batch)
+        return adapter.forward(teacher, batch), []
+
+
 def distill_loss(
     student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, batch: Batch, loss_cfg: DistillLossConfig
 ) -> torch.Tensor:
     """The training objective on one batch (gradients flow into ``student`` when enabled)."""
     use_hidden = loss_cfg.hidden_weight > 0
-    with torch.no_grad():
-        t_out, t_hidden = (
-            adapter.forward_with_hidden(teacher, batch)
-            if use_hidden
-            else (adapter.forward(teacher, batch), [])
-        )
+    t_out, t_hidden = _teacher_outputs(teacher, adapter, batch, use_hidden)
     s_out, s_hidden = (
         adapter.forward_with_hidden(student, batch) if use_hidden else (adapter.forward(student, batch), [])
     )
@@ -148,12 +176,115 @@ def _mask_grads(model: nn.Module) -> None:
 
 
 def _lr_at(step: int, cfg: RecoverConfig) -> float:
-    import math
-
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------
+# Data parallelism (torchrun)
+
+
+def distributed_world(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size). Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
+    initialised from the environment when nobody has yet: NCCL for a CUDA student, gloo
+    otherwise. Outside torchrun: (0, 1)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        log.info("torch.distributed initialised from the environment (%s)", dist.get_backend())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_batch(batch: Batch, rank: int, world: int) -> Batch:
+    """Rank ``rank``'s examples of a global batch: every ``world``-th, starting at ``rank``
+    (DistributedSampler order, without its padding, so no example counts twice)."""
+    sizes = {v.shape[0] for v in batch.values() if v.dim() > 0}
+    n = max(sizes) if sizes else 0
+    if n < world:
+        raise DataError(
+            f"distillation under torchrun: a batch of {n} examples cannot be split across {world} "
+            f"ranks; raise data.batch_size to at least {world} or launch fewer processes"
+        )
+    idx = torch.arange(rank, n, world)
+    return {
+        k: v.index_select(0, idx.to(v.device)) if v.dim() > 0 and v.shape[0] == n else v
+        for k, v in batch.items()
+    }
+
+
+class _StudentForward(nn.Module):
+    """The student as the adapter runs it: what DistributedDataParallel wraps (so the
+    adapter keeps calling the plain student and DDP still sees every forward)."""
+
+    def __init__(self, student: nn.Module, adapter: ModelAdapter, use_hidden: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.adapter = adapter
+        self.use_hidden = use_hidden
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.use_hidden:
+            return self.adapter.forward_with_hidden(self.student, batch)
+        return self.adapter.forward(self.student, batch), []
+
+
+def _sharded_loss(
+    ddp_student: nn.Module,
+    teacher: nn.Module,
+    adapter: ModelAdapter,
+    shard: Batch,
+    loss_cfg: DistillLossConfig,
+) -> torch.Tensor:
+    """This rank's share of the global-batch loss: summed over ranks it is ``distill_loss``
+    on the whole global batch (every mean's denominator is all-reduced first)."""
+    import torch.distributed as dist
+
+    use_hidden = loss_cfg.hidden_weight > 0
+    t_out, t_hidden = _teacher_outputs(teacher, adapter, shard, use_hidden)
+    s_out, s_hidden = ddp_student(shard)
+    if loss_cfg.output == "cosine":
+        per_example = 1.0 - F.cosine_similarity(s_out, t_out, dim=-1)
+        out_sum, out_count = per_example.sum(), per_example.numel()
+    else:
+        out_sum, out_count = ((s_out - t_out) ** 2).sum(), s_out.numel()
+    nums: list[torch.Tensor] = []
+    dens: list[torch.Tensor] = []
+    if use_hidden and s_hidden:
+        nums, dens = squarehead_terms(s_hidden, t_hidden, shard.get("attention_mask"))
+    counts = [torch.tensor(float(out_count), device=out_sum.device), *[d.detach() for d in dens]]
+    totals = torch.stack([c.double() for c in counts])  # on the student's device (NCCL needs it)
+    dist.all_reduce(totals)  # [1 + layers]: global example count, global ||h_t||² per layer
+    totals = totals.to(out_sum.dtype)
+    loss = loss_cfg.output_weight * out_sum / totals[0]
+    if nums:
+        per_layer = [n / d.clamp(min=1e-12) for n, d in zip(nums, totals[1:])]
+        loss = loss + loss_cfg.hidden_weight * torch.stack(per_layer).mean()
+    return loss
+
+
+def _wrap_ddp(student: nn.Module, adapter: ModelAdapter, use_hidden: bool) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(student.parameters()).device
+    return DistributedDataParallel(
+        _StudentForward(student, adapter, use_hidden),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,  # e.g. BERT's pooler: not on the distillation path
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
 
 
 def distill_(
@@ -163,8 +294,17 @@ def distill_(
     batches: Sequence[Batch],
     cfg: RecoverConfig,
     progress: bool = False,
+    work_dir: Path | str | None = None,
 ) -> list[float]:
-    """Train ``student`` in place against the frozen ``teacher``; returns the loss per step."""
+    """Train ``student`` in place against the frozen ``teacher``; returns the loss per step.
+
+    ``batches`` are global batches, taken in order (cycling). With
+    ``cfg.checkpoint_every`` > 0 and a ``work_dir``, a checkpoint of this run is written
+    there every N steps (and after the last) and a matching one found there is resumed.
+    Under torchrun with more than one process, the student trains under
+    DistributedDataParallel, each rank on its share of every global batch; the returned
+    losses are the global-batch losses (all-reduced), identical on every rank.
+    """
     if not batches:
         raise DataError("distillation needs training data (data.train_samples is 0)")
     teacher.eval()
@@ -173,29 +313,61 @@ def distill_(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     student.eval()  # no dropout: recovery matches a deterministic teacher
+    device = params[0].device if params else torch.device("cpu")
+    rank, world = distributed_world(device)
+
+    ckpt: DistillCheckpoint | None = None
+    if cfg.checkpoint_every > 0:
+        if work_dir is None:
+            log.warning(
+                "distill: checkpoint_every is %d but there is no work dir: no checkpoints",
+                cfg.checkpoint_every,
+            )
+        else:
+            ckpt = DistillCheckpoint.for_run(Path(work_dir), cfg, student, batches)
     losses: list[float] = []
+    start = 0
+    if ckpt is not None:
+        state = ckpt.load()
+        if state is not None:
+            start, losses = ckpt.restore_(state, student, opt)
+            log.info("distill: resumed from %s at step %d of %d", ckpt.path, start, cfg.steps)
+
+    use_hidden = cfg.loss.hidden_weight > 0
+    ddp = _wrap_ddp(student, adapter, use_hidden) if world > 1 and start < cfg.steps else None
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc="distill", unit="step", leave=False)
-    data = itertools.cycle(batches)
-    for step in range(cfg.steps):
-        batch = next(data)
+        bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", leave=False)
+    for step in range(start, cfg.steps):
+        batch = batches[step % len(batches)]
         with torch.enable_grad():
-            loss = distill_loss(student, teacher, adapter, batch, cfg.loss)
-        if not torch.isfinite(loss):
-            raise DataError(f"distillation loss became {loss.item()} at step {step}; lower the lr")
+            if ddp is None:
+                loss = distill_loss(student, teacher, adapter, batch, cfg.loss)
+                backward, logged = loss, loss.detach()
+            else:
+                import torch.distributed as dist
+
+                local = _sharded_loss(ddp, teacher, adapter, shard_batch(batch, rank, world), cfg.loss)
+                backward = local * world  # DDP averages gradients over ranks; the loss is their sum
+                logged = local.detach().clone()
+                dist.all_reduce(logged)
+        if not torch.isfinite(logged):
+            raise DataError(f"distillation loss became {logged.item()} at step {step}; lower the lr")
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward.backward()
         _mask_grads(student)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         reapply_masks_(student)
-        losses.append(float(loss.detach()))
+        losses.append(float(logged))
+        done = step + 1
+        if ckpt is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            ckpt.save(student, opt, done, losses)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4g}")

@@ -161,7 +161,9 @@ class Pipeline:
 
         if not ctx.data.train:
             raise PassError("recover: needs training data (data.train_samples is 0)")
-        losses = distill_(model, ctx.teacher, ctx.adapter, ctx.data.train, recover, ctx.progress)
+        losses = distill_(
+            model, ctx.teacher, ctx.adapter, ctx.data.train, recover, ctx.progress, work_dir=ctx.work_dir
+        )
         ctx.record(
             "recover",
             {"steps": len(losses), "loss_first": round(losses[0], 6), "loss_last": round(losses[-1], 6)},

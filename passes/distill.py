@@ -4,7 +4,9 @@ A thin pass around ``compressor.distill.distill_`` (SquareHead per-layer loss pl
 output loss; masks and quantizer scales stay fixed). Placed after ``quantize`` it is
 quantization-aware distillation (Polino et al., 2018, "Model compression via
 distillation and quantization"): the int8 layers train their float master weights
-through a straight-through estimator.
+through a straight-through estimator. With ``checkpoint_every`` it checkpoints into the
+pass's work dir and resumes there (``compressor compile --work-dir DIR``); under
+``torchrun`` it trains data-parallel (see ``compressor.distill``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class DistillPass(Pass):
             raise DataError("distill: no training data (data.train_samples is 0)")
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
-        losses = distill_(model, ctx.teacher, ctx.adapter, ctx.data.train, self.config, ctx.progress)
+        losses = distill_(
+            model, ctx.teacher, ctx.adapter, ctx.data.train, self.config, ctx.progress, work_dir=ctx.work_dir
+        )
         ctx.record("loss_first", round(losses[0], 6))
         ctx.record("loss_last", round(losses[-1], 6))
         tail = losses[-max(1, len(losses) // 10) :]
