@@ -89,3 +89,13 @@ def add_activation_outliers_(model: torch.nn.Module, scale: float = 25.0) -> Non
         for layer in model.encoder.layer:
             layer.attention.output.LayerNorm.weight[3] = scale
             layer.output.LayerNorm.weight[7] = scale
+
+
+@pytest.fixture(scope="session")
+def native_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``compressor-run`` built with CMake against this torch's libtorch (once per session)."""
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("building compressor-run needs cmake and a C++ compiler")
+    from compressor.native import build_runner
+
+    return build_runner(tmp_path_factory.mktemp("runner-build"))
