@@ -47,7 +47,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistillLossConfig:
-    output: Literal["cosine", "mse"] = option("cosine", help="loss on the model output (embedding)")
+    output: Literal["cosine", "mse", "kl"] = option(
+        "cosine",
+        help="loss on the model output: cosine / mse (embeddings), kl = KL(teacher || student) of the "
+        "softmax of logits (classifiers, language models; per kept token)",
+    )
+    temperature: float = option(
+        1.0, help="kl: softmax temperature T of both distributions; the loss is scaled by T² (Hinton et al.)"
+    )
     output_weight: float = option(1.0, help="weight of the output loss")
     hidden_weight: float = option(
         1.0, help="weight of the per-layer normalised hidden-state loss (SquareHead)"
@@ -56,6 +63,8 @@ class DistillLossConfig:
     def validate(self, path: str) -> None:
         if self.output_weight < 0 or self.hidden_weight < 0 or self.output_weight + self.hidden_weight == 0:
             raise RecipeError(f"{path}: loss weights must be non-negative and not both zero")
+        if not self.temperature > 0:
+            raise RecipeError(f"{path}.temperature: {self.temperature} must be positive")
 
 
 @dataclass(frozen=True)
@@ -111,10 +120,44 @@ def squarehead_loss(
     return torch.stack([n / d.clamp(min=1e-12) for n, d in zip(nums, dens)]).mean()
 
 
-def output_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def output_loss_terms(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(sum, count) of the output loss, so ranks can share one global mean.
+
+    Per row of the last dimension for ``cosine`` and ``kl``, per element for ``mse``.
+    When the output is per token ([B, T, ·], e.g. LM logits) and ``token_mask`` [B, T]
+    is given, padded tokens are left out.
+    """
+    if token_mask is not None and student.dim() == 3 and token_mask.shape == student.shape[:2]:
+        keep = token_mask.bool()
+        student, teacher = student[keep], teacher[keep]  # [kept tokens, ·]
+    if kind == "mse":
+        sq = (student - teacher) ** 2
+        return sq.sum(), sq.numel()
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    return F.mse_loss(student, teacher)
+        per_row = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    else:  # kl: KL(teacher || student) at temperature T, times T² so gradients keep their scale
+        t = temperature
+        log_s = F.log_softmax(student.float() / t, dim=-1)
+        log_t = F.log_softmax(teacher.float() / t, dim=-1)
+        per_row = (log_t.exp() * (log_t - log_s)).sum(-1) * (t * t)
+    return per_row.sum(), per_row.numel()
+
+
+def output_loss(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    total, count = output_loss_terms(kind, student, teacher, temperature, token_mask)
+    return total / max(count, 1)
 
 
 def _teacher_outputs(
@@ -135,7 +178,9 @@ def distill_loss(
     s_out, s_hidden = (
         adapter.forward_with_hidden(student, batch) if use_hidden else (adapter.forward(student, batch), [])
     )
-    loss = loss_cfg.output_weight * output_loss(loss_cfg.output, s_out, t_out)
+    loss = loss_cfg.output_weight * output_loss(
+        loss_cfg.output, s_out, t_out, loss_cfg.temperature, batch.get("attention_mask")
+    )
     if use_hidden and s_hidden:
         loss = loss + loss_cfg.hidden_weight * squarehead_loss(
             s_hidden, t_hidden, batch.get("attention_mask")
@@ -252,11 +297,9 @@ def _sharded_loss(
     use_hidden = loss_cfg.hidden_weight > 0
     t_out, t_hidden = _teacher_outputs(teacher, adapter, shard, use_hidden)
     s_out, s_hidden = ddp_student(shard)
-    if loss_cfg.output == "cosine":
-        per_example = 1.0 - F.cosine_similarity(s_out, t_out, dim=-1)
-        out_sum, out_count = per_example.sum(), per_example.numel()
-    else:
-        out_sum, out_count = ((s_out - t_out) ** 2).sum(), s_out.numel()
+    out_sum, out_count = output_loss_terms(
+        loss_cfg.output, s_out, t_out, loss_cfg.temperature, shard.get("attention_mask")
+    )
     nums: list[torch.Tensor] = []
     dens: list[torch.Tensor] = []
     if use_hidden and s_hidden:
