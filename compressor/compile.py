@@ -44,8 +44,9 @@ def plan(
     passes = [PASSES[p.name](p.config) for p in recipe.passes]
     exporters = [EXPORTERS[e.format](e.config) for e in recipe.exports]
     Pipeline(passes, instruments=[]).check(model, target, adapter)
-    for e in exporters:
+    for i, e in enumerate(exporters):
         e.check(target)
+        e.check_recipe(recipe, i)
     return target, adapter, model, passes, exporters
 
 
@@ -117,7 +118,7 @@ def compile_recipe(
             }
         )
         assert bundle.path is not None
-        ectx = ExportContext(target=target, adapter=adapter, data=data, reference_model=model)
+        ectx = ExportContext(target=target, adapter=adapter, data=data, reference_model=model, recipe=recipe)
         for e in exporters:
             stage(f"export {e.name} (+ verification in ONNX Runtime)")
             res = e.export(model, ectx, bundle.path)

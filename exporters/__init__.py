@@ -5,11 +5,17 @@
 
 from __future__ import annotations
 
-from compressor.exporters import diffusers_pipeline  # noqa: F401  (registers diffusers-pipeline)
+# Each import registers its exporter(s) in EXPORTER_REGISTRY.
+from compressor.exporters import (  # noqa: F401
+    aoti,  # aoti: AOTInductor package
+    diffusers_pipeline,  # diffusers-pipeline
+    onnx,  # onnx: ONNX Runtime flavour
+    onnx_qdq,  # onnx_qdq: TensorRT flavour (explicit Q/DQ)
+    tensorrt,  # tensorrt: engine build script (+ build where TensorRT exists)
+    triton_server,  # triton_repository: Triton Inference Server model repository
+)
 from compressor.exporters.base import EXPORTER_REGISTRY
 
 EXPORTERS = EXPORTER_REGISTRY
 
 __all__ = ["EXPORTERS"]
-
-from compressor.exporters import onnx  # noqa: E402,F401  (registers the exporter)

@@ -19,6 +19,7 @@ class ExportContext:
     adapter: ModelAdapter
     data: DataSplits
     reference_model: nn.Module  # the compressed model in torch, the truth the artifact is checked against
+    recipe: Any = None  # the whole recipe, for exporters that size things by it (batch sizes)
 
 
 @dataclass
@@ -37,6 +38,10 @@ class Exporter(ABC):
 
     def check(self, target: Target) -> None:  # noqa: B027
         """Refuse an export the target cannot use (raise PlanError)."""
+
+    def check_recipe(self, recipe: Any, index: int) -> None:  # noqa: B027
+        """Refuse an export whose inputs the recipe's earlier exports do not write (RecipeError);
+        ``index`` is this export's position in ``recipe.exports``."""
 
     @abstractmethod
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:

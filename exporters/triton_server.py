@@ -252,6 +252,9 @@ class TritonRepositoryExporter(Exporter):
     )
     Config = TritonRepositoryConfig
 
+    def check_recipe(self, recipe: Any, index: int) -> None:
+        check_recipe_exports(recipe)
+
     def check(self, target: Target) -> None:
         if "onnxruntime" not in target.engines:
             raise PlanError(

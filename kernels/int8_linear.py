@@ -7,7 +7,13 @@ two schemes that match what the engines run:
 - ``dynamic_per_token``: symmetric, one scale per row, ``sx[m] = max|x[m, :]| / 127``
   (what GPU W8A8 kernels and TensorRT-LLM-style engines run);
 - ``dynamic_per_tensor``: ONNX Runtime's ``DynamicQuantizeLinear``: asymmetric uint8,
-  ``sx = (max(0, max x) - min(0, min x)) / 255``, ``zp = round(-min(0, min x) / sx)``.
+  ``sx = (max(0, max x) - min(0, min x)) / 255``, ``zp = round(-min(0, min x) / sx)``;
+- ``static_per_tensor``: symmetric, ONE scale ``input_scale`` calibrated ahead of time,
+  ``sx = amax / 127`` with ``amax`` the largest ``|x|`` (after SmoothQuant's divisor)
+  seen on the calibration data; ``Xq = clamp(round(x / sx), -128, 127)``: the range of
+  ONNX ``QuantizeLinear`` and TensorRT's int8, so an input past the calibrated range
+  saturates exactly as the engine does. What TensorRT runs from explicit Q/DQ (it has no
+  dynamic per-token int8): see ``compressor.exporters.onnx_qdq``.
 
 The output is ``(Xq - zp) @ Wqᵀ * sx * sw + b`` (int32 accumulation). An optional
 SmoothQuant vector ``smooth`` divides the input per channel (its inverse is already
@@ -19,7 +25,9 @@ can train it with a straight-through estimator while ``weight_scale`` stays fixe
 emulation of the engine's rounding (round half to even, saturation), so fidelity
 measured in torch is the fidelity of the exported engine. Under ONNX export the layer
 lowers to ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add`` carrying our
-int8 weights and scales, which ONNX Runtime fuses into ``DynamicQuantizeMatMul``.
+int8 weights and scales, which ONNX Runtime fuses into ``DynamicQuantizeMatMul``; the
+static scheme lowers to ``Div → Round → Clip → Cast(int8) → MatMulInteger`` with the
+calibrated scale as a constant (S8S8, exact in ONNX Runtime on every x86 CPU).
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ActScheme = Literal["dynamic_per_token", "dynamic_per_tensor"]
-ACT_SCHEMES: tuple[str, ...] = ("dynamic_per_token", "dynamic_per_tensor")
+ActScheme = Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"]
+ACT_SCHEMES: tuple[str, ...] = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
 _EPS = 1e-8
 
 
@@ -62,6 +70,20 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     return _ste(x, q * s)
 
 
+def static_input_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """The static per-tensor activation scale ``amax / 127`` (0-d float32, never zero)."""
+    return (torch.as_tensor(amax, dtype=torch.float32).detach().amax() / 127.0).clamp(min=_EPS)
+
+
+def fake_quant_static_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(x / s), -128, 127) · s`` with the calibrated scale ``s``; straight-through
+    gradient. Inputs beyond the calibrated range saturate at ``-128 s`` / ``127 s``, as
+    ``QuantizeLinear`` (and TensorRT) saturate int8."""
+    s = scale.to(x.dtype)
+    q = torch.clamp(torch.round(x / s), -128, 127)
+    return _ste(x, q * s)
+
+
 def fake_quant_dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
     """ONNX ``DynamicQuantizeLinear`` then dequantize, with a straight-through gradient."""
     xd = x.detach()
@@ -77,17 +99,30 @@ class _Int8LinearOnnx(torch.autograd.Function):
     """Carries the int8 lowering through ``torch.onnx.export`` (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, x, qweight_t, w_scale, bias, inv_smooth, per_token):  # type: ignore[override]
+    def forward(ctx, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):  # type: ignore[override]
         # Only shapes matter while tracing; the real math is Int8Linear.forward.
         return x.new_zeros((*x.shape[:-1], qweight_t.shape[1]))
 
     @staticmethod
-    def symbolic(g, x, qweight_t, w_scale, bias, inv_smooth, per_token):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):  # type: ignore[no-untyped-def]
         from torch.onnx import TensorProtoDataType as DT  # type: ignore[attr-defined]
 
         if not _is_none(g, inv_smooth):
             x = g.op("Mul", x, inv_smooth)
-        if per_token:
+        if not _is_none(g, input_scale):
+            # static: q = clip(round(x / s), -128, 127) as int8 with the calibrated s (a constant),
+            # spelled Div/Round/Clip so the rounding is exactly torch's
+            r = g.op("Round", g.op("Div", x, input_scale))
+            r = g.op(
+                "Clip",
+                r,
+                g.op("Constant", value_t=torch.tensor(-128.0)),
+                g.op("Constant", value_t=torch.tensor(127.0)),
+            )
+            q = g.op("Cast", r, to_i=DT.INT8)
+            acc = g.op("MatMulInteger", q, qweight_t)
+            y = g.op("Mul", g.op("Cast", acc, to_i=DT.FLOAT), g.op("Mul", input_scale, w_scale))
+        elif per_token:
             # s[m] = max(|x[m, :]|) / 127; q = clip(round(x / s), -127, 127) as int8
             amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
             s = g.op(
@@ -126,6 +161,7 @@ class Int8Linear(nn.Module):
     weight_mask: torch.Tensor | None
     qweight_t: torch.Tensor | None
     inv_smooth: torch.Tensor | None
+    input_scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -145,6 +181,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("smooth", None)
         self.register_buffer("weight_mask", None)
+        # static_per_tensor: the calibrated activation scale (0-d); None for the dynamic schemes
+        self.register_buffer("input_scale", torch.ones(()) if act_scheme == "static_per_tensor" else None)
 
     @classmethod
     def from_linear(
@@ -152,9 +190,24 @@ class Int8Linear(nn.Module):
         linear: nn.Linear,
         act_scheme: ActScheme = "dynamic_per_token",
         smooth: torch.Tensor | None = None,
+        input_scale: torch.Tensor | float | None = None,
     ) -> Int8Linear:
-        """Quantize ``linear``; ``smooth`` (SmoothQuant) divides the input per channel."""
+        """Quantize ``linear``; ``smooth`` (SmoothQuant) divides the input per channel.
+
+        ``input_scale`` is the calibrated activation scale of ``static_per_tensor`` (the
+        scale of the input *after* the division by ``smooth``: see ``static_input_scale``);
+        it is required for that scheme and refused for the dynamic ones."""
+        if (act_scheme == "static_per_tensor") != (input_scale is not None):
+            raise ValueError(
+                f"act_scheme {act_scheme!r}: input_scale is "
+                + ("required (calibrate it: amax of the input / 127)" if input_scale is None else "not used")
+            )
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, act_scheme)
+        if input_scale is not None:
+            scale = torch.as_tensor(input_scale, dtype=torch.float32).detach().reshape(())
+            if not bool(torch.isfinite(scale)) or float(scale) <= 0:
+                raise ValueError(f"input_scale must be finite and positive, got {float(scale)}")
+            m.input_scale = scale.clone()
         w = linear.weight.detach().float()
         if smooth is not None:
             smooth = smooth.detach().float().clamp(min=_EPS)
@@ -202,6 +255,7 @@ class Int8Linear(nn.Module):
                 self.bias,
                 self.inv_smooth,
                 self.act_scheme == "dynamic_per_token",
+                self.input_scale,
             )
         if x.is_cuda and self.act_scheme == "dynamic_per_token" and not self.training:
             fast = _cuda_w8a8()
@@ -213,6 +267,9 @@ class Int8Linear(nn.Module):
             x = x / self.smooth.to(x.dtype)
         if self.act_scheme == "dynamic_per_token":
             xq = fake_quant_per_token(x)
+        elif self.act_scheme == "static_per_tensor":
+            assert self.input_scale is not None
+            xq = fake_quant_static_per_tensor(x, self.input_scale)
         else:
             xq = fake_quant_dynamic_uint8(x)
         wq = fake_quant_weight(self.weight, self.weight_scale)
@@ -221,6 +278,7 @@ class Int8Linear(nn.Module):
     def weight_bytes(self) -> int:
         n = self.weight.numel() + 4 * self.weight_scale.numel()
         n += 0 if self.bias is None else 4 * self.bias.numel()
+        n += 0 if self.input_scale is None else 4
         return n + (0 if self.smooth is None else 4 * self.smooth.numel())
 
     def extra_repr(self) -> str:

@@ -3,7 +3,10 @@
 Methods:
 - weights: symmetric int8 per output channel (``compressor.kernels.int8_linear``);
 - activations: quantized on the fly, per token (GPU engines) or per tensor as ONNX
-  Runtime's ``DynamicQuantizeLinear`` (CPU), chosen by the target unless set;
+  Runtime's ``DynamicQuantizeLinear`` (CPU), chosen by the target unless set; or
+  ``static_per_tensor``: one scale per layer calibrated ahead of time (max |x| over the
+  calibration batches / 127, after SmoothQuant's divisor), what TensorRT's explicit
+  Q/DQ engines run (``compressor.exporters.onnx_qdq``);
 - SmoothQuant (Xiao et al., 2023, "SmoothQuant: Accurate and Efficient Post-Training
   Quantization for Large Language Models"): per input channel ``s = max|X|^α /
   max|W|^(1-α)``; ``X / s`` and ``W · s`` compute the same product with the activation
@@ -34,7 +37,7 @@ from compressor.config import option
 from compressor.distill import RecoverConfig
 from compressor.errors import DataError, PassError, PlanError, RecipeError
 from compressor.kernels.fp8_linear import Fp8Linear
-from compressor.kernels.int8_linear import Int8Linear
+from compressor.kernels.int8_linear import Int8Linear, static_input_scale
 from compressor.modules import get_linear, select_modules, set_module
 from compressor.passes.smoothquant import fold_input_scale_, smoothquant_scales
 from compressor.pipeline import Pass, PassContext, ensure_finite, register_pass
@@ -54,9 +57,10 @@ class QuantizeConfig:
     )
     targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to quantize")
     ignore: tuple[str, ...] = option((), help="module-name patterns to leave in float")
-    activations: Literal["auto", "dynamic_per_token", "dynamic_per_tensor"] = option(
+    activations: Literal["auto", "dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = option(
         "auto",
-        help="activation scales: per token (GPU kernels) or per tensor (ONNX Runtime); auto picks by target",
+        help="activation scales: per token (GPU kernels) or per tensor (ONNX Runtime); auto picks by target; "
+        "static_per_tensor = one scale per layer calibrated on the calibration data (TensorRT Q/DQ)",
     )
     smoothquant: bool = option(False, help="migrate activation outliers into the weights (SmoothQuant)")
     alpha: float | None = option(None, help="SmoothQuant migration strength in [0, 1]; null = calibrate")
@@ -134,27 +138,47 @@ def quantize_linears_(
     alpha: float | None,
     fold_only: bool,
 ) -> None:
-    """Replace each named Linear by an Int8Linear, smoothing per group when ``alpha`` is set."""
+    """Replace each named Linear by an Int8Linear, smoothing per group when ``alpha`` is set.
+
+    ``static_per_tensor`` takes each layer's scale from ``act_stats`` (per-channel max |x|):
+    after a divisor ``s`` the input's max is ``max_c(amax_c / s_c)``, whether ``s`` stays an
+    input scale of the layer or is folded into the producing norm."""
+    static = act_scheme == "static_per_tensor"
+    if static and act_stats is None:
+        raise ValueError("static_per_tensor needs the calibration statistics (act_stats)")
+
+    def input_scale(name: str, divisor: torch.Tensor | None) -> torch.Tensor | None:
+        if not static or act_stats is None:
+            return None
+        amax = act_stats[name].float()
+        if divisor is not None:
+            amax = amax / divisor.float().clamp(min=1e-8)
+        return static_input_scale(amax)
+
     chosen = set(names)
     for g in groups:
         members = [n for n in g.linears if n in chosen]
         if not members:
             continue
         smooth = None
+        divisor = None  # what divides the layers' input, folded or not (for the static scale)
         # A group can only share a folded divisor when every reader of the activation is quantized.
         foldable = g.producer is not None and len(members) == len(g.linears)
         if alpha is not None and act_stats is not None and (foldable or not fold_only):
             linears = [get_linear(model, n) for n in members]
             smooth = smoothquant_scales(act_stats[members[0]], [lin.weight for lin in linears], alpha)
+            divisor = smooth
             if foldable and g.producer is not None:
                 # The divisor now lives in the norm and s in W: the layers see no input scale.
                 fold_input_scale_(model.get_submodule(g.producer), linears, smooth)
                 smooth = None
         for n in members:
-            set_module(model, n, Int8Linear.from_linear(get_linear(model, n), act_scheme, smooth))
+            lin = get_linear(model, n)
+            set_module(model, n, Int8Linear.from_linear(lin, act_scheme, smooth, input_scale(n, divisor)))
             chosen.discard(n)
     for n in chosen:  # layers no group mentions
-        set_module(model, n, Int8Linear.from_linear(get_linear(model, n), act_scheme))
+        lin = get_linear(model, n)
+        set_module(model, n, Int8Linear.from_linear(lin, act_scheme, None, input_scale(n, None)))
 
 
 # ---- the pass -----------------------------------------------------------------------------
@@ -212,7 +236,8 @@ class QuantizePass(Pass):
         def fidelity(m: nn.Module) -> float:
             return _mean_cosine(torch.cat([adapter.forward(m, b) for b in cal]), reference)
 
-        stats = activation_absmax(model, names, adapter.forward, cal) if cfg.smoothquant else None
+        need_stats = cfg.smoothquant or scheme == "static_per_tensor"
+        stats = activation_absmax(model, names, adapter.forward, cal) if need_stats else None
         alpha = cfg.alpha
         if cfg.smoothquant and alpha is None:
             scores = {a: fidelity(build(a, ())) for a in cfg.alpha_grid}
@@ -300,6 +325,14 @@ class QuantizePass(Pass):
                     raise PassError(f"{n}: weight scale has non-positive entries")
                 if m.smooth is not None:
                     ensure_finite(n, m.smooth, "SmoothQuant divisor")
+                if m.act_scheme == "static_per_tensor":
+                    if m.input_scale is None:
+                        raise PassError(f"{n}: static_per_tensor layer has no calibrated input_scale")
+                    ensure_finite(n, m.input_scale, "static activation scale")
+                    if float(m.input_scale) <= 0:
+                        raise PassError(
+                            f"{n}: static activation scale {float(m.input_scale)} is not positive"
+                        )
                 if m.weight_mask is not None and (m.weight.detach()[m.weight_mask == 0] != 0).any():
                     raise PassError(f"{n}: a sparsity mask was not preserved through quantization")
         if found == 0:
