@@ -48,10 +48,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: Literal["int8", "fp8"] = option(
+    method: Literal["int8", "fp8", "int4"] = option(
         "int8",
-        help="int8 = W8A8 (int8 weights and activations); fp8 = E4M3 weights and activations (h100 only)",
+        help="int8 = W8A8 (int8 weights and activations); fp8 = E4M3 weights and activations (h100 only); "
+        "int4 = weight-only group-wise 4-bit (W4A16; int4_algorithm picks RTN, GPTQ or AWQ)",
     )
+    int4_algorithm: Literal["rtn", "gptq", "awq"] = option(
+        "gptq",
+        help="int4: rtn (data-free), gptq (Hessian error feedback, block by block) or awq "
+        "(activation-aware scales folded into pre-norms, then RTN)",
+    )
+    group_size: int = option(128, help="int4: input channels per scale / zero point (32, 64 or 128)")
+    symmetric: bool = option(True, help="int4: symmetric codes (zero point 8); keeps 2:4 zeros exact")
     fp8_weights: Literal["per_channel", "per_tensor"] = option(
         "per_channel", help="fp8: one weight scale per output channel or per tensor"
     )
@@ -91,6 +99,8 @@ class QuantizeConfig:
             raise RecipeError(f"{path}.target_mean_cosine: {self.target_mean_cosine} is not in (0, 1]")
         if self.calibration_batches < 1:
             raise RecipeError(f"{path}.calibration_batches: must be at least 1")
+        if self.group_size not in (32, 64, 128):
+            raise RecipeError(f"{path}.group_size: {self.group_size} is not one of 32, 64, 128")
 
 
 # ---- math (no pipeline imports) ----------------------------------------------------------
@@ -191,7 +201,10 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @register_pass
 class QuantizePass(Pass):
     name = "quantize"
-    description = "INT8 W8A8 (SmoothQuant, mixed precision) or FP8 E4M3 (h100) with dynamic activations"
+    description = (
+        "INT8 W8A8 (SmoothQuant, mixed precision; dynamic or static activations), FP8 E4M3 (h100), "
+        "or INT4 weight-only (RTN, GPTQ, AWQ)"
+    )
     Config = QuantizeConfig
 
     def act_scheme(self, target: Target) -> str:
@@ -201,8 +214,18 @@ class QuantizePass(Pass):
 
     def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
         target.require_precision(self.config.method, "quantize.method")
-        if self.config.method == "fp8" and (self.config.smoothquant or self.config.max_float_layers):
+        if self.config.method in ("fp8", "int4") and (
+            self.config.smoothquant or self.config.max_float_layers
+        ):
             raise PlanError("quantize: smoothquant and max_float_layers apply to method int8 only")
+        if self.config.method == "int4":
+            for n in select_modules(model, self.config.targets, self.config.ignore, what="quantize"):
+                k = get_linear(model, n).in_features
+                if k % self.config.group_size:
+                    raise PlanError(
+                        f"quantize.group_size: {self.config.group_size} does not divide {n}'s "
+                        f"{k} input features; choose a group size that does, or ignore the layer"
+                    )
         if target.device == "cpu" and self.config.activations == "dynamic_per_token":
             raise PlanError(
                 "quantize.activations: dynamic_per_token has no fast ONNX Runtime CPU kernel; "
@@ -218,6 +241,8 @@ class QuantizePass(Pass):
         cfg = self.config
         if cfg.method == "fp8":
             return self._run_fp8(model, ctx)
+        if cfg.method == "int4":
+            return self._run_int4(model, ctx)
         names = select_modules(model, cfg.targets, cfg.ignore, what="quantize")
         scheme = self.act_scheme(ctx.target)
         adapter = ctx.adapter
@@ -256,6 +281,27 @@ class QuantizePass(Pass):
         ctx.record("quantized_layers", len(names) - len(keep))
         ctx.record("calibration_mean_cosine", round(fidelity(quantized), 6))
         return quantized
+
+    def _run_int4(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        """Weight-only int4 into Int4Linear (``compressor.passes.weight_only``)."""
+        from compressor.passes.weight_only import quantize_int4_
+
+        cfg = self.config
+        names = select_modules(model, cfg.targets, cfg.ignore, what="quantize")
+        decisions = quantize_int4_(
+            model,
+            names,
+            cfg.int4_algorithm,
+            cfg.group_size,
+            cfg.symmetric,
+            ctx.data.calibration[: cfg.calibration_batches],
+            ctx.adapter.forward,
+            ctx.adapter.smooth_groups(model),
+        )
+        ctx.record("quantized_layers", len(names))
+        ctx.record("int4", {"algorithm": cfg.int4_algorithm, "group_size": cfg.group_size})
+        ctx.record("per_layer", {n: {"precision": "int4", "why": how} for n, how in decisions.items()})
+        return model
 
     def _run_fp8(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         """FP8 E4M3 weights (per channel or tensor) and dynamic per-tensor E4M3 activations."""
@@ -314,7 +360,14 @@ class QuantizePass(Pass):
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         found = 0
+        from compressor.kernels.int4_linear import Int4Linear
+
         for n, m in model.named_modules():
+            if isinstance(m, Int4Linear):
+                found += 1
+                ensure_finite(n, m.scales, "int4 group scales")
+                if int(m.zeros.max()) > 15:
+                    raise PassError(f"{n}: int4 zero points exceed 15")
             if isinstance(m, Fp8Linear):
                 found += 1
                 ensure_finite(n, m.weight_scale, "fp8 weight scale")

@@ -154,3 +154,51 @@ def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-unt
         assert float(w8.float().abs().max()) <= 448.0
     m = adapter.metrics(out, ctx.teacher, ctx.data.eval)
     assert m["mean_cosine"] > 0.99, m
+
+
+def test_int4_gptq_compiles_to_matmulnbits_verified_in_onnx_runtime(tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    from compressor.compile import compile_recipe
+    from compressor.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "name": "tiny-int4",
+            "target": "cpu",
+            "model": {"source": str(tiny_bert_dir)},
+            "data": {"calibration_samples": 16, "train_samples": 0, "eval_samples": 16, "max_length": 32,
+                     "batch_size": 8},
+            "passes": [{"pass": "quantize", "method": "int4", "int4_algorithm": "gptq", "group_size": 32,
+                        "targets": ["encoder.*"]}],
+            "exports": [{"format": "onnx", "verify_batch_sizes": [1, 3], "verify_lengths": [9, 20]}],
+            "evaluation": {"run_bench": False},
+        },
+        "int4.yaml",
+    )  # fmt: skip
+    manifest = compile_recipe(recipe, tmp_path / "b")
+    record = manifest["passes"][1]
+    assert record["details"]["quantized_layers"] == 12
+    assert {d["why"] for d in record["details"]["per_layer"].values()} == {"gptq"}
+    assert record["metrics"]["mean_cosine"] > 0.95
+    assert manifest["verification"]["onnx"]["min_cosine"] > 0.999
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 12
+
+
+def test_int4_group_size_must_divide_every_layer(tiny_bert_dir) -> None:  # type: ignore[no-untyped-def]
+    from compressor.compile import plan
+    from compressor.errors import PlanError, RecipeError
+    from compressor.recipe import parse_recipe
+
+    base = {"target": "cpu", "model": {"source": str(tiny_bert_dir)}}
+    with pytest.raises(
+        PlanError, match="group_size: 128 does not divide encoder.layer.0.attention.self.query's 32"
+    ):
+        plan(
+            parse_recipe(
+                {**base, "passes": [{"pass": "quantize", "method": "int4"}], "exports": []}, "r.yaml"
+            )
+        )
+    with pytest.raises(RecipeError, match="group_size: 48 is not one of 32, 64, 128"):
+        parse_recipe({**base, "passes": [{"pass": "quantize", "method": "int4", "group_size": 48}]}, "r.yaml")
