@@ -55,8 +55,8 @@ def test_shipped_recipes_parse_and_round_trip() -> None:
         ),
         (_recipe(passes=[{"pass": "distill", "steps": "ten"}]), r"passes\[0\]\.steps: expected an integer"),
         (
-            _recipe(passes=[{"pass": "distill", "loss": {"output": "kl"}}]),
-            r"passes\[0\]\.loss\.output: 'kl' is not one of",
+            _recipe(passes=[{"pass": "distill", "loss": {"output": "kld"}}]),
+            r"passes\[0\]\.loss\.output: 'kld' is not one of",
         ),
         (_recipe(target="tpu"), r"target: unknown target 'tpu'"),
         (
