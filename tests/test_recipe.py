@@ -22,11 +22,23 @@ def _recipe(**over):  # type: ignore[no-untyped-def]
 
 def test_shipped_recipes_parse_and_round_trip() -> None:
     names = shipped_recipes()
-    assert "minilm-cpu-int8" in names
+    assert {"minilm-cpu-int8", "minilm-cpu-pruned-int8", "minilm-24-int8"} <= set(names)
     for name in names:
         r = load_recipe(name)
         again = parse_recipe(yaml.safe_load(dump_recipe(r)), "again")
         assert again.to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize("name", ["minilm-cpu-pruned-int8", "minilm-24-int8"])
+def test_minilm_recipes_plan_against_the_real_model(name: str) -> None:
+    """The whole plan (passes' checks, layer patterns, precisions per target) holds on MiniLM."""
+    from compressor.compile import plan
+
+    recipe = load_recipe(name)
+    target, _, model, passes, _ = plan(recipe)
+    assert [p.name for p in passes][-1] == "distill"
+    assert target.name == ("cpu" if "cpu" in name else "a100")
+    assert sum(p.numel() for p in model.parameters()) > 20_000_000  # the real MiniLM, not a toy
 
 
 @pytest.mark.parametrize(
