@@ -109,16 +109,9 @@ def check_pipeline_reload(model: Any, folder: Path, n: int) -> float:
 def export_denoiser_onnx(
     module: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Any, path: Path, opset: int
 ) -> None:
-    torch.onnx.export(
-        module,
-        inputs,
-        str(path),
-        input_names=list(spec.input_names),
-        output_names=list(spec.output_names),
-        dynamic_axes=spec.dynamic_axes,
-        opset_version=opset,
-        dynamo=False,
-    )
+    from compressor.exporters.onnx import trace_onnx
+
+    trace_onnx(module, inputs, spec, path, opset)
     import onnx
 
     from compressor.exporters.ort_int8 import encode_int8_weights_

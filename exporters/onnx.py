@@ -65,6 +65,25 @@ class OnnxExportConfig:
             raise RecipeError(f"{path}.file: {self.file!r} must be a plain file name ending in .onnx")
 
 
+def trace_onnx(  # type: ignore[no-untyped-def]
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], spec, path: Path, opset: int
+) -> None:
+    """``torch.onnx.export`` with the TorchScript exporter under ``spec``'s names and dynamic
+    axes (the exporters' one tracing call; the tracer's warnings are noise here)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
 def export_onnx(  # type: ignore[no-untyped-def]
     module: nn.Module, spec, path: Path, opset: int, int8_weights: str = "auto"
 ) -> dict[str, object]:
@@ -77,18 +96,7 @@ def export_onnx(  # type: ignore[no-untyped-def]
         freeze = getattr(m, "freeze_for_export_", None)
         if callable(freeze):
             freeze()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            traced,
-            spec.example_inputs,
-            str(path),
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            dynamic_axes=spec.dynamic_axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    trace_onnx(traced, spec.example_inputs, spec, path, opset)
     import onnx
 
     proto = onnx.load(str(path))

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
-from compressor.exporters.onnx import dedupe_initializers_, verify_onnx
+from compressor.exporters.onnx import dedupe_initializers_, trace_onnx, verify_onnx
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import set_module
 
@@ -184,18 +183,7 @@ def export_onnx_qdq(spec: Any, path: Path, opset: int) -> dict[str, Any]:
         if isinstance(m, Int8Linear):
             set_module(traced, n, QdqInt8Linear(m))
             lowered += 1
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            traced,
-            spec.example_inputs,
-            str(path),
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            dynamic_axes=spec.dynamic_axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    trace_onnx(traced, spec.example_inputs, spec, path, opset)
     import onnx
 
     proto = onnx.load(str(path))
