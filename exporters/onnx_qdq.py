@@ -18,8 +18,7 @@ Only ``static_per_tensor`` layers can be exported: TensorRT has no dynamic per-t
 dynamic scheme is refused with what to change (``activations: static_per_tensor``).
 
 Rounding. ONNX's ``QuantizeLinear`` rounds half to even and saturates to
-``[-128, 127]``; our torch emulation clamps to ``[-127, 127]``. They differ only for an
-input below ``-127.5 s_x`` (beyond the calibrated range), by one code.
+``[-128, 127]``, exactly what our torch emulation of ``static_per_tensor`` computes.
 
 Attention is exported through the model's own forward (``export_spec(fused=False)``),
 as standard ONNX ops that TensorRT parses; the ONNX Runtime flavour's fused

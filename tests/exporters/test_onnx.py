@@ -137,3 +137,26 @@ def test_per_token_int8_stays_exact_under_ort_graph_fusions(tiny_ctx, tmp_path: 
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         outs.append(sess.run(None, {k: v.numpy() for k, v in batch.items()})[0])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["static_per_tensor", "dynamic_per_token"])
+def test_symmetric_schemes_feed_uint8_codes_and_match_torch(tiny_ctx, tmp_path: Path, scheme: str) -> None:  # type: ignore[no-untyped-def]
+    """Static and per-token layers run ONNX Runtime's U8U8 / U8S8 kernels (uint8 codes q + 128,
+    zero point 128), not its S8S8 one (several times slower on AVX2), and stay exact vs torch."""
+    adapter, model, ctx = tiny_ctx
+    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=True, activations=scheme)).run(
+        model, ctx
+    )
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    res = OnnxExporter(OnnxExportConfig(int8_weights="uint8")).export(q, ectx, tmp_path)
+    report = res.verification["onnx"]
+    assert report["min_cosine"] > 0.999
+    n_int8 = sum(isinstance(m, Int8Linear) for m in q.modules())
+    assert report["uint8_rewritten"] == n_int8  # every layer's activations were recognised as uint8
+    model_proto = onnx.load(str(tmp_path / "model.onnx"))
+    ops = [n.op_type for n in model_proto.graph.node]
+    assert ops.count("MatMulInteger") == n_int8
+    if scheme == "static_per_tensor":
+        assert ops.count("QuantizeLinear") == n_int8 and "Round" not in ops
+    else:
+        assert "DynamicQuantizeLinear" not in ops
