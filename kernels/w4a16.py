@@ -450,35 +450,24 @@ def arch_specs() -> list[KernelSpec]:
     """The W4A16 GEMM with fp16 activations, group 128: the prefill tile and the split-K
     decode tile (fp32 atomic partials); both must lower ``tl.dot`` to ``mma``/``wgmma``."""
     common = {"GROUP_SIZE": 128, "HAS_BIAS": True, "DOT_PRECISION": "tf32", "GROUP_M": 8}
-    big = pick_config(256, 4096, 128)
-    small = pick_config(1, 4096, 128)
+    variants = (
+        ("w4a16_gemm_fp16_g128", "*fp16", 1, pick_config(256, 4096, 128)),
+        ("w4a16_gemm_splitk_fp16_g128", "*fp32", 8, pick_config(1, 4096, 128)),
+    )
     return [
         KernelSpec(
-            name="w4a16_gemm_fp16_g128",
+            name=name,
             fn=_w4a16_gemm_kernel,
-            signature=_signature("*fp16", "*fp16"),
+            signature=_signature("*fp16", out_dtype),
             constexprs={
                 **common,
-                "SPLIT_K": 1,
-                "BLOCK_M": big.block_m,
-                "BLOCK_N": big.block_n,
-                "BLOCK_K": big.block_k,
+                "SPLIT_K": split_k,
+                "BLOCK_M": cfg.block_m,
+                "BLOCK_N": cfg.block_n,
+                "BLOCK_K": cfg.block_k,
             },
-            num_warps=big.num_warps,
-            num_stages=big.num_stages,
-        ),
-        KernelSpec(
-            name="w4a16_gemm_splitk_fp16_g128",
-            fn=_w4a16_gemm_kernel,
-            signature=_signature("*fp16", "*fp32"),
-            constexprs={
-                **common,
-                "SPLIT_K": 8,
-                "BLOCK_M": small.block_m,
-                "BLOCK_N": small.block_n,
-                "BLOCK_K": small.block_k,
-            },
-            num_warps=small.num_warps,
-            num_stages=small.num_stages,
-        ),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        for name, out_dtype, split_k, cfg in variants
     ]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup
-from compressor.adapters.hf_encoder import resolve_source, weight_stats
+from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, weight_stats
 from compressor.errors import DataError, RecipeError
 
 
@@ -122,15 +122,7 @@ class CausalLMAdapter(ModelAdapter):
 
     # ---- data -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> Batch:
-        if self.tokenizer is None:
-            raise RuntimeError("load() the model before tokenizing")
-        enc = self.tokenizer(
-            list(texts),
-            padding="max_length" if pad_to_max else True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+        enc = tokenize_texts(self.tokenizer, texts, max_length, pad_to_max)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def make_data(self, spec: Any, seed: int) -> DataSplits:

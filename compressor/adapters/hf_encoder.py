@@ -89,6 +89,20 @@ def embedding_fidelity(student: torch.Tensor, teacher: torch.Tensor) -> dict[str
     }
 
 
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int, pad_to_max: bool) -> Any:
+    """``tokenizer`` over ``texts``: truncated to ``max_length``, padded to the longest text
+    (or to ``max_length``), as torch tensors."""
+    if tokenizer is None:
+        raise RuntimeError("load() the model before tokenizing")
+    return tokenizer(
+        list(texts),
+        padding="max_length" if pad_to_max else True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
 def weight_stats(model: nn.Module) -> dict[str, float]:
     """Parameters, bytes of weights as deployed, and sparsity of the Linear weights."""
     params = sum(p.numel() for p in model.parameters())
@@ -230,15 +244,7 @@ class HFEncoderAdapter(ModelAdapter):
 
     # ---- data -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> Batch:
-        if self.tokenizer is None:
-            raise RuntimeError("load() the model before tokenizing")
-        enc = self.tokenizer(
-            list(texts),
-            padding="max_length" if pad_to_max else True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+        enc = tokenize_texts(self.tokenizer, texts, max_length, pad_to_max)
         batch = {k: enc[k] for k in ("input_ids", "attention_mask")}
         batch["token_type_ids"] = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
         return batch
