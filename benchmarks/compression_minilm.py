@@ -169,12 +169,12 @@ def main() -> int:
     def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
         import modelopt.torch.sparsity as mts
 
-        model, _ = mts.sparsify(
+        out = mts.sparsify(
             model,
             "sparsegpt",
             config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
         )
-        return model
+        return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
 
     steps = args.distill_steps
     distill = {"steps": steps, "lr": 1.0e-4, "warmup_steps": min(10, steps)}

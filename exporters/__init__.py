@@ -8,6 +8,7 @@ from __future__ import annotations
 # Each import registers its exporter(s) in EXPORTER_REGISTRY.
 from compressor.exporters import (  # noqa: F401
     aoti,  # aoti: AOTInductor package
+    compressed_tensors,  # compressed_tensors: Hugging Face checkpoint for vLLM
     diffusers_pipeline,  # diffusers-pipeline
     onnx,  # onnx: ONNX Runtime flavour
     onnx_qdq,  # onnx_qdq: TensorRT flavour (explicit Q/DQ)

@@ -1,0 +1,169 @@
+"""compressed-tensors checkpoints (vLLM's format): our int8 codes travel, transformers reloads
+them with the same fidelity, and plans the format cannot express are refused up front."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor.adapters.causal_lm import CausalLMAdapter
+from compressor.compile import compile_recipe, plan
+from compressor.errors import ExportError, RecipeError
+from compressor.exporters.base import ExportContext
+from compressor.exporters.compressed_tensors import CompressedTensorsExporter
+from compressor.kernels.int8_linear import Int8Linear
+from compressor.passes.quantize import QuantizeConfig, QuantizePass
+from compressor.pipeline import PassContext
+from compressor.recipe import parse_recipe
+from compressor.targets import get_target
+
+from ..adapters.test_causal_lm import SPEC, _save_tiny
+
+pytest.importorskip("compressed_tensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    return _save_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), minilm_path)  # q/k/v carry biases
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), minilm_path)
+
+
+def _recipe(lm_dir: Path, **quantize: Any) -> Any:
+    return parse_recipe(
+        {
+            "name": "tiny-lm-ct",
+            "target": "a100",
+            "model": {"source": str(lm_dir), "adapter": "hf-causal-lm"},
+            "data": {"calibration_samples": 16, "train_samples": 32, "eval_samples": 16, "max_length": 32,
+                     "batch_size": 8},
+            "passes": [{"pass": "quantize", "targets": ["model.layers.*"], **quantize}],
+            "exports": [{"format": "compressed_tensors"}],
+            "evaluation": {"run_bench": False},
+        },
+        "ct.yaml",
+    )  # fmt: skip
+
+
+def test_w8a8_per_token_checkpoint_reloads_in_transformers(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(
+        tiny_qwen_dir, smoothquant=True, alpha=0.5, fold_only=True, activations="dynamic_per_token"
+    )
+    manifest = compile_recipe(recipe, tmp_path / "bundle")
+    ver = manifest["verification"]["compressed_tensors"]
+    assert ver["min_cosine"] > 0.99 and ver["quantized_layers"] == 2 * 7, ver
+    assert ver["ignored_layers"] == ["lm_head"]
+    folder = tmp_path / "bundle" / manifest["artifacts"]["compressed_tensors"]
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized" and qc["quant_method"] == "compressed-tensors"
+    (group,) = qc["config_groups"].values()
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    w = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.int8 and int(w.abs().max()) == 127  # per-channel symmetric codes
+    assert tensors["model.layers.0.self_attn.q_proj.weight_scale"].shape == (w.shape[0], 1)
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors
+    assert not any(k.endswith((".smooth", ".weight_mask", ".qweight_t")) for k in tensors)
+    # the reloaded model is as faithful to the original as the compiled one measured
+    adapter = CausalLMAdapter()
+    teacher = adapter.load(str(tiny_qwen_dir))
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    data = adapter.make_data(SPEC, seed=0)
+    m = adapter.metrics(loaded, teacher, data.eval)
+    assert m["top1_agreement"] > 0.8 and m["kl_per_token"] < 0.05, m
+
+
+def test_static_scales_and_our_codes_travel(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(tiny_llama_dir))
+    ctx = PassContext(
+        target=get_target("a100"),
+        adapter=adapter,
+        teacher=copy.deepcopy(model),
+        data=adapter.make_data(SPEC, 0),
+    )
+    cfg = QuantizeConfig(targets=("model.layers.*",), activations="static_per_tensor", max_float_layers=1)
+    q = QuantizePass(cfg).run(model, ctx)
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    res = CompressedTensorsExporter().export(q, ectx, tmp_path)
+    assert res.verification["compressed_tensors"]["min_cosine"] > 0.99
+    folder = tmp_path / "hf_compressed"
+    assert not list(tmp_path.glob(".partial-*"))
+    tensors = load_file(str(folder / "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    floats = [
+        n for n, m in q.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, Int8Linear)
+    ]
+    assert sorted(qc["ignore"]) == sorted(floats) and len(floats) == 2  # lm_head + the kept float layer
+    for name, m in q.named_modules():
+        if isinstance(m, Int8Linear):
+            assert torch.equal(tensors[f"{name}.weight"], m.qweight())  # OUR codes, not re-quantized
+            assert float(tensors[f"{name}.input_scale"]) == pytest.approx(float(m.input_scale))
+            # transformers keeps int8 weights or decompresses them: either way they are ours
+            got = loaded.get_submodule(name)
+            if got.weight.dtype == torch.int8:
+                assert torch.equal(got.weight, m.qweight())
+                torch.testing.assert_close(got.weight_scale.flatten(), m.weight_scale)
+            else:
+                deq = m.qweight().float() * m.weight_scale[:, None]
+                torch.testing.assert_close(got.weight.detach(), deq, rtol=0, atol=1e-6)
+
+
+def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(tiny_llama_dir))
+    ctx = PassContext(
+        target=get_target("a100"),
+        adapter=adapter,
+        teacher=copy.deepcopy(model),
+        data=adapter.make_data(SPEC, 0),
+    )
+    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), activations="dynamic_per_token")).run(
+        model, ctx
+    )
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    import compressed_tensors.quantization.lifecycle.forward as ct_forward
+
+    real = ct_forward.dequantize
+
+    def wrong_dequantize(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return -real(*args, **kwargs)  # the loader reads our weights with the wrong sign
+
+    monkeypatch.setattr(ct_forward, "dequantize", wrong_dequantize)
+    for mod in list(__import__("sys").modules.values()):
+        if getattr(mod, "dequantize", None) is real and getattr(mod, "__name__", "").startswith(
+            "compressed_tensors"
+        ):
+            monkeypatch.setattr(mod, "dequantize", wrong_dequantize)
+    with pytest.raises(ExportError, match="disagrees with torch: min cosine"):
+        CompressedTensorsExporter().export(q, ectx, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("quantize", "message"),
+    [
+        ({"activations": "dynamic_per_tensor"}, "activations dynamic_per_tensor; use dynamic_per_token"),
+        ({"smoothquant": True, "alpha": 0.5}, "set fold_only: true"),
+        ({"method": "int4", "group_size": 32}, "method int4"),
+    ],
+)
+def test_plans_the_format_cannot_express_are_refused(
+    tiny_llama_dir: Path, quantize: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RecipeError, match=message):
+        plan(_recipe(tiny_llama_dir, **quantize))
