@@ -2,12 +2,14 @@
 
 compressed-tensors is the checkpoint format vLLM loads quantized models from (and
 transformers, with the ``compressed-tensors`` package installed). A decoder language
-model quantized by our ``quantize`` pass (INT8 W8A8) is written as a model folder::
+model quantized by our ``quantize`` pass (INT8 W8A8, or INT4 W4A16) is written as a
+model folder::
 
     hf_compressed/
       config.json             # the model's config + quantization_config (below)
       model.safetensors       # int8 weights [N, K], weight_scale [N, 1], input_scale (static)
-      tokenizer files, generation_config.json
+                              # or int4: weight_packed int32 [N, K/8], weight_scale [N, K/group]
+      tokenizer files
 
 with ``quantization_config``: ``quant_method: compressed-tensors``, ``format:
 int-quantized``, ``quantization_status: compressed``, one config group per activation
@@ -18,13 +20,19 @@ scales (symmetric per output channel, ``strategy: channel``), not a re-quantizat
 - ``dynamic_per_token`` layers: ``input_activations`` int8 symmetric, ``strategy: token``,
   ``dynamic: true`` (what vLLM's W8A8 kernels run);
 - ``static_per_tensor`` layers: ``strategy: tensor``, ``dynamic: false``, with the
-  calibrated ``input_scale``.
+  calibrated ``input_scale``;
+- ``Int4Linear`` layers (symmetric): ``format: pack-quantized``, weights 4-bit
+  ``strategy: group`` with our group size; our unsigned codes ``c`` (zero point 8) are
+  its signed ``c - 8``, packed by the compressed-tensors library's own ``pack_to_int32``.
 
 Refused, with what to change, before any work starts where the recipe shows it:
 ``dynamic_per_tensor`` (ONNX Runtime's asymmetric uint8 scheme; compressed-tensors'
 symmetric int8 groups do not describe it), SmoothQuant divisors that stay inside a
 layer (``fold_only: true`` folds them into the norms, which the checkpoint carries),
-INT4 and FP8 layers (not written yet), and models that are not decoder LMs.
+asymmetric INT4 (transformers with compressed-tensors 0.20 could not load packed zero
+points back here: a size mismatch), FP8 layers (not written yet), INT8 and INT4 in one
+model, and models that are not decoder LMs. 2:4 sparsity stays in the dense weights'
+zeros (no ``sparsity_config`` is written).
 
 Rounding: our per-token scale is ``max|x| / 127``; compressed-tensors' symmetric int8
 uses ``max|x| / 127.5``, so activations round slightly differently there.
@@ -52,7 +60,9 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
+from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
+from compressor.kernels.w4a16 import unpack_w4a16
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,22 @@ _INT8_KEYS = (
     "qweight_t",
     "inv_smooth",
 )
+_INT4_KEYS = ("packed", "scales", "zeros", "bias", "onnx_b", "onnx_scales", "onnx_zero_points")
+
+
+def _int4_symmetric(m: Int4Linear) -> bool:
+    return bool((m.zeros == 8).all())
+
+
+def _int4_weights(m: Int4Linear) -> dict[str, Any]:
+    return {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": m.group_size,
+        "dynamic": False,
+    }
 
 
 @dataclass(frozen=True)
@@ -118,33 +144,50 @@ def check_exportable(model: nn.Module) -> list[str]:
                 problems.append(
                     f"{name}: a SmoothQuant divisor inside the layer (set fold_only: true on the quantize pass)"
                 )
-        elif type(m).__name__ in ("Int4Linear", "Fp8Linear"):
-            problems.append(f"{name}: {type(m).__name__} (only INT8 W8A8 layers are written so far)")
-    if not any(isinstance(m, Int8Linear) for m in model.modules()):
-        problems.append("no Int8Linear layer: run the quantize pass (method int8) before this export")
+        elif isinstance(m, Int4Linear) and not _int4_symmetric(m):
+            problems.append(
+                f"{name}: asymmetric int4 (zero points); set symmetric: true on the quantize pass (transformers "
+                "with compressed-tensors 0.20 could not load packed zero points back: size mismatch)"
+            )
+        elif type(m).__name__ == "Fp8Linear":
+            problems.append(f"{name}: Fp8Linear (INT8 W8A8 and INT4 W4A16 layers are written so far)")
+    kinds = {type(m) for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    if not kinds:
+        problems.append("no Int8Linear or Int4Linear layer: run the quantize pass (int8 or int4) first")
+    elif len(kinds) > 1:
+        problems.append("INT8 and INT4 layers in one model (one checkpoint format per model is written)")
     return problems
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json`` for ``model``'s Int8Linear layers."""
     by_scheme: dict[str, list[str]] = {}
+    schemes: dict[str, dict[str, Any]] = {}
     ignore = []
     for name, m in model.named_modules():
         if isinstance(m, Int8Linear):
-            by_scheme.setdefault(m.act_scheme, []).append(name)
+            key = f"int8 {m.act_scheme}"
+            schemes[key] = {
+                "weights": dict(INT8_WEIGHTS),
+                "input_activations": dict(INPUT_ACTIVATIONS[m.act_scheme]),
+            }
+        elif isinstance(m, Int4Linear):
+            key = f"int4 {_int4_weights(m)}"
+            schemes[key] = {"weights": _int4_weights(m)}
         elif isinstance(m, nn.Linear):
             ignore.append(name)
+            continue
+        else:
+            continue
+        by_scheme.setdefault(key, []).append(name)
     groups = {
-        f"group_{i}": {
-            "targets": names,
-            "weights": dict(INT8_WEIGHTS),
-            "input_activations": dict(INPUT_ACTIVATIONS[scheme]),
-        }
-        for i, (scheme, names) in enumerate(sorted(by_scheme.items()))
+        f"group_{i}": {"targets": names, **schemes[key]}
+        for i, (key, names) in enumerate(sorted(by_scheme.items()))
     }
+    int4 = any(isinstance(m, Int4Linear) for m in model.modules())
     return {
         "quant_method": "compressed-tensors",
-        "format": "int-quantized",
+        "format": "pack-quantized" if int4 else "int-quantized",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
@@ -154,9 +197,22 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: Int8Linear layers as int8 ``weight`` + ``weight_scale`` [N, 1]
     (+ ``input_scale`` [1] for static layers, + ``bias``), everything else as in the model."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     out: dict[str, torch.Tensor] = {}
-    int8_names = set()
+    int8_names, int4_names = set(), set()
     for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):
+            # symmetric: our unsigned codes c (zero point 8) are compressed-tensors' signed c - 8,
+            # rows = output channels, packed 8 a word by the library
+            int4_names.add(name)
+            codes = (unpack_w4a16(m.packed).t().contiguous() - 8).to(torch.int8)  # [N, K]
+            out[f"{name}.weight_packed"] = pack_to_int32(codes, 4)
+            out[f"{name}.weight_scale"] = m.scales.detach().float().t().contiguous()  # [N, K / group]
+            out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().float()
+            continue
         if not isinstance(m, Int8Linear):
             continue
         int8_names.add(name)
@@ -168,7 +224,9 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{name}.input_scale"] = m.input_scale.detach().float().reshape(1)
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if (owner in int8_names and leaf in _INT8_KEYS) or leaf == "weight_mask":
+        if (owner in int8_names and leaf in _INT8_KEYS) or (owner in int4_names and leaf in _INT4_KEYS):
+            continue
+        if leaf == "weight_mask":
             continue
         out[key] = t.detach()
     config = getattr(model, "config", None)
@@ -193,14 +251,20 @@ class CompressedTensorsExporter(Exporter):
             )
         quantizes = [p for p in recipe.passes if p.name == "quantize"]
         if not quantizes:
-            raise RecipeError(f"{where} writes INT8 W8A8 checkpoints: add a quantize pass (method: int8)")
+            raise RecipeError(
+                f"{where} writes quantized checkpoints: add a quantize pass (method int8 or int4)"
+            )
         for i, p in enumerate(recipe.passes):
             if p.name != "quantize":
                 continue
             c = p.config
             at = f"{where} cannot write passes[{i}] (quantize)"
-            if c.method != "int8":
-                raise RecipeError(f"{at}: method {c.method} (only int8 is written so far)")
+            if c.method == "fp8":
+                raise RecipeError(f"{at}: method fp8 (int8 W8A8 and int4 W4A16 are written so far)")
+            if c.method == "int4":
+                if not c.symmetric:
+                    raise RecipeError(f"{at}: asymmetric int4 (zero points); set symmetric: true")
+                continue
             if c.activations == "dynamic_per_tensor":
                 raise RecipeError(
                     f"{at}: activations dynamic_per_tensor; use dynamic_per_token or static_per_tensor"

@@ -17,6 +17,7 @@ from compressor.compile import compile_recipe, plan
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.compressed_tensors import CompressedTensorsExporter
+from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.quantize import QuantizeConfig, QuantizePass
 from compressor.pipeline import PassContext
@@ -38,11 +39,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -
     return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), minilm_path)
 
 
-def _recipe(lm_dir: Path, **quantize: Any) -> Any:
+def _recipe(lm_dir: Path, target: str = "a100", **quantize: Any) -> Any:
     return parse_recipe(
         {
             "name": "tiny-lm-ct",
-            "target": "a100",
+            "target": target,
             "model": {"source": str(lm_dir), "adapter": "hf-causal-lm"},
             "data": {"calibration_samples": 16, "train_samples": 32, "eval_samples": 16, "max_length": 32,
                      "batch_size": 8},
@@ -154,16 +155,66 @@ def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_w4a16_codes_and_scales_travel(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from compressor.kernels.w4a16 import unpack_w4a16
+
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(tiny_llama_dir))
+    ctx = PassContext(
+        target=get_target("a100"),
+        adapter=adapter,
+        teacher=copy.deepcopy(model),
+        data=adapter.make_data(SPEC, 0),
+    )
+    cfg = QuantizeConfig(targets=("model.layers.*",), method="int4", group_size=32, int4_algorithm="gptq")
+    q = QuantizePass(cfg).run(model, ctx)
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    res = CompressedTensorsExporter().export(q, ectx, tmp_path)
+    ver = res.verification["compressed_tensors"]
+    # weight-only: no activation rounding, so transformers' decompressed model computes what ours does
+    assert ver["format"] == "pack-quantized" and ver["min_cosine"] > 0.9999, ver
+    folder = tmp_path / "hf_compressed"
+    (group,) = json.loads((folder / "config.json").read_text())["quantization_config"][
+        "config_groups"
+    ].values()
+    assert group["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32, "dynamic": False
+    }  # fmt: skip
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name, m in q.named_modules():
+        if isinstance(m, Int4Linear):
+            codes = unpack_from_int32(
+                tensors[f"{name}.weight_packed"], 4, torch.Size(m.dequantized_weight().shape)
+            )
+            assert torch.equal(codes.to(torch.int32) + 8, unpack_w4a16(m.packed).t())  # OUR codes
+            torch.testing.assert_close(tensors[f"{name}.weight_scale"], m.scales.t(), rtol=0, atol=0)
+    # an asymmetric int4 model is refused with what to change, and leaves nothing behind
+    cfg = QuantizeConfig(targets=("model.layers.*",), method="int4", group_size=32, symmetric=False)
+    q2 = QuantizePass(cfg).run(adapter.load(str(tiny_llama_dir)), ctx)
+    out = tmp_path / "asym"
+    out.mkdir()
+    with pytest.raises(ExportError, match="asymmetric int4.*set symmetric: true"):
+        CompressedTensorsExporter().export(q2, ectx, out)
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
-    ("quantize", "message"),
+    ("target", "quantize", "message"),
     [
-        ({"activations": "dynamic_per_tensor"}, "activations dynamic_per_tensor; use dynamic_per_token"),
-        ({"smoothquant": True, "alpha": 0.5}, "set fold_only: true"),
-        ({"method": "int4", "group_size": 32}, "method int4"),
+        (
+            "a100",
+            {"activations": "dynamic_per_tensor"},
+            "activations dynamic_per_tensor; use dynamic_per_token",
+        ),
+        ("a100", {"smoothquant": True, "alpha": 0.5}, "set fold_only: true"),
+        ("h100", {"method": "fp8"}, "method fp8"),
+        ("a100", {"method": "int4", "group_size": 32, "symmetric": False}, "asymmetric int4"),
     ],
 )
 def test_plans_the_format_cannot_express_are_refused(
-    tiny_llama_dir: Path, quantize: dict[str, Any], message: str
+    tiny_llama_dir: Path, target: str, quantize: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(RecipeError, match=message):
-        plan(_recipe(tiny_llama_dir, **quantize))
+        plan(_recipe(tiny_llama_dir, target, **quantize))
