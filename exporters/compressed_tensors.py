@@ -144,6 +144,10 @@ def check_exportable(model: nn.Module) -> list[str]:
                 problems.append(
                     f"{name}: a SmoothQuant divisor inside the layer (set fold_only: true on the quantize pass)"
                 )
+        elif isinstance(m, Int4Linear) and m.smooth is not None:
+            problems.append(
+                f"{name}: an AWQ input divisor inside the layer (set awq_explicit_scales: false on the quantize pass)"
+            )
         elif isinstance(m, Int4Linear) and not _int4_symmetric(m):
             problems.append(
                 f"{name}: asymmetric int4 (zero points); set symmetric: true on the quantize pass (transformers "

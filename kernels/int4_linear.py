@@ -88,6 +88,7 @@ class Int4Linear(nn.Module):
     scales: torch.Tensor
     zeros: torch.Tensor
     bias: torch.Tensor | None
+    smooth: torch.Tensor | None
 
     def __init__(
         self,
@@ -111,12 +112,20 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float32))
         self.register_buffer("zeros", torch.full((n_groups, out_features), 8, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # AWQ's activation scale for a layer whose input has no norm to fold it into: the
+        # input is divided by it (its inverse is already multiplied into the weights)
+        self.register_buffer("smooth", None)
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, use_kernel: bool = False
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        use_kernel: bool = False,
+        smooth: torch.Tensor | None = None,
     ) -> Int4Linear:
-        """Pack a 4-bit ``QuantizedWeight`` (from RTN, GPTQ or AWQ) and an optional bias [out]."""
+        """Pack a 4-bit ``QuantizedWeight`` (from RTN, GPTQ or AWQ) and an optional bias [out];
+        ``smooth`` [in] divides the input (AWQ scales that no norm absorbed)."""
         out_f, in_f = qw.q.shape
         group_size = qw.group_size if qw.group_size is not None else in_f
         if bias is not None and tuple(bias.shape) != (out_f,):
@@ -128,6 +137,11 @@ class Int4Linear(nn.Module):
         m.zeros.copy_(zeros)
         if bias is not None and m.bias is not None:
             m.bias.copy_(bias.detach().float())
+        if smooth is not None:
+            smooth = smooth.detach().float().reshape(-1)
+            if smooth.numel() != in_f or not bool(torch.isfinite(smooth).all()) or bool((smooth <= 0).any()):
+                raise ValueError(f"smooth must be {in_f} finite positive scales")
+            m.smooth = smooth.clone()
         return m
 
     @classmethod
@@ -182,6 +196,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Int4Linear expects {self.in_features}")
+        if self.smooth is not None:  # one Div at run time (in ONNX a Div by a constant)
+            x = x / self.smooth.to(x.dtype)
         if torch.onnx.is_in_onnx_export():
             if getattr(self, "onnx_b", None) is None:
                 raise RuntimeError("call freeze_for_export_() on Int4Linear before ONNX export")
@@ -203,6 +219,7 @@ class Int4Linear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of the stored weight: packed codes, scales, zeros and bias."""
         n = 4 * self.packed.numel() + 4 * self.scales.numel() + self.zeros.numel()
+        n += 0 if self.smooth is None else 4 * self.smooth.numel()
         return n + (0 if self.bias is None else 4 * self.bias.numel())
 
     def extra_repr(self) -> str:

@@ -58,6 +58,11 @@ class QuantizeConfig:
         help="int4: rtn (data-free), gptq (Hessian error feedback, block by block) or awq "
         "(activation-aware scales folded into pre-norms, then RTN)",
     )
+    awq_explicit_scales: bool = option(
+        True,
+        help="int4 awq: layers whose input has no norm to fold the scales into divide their input at run "
+        "time (one Div); false = plain RTN for them",
+    )
     group_size: int = option(128, help="int4: input channels per scale / zero point (32, 64 or 128)")
     symmetric: bool = option(True, help="int4: symmetric codes (zero point 8); keeps 2:4 zeros exact")
     fp8_weights: Literal["per_channel", "per_tensor"] = option(
@@ -297,6 +302,7 @@ class QuantizePass(Pass):
             ctx.data.calibration[: cfg.calibration_batches],
             ctx.adapter.forward,
             ctx.adapter.smooth_groups(model),
+            awq_explicit_scales=cfg.awq_explicit_scales,
         )
         ctx.record("quantized_layers", len(names))
         ctx.record("int4", {"algorithm": cfg.int4_algorithm, "group_size": cfg.group_size})

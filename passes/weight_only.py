@@ -10,9 +10,11 @@
 - ``awq``: Lin et al., "AWQ: Activation-aware Weight Quantization" (MLSys 2024): per
   group of Linears reading one activation, scales ``mean|x|^α`` searched on the
   calibration data are folded into the norm that produces the activation, then RTN.
-  Only groups with a foldable producer get scales (pre-norm decoders: q/k/v after
-  ``input_layernorm``, gate/up after ``post_attention_layernorm``); the others (post-LN
-  BERT, o_proj, down_proj) are quantized by RTN, and the decision is recorded per layer.
+  Groups with a foldable producer (pre-norm decoders: q/k/v after ``input_layernorm``,
+  gate/up after ``post_attention_layernorm``) get their scales folded into the norm; the
+  others (post-LN BERT, o_proj, down_proj) keep them as the layer's input divisor (one
+  ``Div`` at run time; ``awq_explicit_scales: false`` quantizes them by plain RTN
+  instead). The decision is recorded per layer.
 
 Every selected Linear becomes an ``Int4Linear`` holding packed codes (the W4A16 Triton
 kernel on CUDA, ``MatMulNBits`` in ONNX Runtime). Symmetric groups keep zeros zero, so
@@ -93,15 +95,17 @@ def _awq_fold_(
     forward: Callable[[nn.Module, Any], Any],
     group_size: int | None,
     symmetric: bool,
+    explicit_scales: dict[str, torch.Tensor] | None,
 ) -> dict[str, float]:
-    """Search and fold AWQ scales for groups with a producer; returns {layer: α}."""
+    """Search AWQ scales per group of Linears reading one activation; fold them into the
+    producing norm where there is one, else (``explicit_scales`` given) keep them as the
+    layers' input divisor, collected in ``explicit_scales``; returns {layer: α}."""
     from compressor.passes.awq import awq_search_scales
     from compressor.passes.smoothquant import fold_input_scale_
 
     selected = set(names)
-    foldable = [
-        g for g in groups if g.producer is not None and g.linears and all(n in selected for n in g.linears)
-    ]
+    candidates = [g for g in groups if g.linears and all(n in selected for n in g.linears)]
+    foldable = [g for g in candidates if g.producer is not None or explicit_scales is not None]
     if not foldable:
         return {}
     inputs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in foldable}
@@ -124,7 +128,14 @@ def _awq_fold_(
         x = torch.cat(inputs[g.linears[0]])
         linears = [get_linear(model, n) for n in g.linears]
         s, alpha, _ = awq_search_scales(x, [lin.weight for lin in linears], 4, group_size, symmetric)
-        fold_input_scale_(model.get_submodule(g.producer), linears, s)
+        if g.producer is not None:
+            fold_input_scale_(model.get_submodule(g.producer), linears, s)
+        else:  # W · diag(s), and the layer divides its input by s at run time
+            assert explicit_scales is not None
+            with torch.no_grad():
+                for n, lin in zip(g.linears, linears):
+                    lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+                    explicit_scales[n] = s.detach().float().clone()
         alphas.update({n: alpha for n in g.linears})
     return alphas
 
@@ -139,6 +150,7 @@ def quantize_int4_(
     forward: Callable[[nn.Module, Any], Any],
     smooth_groups: Sequence[Any] = (),
     percdamp: float = 0.01,
+    awq_explicit_scales: bool = True,
 ) -> dict[str, str]:
     """Replace the named Linears with ``Int4Linear``; returns how each layer was quantized."""
     from compressor.kernels.int4_linear import Int4Linear
@@ -150,16 +162,22 @@ def quantize_int4_(
     # GPTQ's error feedback and AWQ's rescaling would move pruned (2:4-masked) weights off
     # zero: masked layers take symmetric RTN
     dense = [n for n in names if _mask(get_linear(model, n)) is None]
+    explicit: dict[str, torch.Tensor] = {}
     if algorithm == "gptq":
         quantized = _gptq_weights(model, dense, calibration, forward, group_size, symmetric, percdamp)
         decisions.update({n: "gptq" for n in quantized})
     elif algorithm == "awq":
-        alphas = _awq_fold_(model, dense, smooth_groups, calibration, forward, group_size, symmetric)
-        decisions.update({n: f"awq (alpha {a:.2f})" for n, a in alphas.items()})
+        alphas = _awq_fold_(
+            model, dense, smooth_groups, calibration, forward, group_size, symmetric,
+            explicit if awq_explicit_scales else None,
+        )  # fmt: skip
+        decisions.update(
+            {n: f"awq (alpha {a:.2f}{', input divisor' if n in explicit else ''})" for n, a in alphas.items()}
+        )
     for name in names:
         linear = get_linear(model, name)
         qw = quantized.get(name) or _rtn(linear, group_size, symmetric)
         decisions.setdefault(name, "rtn" if _mask(linear) is None else "rtn (2:4 mask kept)")
         bias = None if linear.bias is None else linear.bias.detach()
-        set_module(model, name, Int4Linear.from_quantized(qw, bias))
+        set_module(model, name, Int4Linear.from_quantized(qw, bias, smooth=explicit.get(name)))
     return decisions

@@ -31,7 +31,8 @@ def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):  # type: ign
 def kl_by_algorithm(lm) -> dict[str, float]:  # type: ignore[no-untyped-def]
     adapter, model, data = lm
     out = {}
-    for algorithm in ("rtn", "gptq", "awq"):
+    for key in ("rtn", "gptq", "awq", "awq_fold_only"):
+        algorithm = key.removesuffix("_fold_only")
         student = copy.deepcopy(model)
         names = adapter.linear_names(student)
         decisions = quantize_int4_(
@@ -43,15 +44,22 @@ def kl_by_algorithm(lm) -> dict[str, float]:  # type: ignore[no-untyped-def]
             data.calibration,
             adapter.forward,
             adapter.smooth_groups(student),
+            awq_explicit_scales=key == "awq",
         )
         assert all(isinstance(student.get_submodule(n), Int4Linear) for n in names)
         assert set(decisions) == set(names)
         if algorithm == "gptq":
             assert set(decisions.values()) == {"gptq"}
-        if algorithm == "awq":  # q/k/v and gate/up fold into the RMSNorms; o/down stay RTN
-            assert sum(v.startswith("awq") for v in decisions.values()) == 5 * len(model.model.layers)
-            assert sum(v == "rtn" for v in decisions.values()) == 2 * len(model.model.layers)
-        out[algorithm] = adapter.metrics(student, model, data.eval)["kl_per_token"]
+        n_layers = len(model.model.layers)
+        if key == "awq_fold_only":  # q/k/v and gate/up fold into the RMSNorms; o/down stay RTN
+            assert sum(v.startswith("awq") for v in decisions.values()) == 5 * n_layers
+            assert sum(v == "rtn" for v in decisions.values()) == 2 * n_layers
+        if key == "awq":  # o/down (no norm before them) divide their input by their scales
+            assert sum(v.startswith("awq") for v in decisions.values()) == 7 * n_layers
+            divisors = [n for n, v in decisions.items() if v.endswith("input divisor)")]
+            assert sorted(divisors) == sorted(n for n in names if n.endswith(("o_proj", "down_proj")))
+            assert all(student.get_submodule(n).smooth is not None for n in divisors)
+        out[key] = adapter.metrics(student, model, data.eval)["kl_per_token"]
     return out
 
 
@@ -59,6 +67,7 @@ def test_gptq_and_awq_beat_rtn_on_held_out_text(kl_by_algorithm: dict[str, float
     kl = kl_by_algorithm
     assert kl["rtn"] > 1e-4  # int4 is lossy enough to measure
     assert kl["gptq"] < 0.9 * kl["rtn"], kl
+    assert kl["awq_fold_only"] < kl["rtn"], kl
     assert kl["awq"] < kl["rtn"], kl
 
 
