@@ -52,7 +52,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -60,9 +60,10 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
-from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.kernels.w4a16 import unpack_w4a16
+
+if TYPE_CHECKING:  # the int4 modules import triton, which a CPU-only install does not have
+    from compressor.kernels.int4_linear import Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ _INT8_KEYS = (
     "inv_smooth",
 )
 _INT4_KEYS = ("packed", "scales", "zeros", "bias", "onnx_b", "onnx_scales", "onnx_zero_points")
+
+
+def _is_int4(m: nn.Module) -> bool:
+    return type(m).__name__ == "Int4Linear"
 
 
 def _int4_symmetric(m: Int4Linear) -> bool:
@@ -144,18 +149,18 @@ def check_exportable(model: nn.Module) -> list[str]:
                 problems.append(
                     f"{name}: a SmoothQuant divisor inside the layer (set fold_only: true on the quantize pass)"
                 )
-        elif isinstance(m, Int4Linear) and m.smooth is not None:
+        elif _is_int4(m) and m.smooth is not None:
             problems.append(
                 f"{name}: an AWQ input divisor inside the layer (set awq_explicit_scales: false on the quantize pass)"
             )
-        elif isinstance(m, Int4Linear) and not _int4_symmetric(m):
+        elif _is_int4(m) and not _int4_symmetric(m):
             problems.append(
                 f"{name}: asymmetric int4 (zero points); set symmetric: true on the quantize pass (transformers "
                 "with compressed-tensors 0.20 could not load packed zero points back: size mismatch)"
             )
         elif type(m).__name__ == "Fp8Linear":
             problems.append(f"{name}: Fp8Linear (INT8 W8A8 and INT4 W4A16 layers are written so far)")
-    kinds = {type(m) for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    kinds = {type(m) for m in model.modules() if isinstance(m, Int8Linear) or _is_int4(m)}
     if not kinds:
         problems.append("no Int8Linear or Int4Linear layer: run the quantize pass (int8 or int4) first")
     elif len(kinds) > 1:
@@ -175,7 +180,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
                 "weights": dict(INT8_WEIGHTS),
                 "input_activations": dict(INPUT_ACTIVATIONS[m.act_scheme]),
             }
-        elif isinstance(m, Int4Linear):
+        elif _is_int4(m):
             key = f"int4 {_int4_weights(m)}"
             schemes[key] = {"weights": _int4_weights(m)}
         elif isinstance(m, nn.Linear):
@@ -188,7 +193,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         f"group_{i}": {"targets": names, **schemes[key]}
         for i, (key, names) in enumerate(sorted(by_scheme.items()))
     }
-    int4 = any(isinstance(m, Int4Linear) for m in model.modules())
+    int4 = any(_is_int4(m) for m in model.modules())
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized" if int4 else "int-quantized",
@@ -206,7 +211,9 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     int8_names, int4_names = set(), set()
     for name, m in model.named_modules():
-        if isinstance(m, Int4Linear):
+        if _is_int4(m):
+            from compressor.kernels.w4a16 import unpack_w4a16  # imports triton: only with int4 layers
+
             # symmetric: our unsigned codes c (zero point 8) are compressed-tensors' signed c - 8,
             # rows = output channels, packed 8 a word by the library
             int4_names.add(name)

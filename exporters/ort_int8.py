@@ -2,16 +2,16 @@
 
 Our int8 layers lower to ``MatMulInteger`` with uint8 activations (``DynamicQuantizeLinear``,
 or ``q + 128`` for the symmetric schemes) times int8 weights (U8S8). On x86 CPUs without
-VNNI (AVX2 only, e.g. many AMD EPYC hosts), ONNX Runtime's MLAS runs U8S8 with ``vpmaddubsw``, which adds pairs of
-``u8 × s8`` products into *saturating* int16: ``255 · 127 · 2`` overflows, and the
-engine silently returns wrong sums (seen here: max error 136,265 on a 4096×384×1536
+VNNI (AVX2 only, e.g. many AMD EPYC hosts), ONNX Runtime's MLAS runs U8S8 with
+``vpmaddubsw``, which adds pairs of ``u8 × s8`` products into *saturating* int16:
+``255 · 127 · 2`` overflows, and the engine silently returns wrong sums (seen here: max error 136,265 on a 4096×384×1536
 GEMM, min cosine 0.978 on a tiny BERT). With VNNI (``vpdpbusd``) U8S8 is exact.
 
 U8U8 (weights stored as ``w + 128`` with zero point 128) goes through 16-bit
 multiply-adds and is exact on every ISA (seen here: exact, and about 12% slower than
 the saturating U8S8 kernel on AVX2). S8S8 is exact on AVX2 too but about 3.8x slower
-than U8U8 (measured 228 vs 60 ms on 4096×384×1536), so our static and per-token layers also feed uint8 codes (``q + 128``,
-zero point 128) and go through the same choice.
+than U8U8 (measured 228 vs 60 ms on 4096×384×1536), so our static and per-token layers
+also feed uint8 codes (``q + 128``, zero point 128) and go through the same choice.
 
 So the exporter *measures* instead of assuming: :func:`u8s8_is_exact` runs a small
 saturation-prone ``MatMulInteger`` in this ONNX Runtime, and ``int8_weights: auto``
@@ -74,9 +74,9 @@ def uint8_weights_(model: Any) -> int:
     """Rewrite U8S8 ``MatMulInteger`` nodes to U8U8 in place; returns how many changed.
 
     A node qualifies when its activation input is uint8 (from ``DynamicQuantizeLinear``,
-    a uint8 ``QuantizeLinear`` or a ``Cast`` to uint8) and its weight is an int8 initializer without a zero point. The weight
-    becomes ``w + 128`` (uint8) with a scalar zero point of 128: ``(w + 128) - 128 = w``,
-    so the integer result is unchanged.
+    a uint8 ``QuantizeLinear`` or a ``Cast`` to uint8) and its weight is an int8
+    initializer without a zero point. The weight becomes ``w + 128`` (uint8) with a scalar
+    zero point of 128: ``(w + 128) - 128 = w``, so the integer result is unchanged.
     """
     from onnx import numpy_helper
 

@@ -56,7 +56,7 @@ class QuantizeConfig:
     int4_algorithm: Literal["rtn", "gptq", "awq"] = option(
         "gptq",
         help="int4: rtn (data-free), gptq (Hessian error feedback, block by block) or awq "
-        "(activation-aware scales folded into pre-norms, then RTN)",
+        "(activation-aware scales folded into pre-norms or kept as input divisors, then RTN)",
     )
     awq_explicit_scales: bool = option(
         True,

@@ -181,3 +181,17 @@ def test_recover_block_distills_after_a_lossy_pass(tiny_ctx) -> None:  # type: i
         for name, layer in m.named_modules():
             if name.startswith("encoder") and isinstance(layer, torch.nn.Linear):
                 assert is_24_sparse(layer.weight)
+
+
+def test_the_cli_and_every_exporter_import_without_triton() -> None:
+    """triton is an optional extra (kernels): a CPU-only install must still compile."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import compressor.cli, compressor.compile, compressor.exporters, compressor.passes\n"
+        "from compressor.exporters import EXPORTERS; print(len(EXPORTERS))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
