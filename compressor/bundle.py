@@ -25,7 +25,16 @@ from compressor.errors import CompressorError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_TOOLS = ("torch", "onnx", "onnxruntime", "transformers", "triton", "diffusers", "numpy")
+_TOOLS = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "transformers",
+    "triton",
+    "diffusers",
+    "numpy",
+    "compressed-tensors",
+)
 
 
 def sha256_file(path: Path) -> str:

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compressor.adapters.causal_lm import CausalLMAdapter
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
@@ -287,7 +288,7 @@ class CompressedTensorsExporter(Exporter):
 
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
         cfg = self.config
-        if type(ctx.adapter).__name__ != "CausalLMAdapter" or getattr(model, "config", None) is None:
+        if not isinstance(ctx.adapter, CausalLMAdapter) or getattr(model, "config", None) is None:
             raise ExportError("compressed_tensors: the model is not a Hugging Face decoder language model")
         problems = check_exportable(model)
         if problems:
@@ -315,7 +316,7 @@ class CompressedTensorsExporter(Exporter):
             tensors = compressed_state_dict(model)
             save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
             config = getattr(model, "config").to_dict()  # noqa: B009  (a transformers PretrainedConfig)
-            config["quantization_config"] = quantization_config(model)
+            config["quantization_config"] = qc = quantization_config(model)
             config["architectures"] = [type(model).__name__]
             (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer = getattr(ctx.adapter, "tokenizer", None)
@@ -331,17 +332,18 @@ class CompressedTensorsExporter(Exporter):
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        qc = quantization_config(model)
         report.update(
             {
                 "format": qc["format"],
                 "quantized_layers": sum(len(g["targets"]) for g in qc["config_groups"].values()),
                 "ignored_layers": qc["ignore"],
-                "compressed_tensors_version": _version("compressed-tensors"),
             }
         )
         log.info(
-            "%s: %d int8 layers, min cosine %.5f", FOLDER, report["quantized_layers"], report["min_cosine"]
+            "%s: %d quantized layers, min cosine %.5f",
+            FOLDER,
+            report["quantized_layers"],
+            report["min_cosine"],
         )
         return ExportResult(
             artifacts={"compressed_tensors": FOLDER}, verification={"compressed_tensors": report}
@@ -371,12 +373,3 @@ class CompressedTensorsExporter(Exporter):
                 worst_cos = min(worst_cos, float(cos.min()))
                 worst_abs = max(worst_abs, float((o - r).abs().max()))
         return {"cases": len(cases), "min_cosine": worst_cos, "max_abs_error": worst_abs}
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from compressor.adapters.causal_lm import CausalLMAdapter
 from compressor.compile import compile_recipe, plan
@@ -55,6 +57,20 @@ def _recipe(lm_dir: Path, target: str = "a100", **quantize: Any) -> Any:
     )  # fmt: skip
 
 
+def _quantized(lm_dir: Path, **quantize: Any) -> tuple[nn.Module, ExportContext]:
+    """The tiny LM run through the quantize pass (target a100) and its export context."""
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(lm_dir))
+    ctx = PassContext(
+        target=get_target("a100"),
+        adapter=adapter,
+        teacher=copy.deepcopy(model),
+        data=adapter.make_data(SPEC, 0),
+    )
+    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(model, ctx)
+    return q, ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+
+
 def test_w8a8_per_token_checkpoint_reloads_in_transformers(tiny_qwen_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -88,17 +104,7 @@ def test_w8a8_per_token_checkpoint_reloads_in_transformers(tiny_qwen_dir: Path, 
 def test_static_scales_and_our_codes_travel(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    adapter = CausalLMAdapter()
-    model = adapter.load(str(tiny_llama_dir))
-    ctx = PassContext(
-        target=get_target("a100"),
-        adapter=adapter,
-        teacher=copy.deepcopy(model),
-        data=adapter.make_data(SPEC, 0),
-    )
-    cfg = QuantizeConfig(targets=("model.layers.*",), activations="static_per_tensor", max_float_layers=1)
-    q = QuantizePass(cfg).run(model, ctx)
-    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    q, ectx = _quantized(tiny_llama_dir, activations="static_per_tensor", max_float_layers=1)
     res = CompressedTensorsExporter().export(q, ectx, tmp_path)
     assert res.verification["compressed_tensors"]["min_cosine"] > 0.99
     folder = tmp_path / "hf_compressed"
@@ -125,18 +131,7 @@ def test_static_scales_and_our_codes_travel(tiny_llama_dir: Path, tmp_path: Path
 
 
 def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    adapter = CausalLMAdapter()
-    model = adapter.load(str(tiny_llama_dir))
-    ctx = PassContext(
-        target=get_target("a100"),
-        adapter=adapter,
-        teacher=copy.deepcopy(model),
-        data=adapter.make_data(SPEC, 0),
-    )
-    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), activations="dynamic_per_token")).run(
-        model, ctx
-    )
-    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    q, ectx = _quantized(tiny_llama_dir, activations="dynamic_per_token")
     import compressed_tensors.quantization.lifecycle.forward as ct_forward
 
     real = ct_forward.dequantize
@@ -145,7 +140,7 @@ def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path,
         return -real(*args, **kwargs)  # the loader reads our weights with the wrong sign
 
     monkeypatch.setattr(ct_forward, "dequantize", wrong_dequantize)
-    for mod in list(__import__("sys").modules.values()):
+    for mod in list(sys.modules.values()):
         if getattr(mod, "dequantize", None) is real and getattr(mod, "__name__", "").startswith(
             "compressed_tensors"
         ):
@@ -160,17 +155,7 @@ def test_w4a16_codes_and_scales_travel(tiny_llama_dir: Path, tmp_path: Path) -> 
 
     from compressor.kernels.w4a16 import unpack_w4a16
 
-    adapter = CausalLMAdapter()
-    model = adapter.load(str(tiny_llama_dir))
-    ctx = PassContext(
-        target=get_target("a100"),
-        adapter=adapter,
-        teacher=copy.deepcopy(model),
-        data=adapter.make_data(SPEC, 0),
-    )
-    cfg = QuantizeConfig(targets=("model.layers.*",), method="int4", group_size=32, int4_algorithm="gptq")
-    q = QuantizePass(cfg).run(model, ctx)
-    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    q, ectx = _quantized(tiny_llama_dir, method="int4", group_size=32, int4_algorithm="gptq")
     res = CompressedTensorsExporter().export(q, ectx, tmp_path)
     ver = res.verification["compressed_tensors"]
     # weight-only: no activation rounding, so transformers' decompressed model computes what ours does
@@ -191,12 +176,11 @@ def test_w4a16_codes_and_scales_travel(tiny_llama_dir: Path, tmp_path: Path) -> 
             assert torch.equal(codes.to(torch.int32) + 8, unpack_w4a16(m.packed).t())  # OUR codes
             torch.testing.assert_close(tensors[f"{name}.weight_scale"], m.scales.t(), rtol=0, atol=0)
     # an asymmetric int4 model is refused with what to change, and leaves nothing behind
-    cfg = QuantizeConfig(targets=("model.layers.*",), method="int4", group_size=32, symmetric=False)
-    q2 = QuantizePass(cfg).run(adapter.load(str(tiny_llama_dir)), ctx)
+    q2, ectx2 = _quantized(tiny_llama_dir, method="int4", group_size=32, symmetric=False)
     out = tmp_path / "asym"
     out.mkdir()
     with pytest.raises(ExportError, match="asymmetric int4.*set symmetric: true"):
-        CompressedTensorsExporter().export(q2, ectx, out)
+        CompressedTensorsExporter().export(q2, ectx2, out)
     assert list(out.iterdir()) == []
 
 
