@@ -54,6 +54,11 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
+def token_cases(batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]) -> list[Batch]:
+    """Every (batch size, length) pair: the first rows and positions of a held-out token batch."""
+    return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
+
+
 class ModelAdapter(ABC):
     name: ClassVar[str]
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup, token_cases
 from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, weight_stats
 from compressor.errors import DataError, RecipeError
 
@@ -201,7 +201,7 @@ class CausalLMAdapter(ModelAdapter):
     def verification_cases(
         self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
     ) -> list[Batch]:
-        return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
+        return token_cases(batch, batch_sizes, lengths)
 
     def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         """transformers' own forward, traced (no KV cache): ``logits`` [batch, sequence, vocab]."""

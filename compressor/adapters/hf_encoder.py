@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup, token_cases
 from compressor.errors import DataError, RecipeError
 
 DEFAULT_MODEL = "default"
@@ -313,8 +313,7 @@ class HFEncoderAdapter(ModelAdapter):
     def verification_cases(
         self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
     ) -> list[Batch]:
-        """Every (batch size, length) pair: the first rows and positions of a held-out batch."""
-        return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
+        return token_cases(batch, batch_sizes, lengths)
 
     def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         """``fused``: our layer-by-layer graph with ORT's fused attention; else transformers' own forward
