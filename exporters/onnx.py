@@ -107,6 +107,14 @@ def export_onnx(  # type: ignore[no-untyped-def]
     return encoding
 
 
+def rename_node_inputs_(model: Any, rename: dict[str, str]) -> None:
+    """Make every node that reads a tensor named in ``rename`` read its replacement instead."""
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
 def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
     """Point every use of a byte-identical initializer at one copy; returns how many were merged.
 
@@ -129,10 +137,7 @@ def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
             keep[key] = init.name
     if not rename:
         return 0
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    rename_node_inputs_(model, rename)
     kept = [t for t in model.graph.initializer if t.name not in rename]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

@@ -58,7 +58,7 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
-from compressor.exporters.onnx import dedupe_initializers_, trace_onnx, verify_onnx
+from compressor.exporters.onnx import dedupe_initializers_, rename_node_inputs_, trace_onnx, verify_onnx
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import set_module
 
@@ -208,10 +208,7 @@ def bypass_initializer_identities_(model: Any) -> int:
     }
     if not rename:
         return 0
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    rename_node_inputs_(model, rename)
     kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in rename)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
