@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from compressor.kernels.scaled_gemm import grouped_tile
 from compressor.kernels.spec import KernelSpec
 from compressor.passes.int4 import QuantizedWeight
 
@@ -217,17 +218,8 @@ def _w4a16_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     """y = x @ dequant(W) (+ bias); SPLIT_K > 1 atomically adds fp32 partials into y."""
-    # Grouped ordering of output tiles (GROUP_M rows of tiles at a time) for L2 reuse.
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
