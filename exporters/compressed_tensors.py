@@ -31,8 +31,18 @@ symmetric int8 groups do not describe it), SmoothQuant divisors that stay inside
 layer (``fold_only: true`` folds them into the norms, which the checkpoint carries),
 asymmetric INT4 (transformers with compressed-tensors 0.20 could not load packed zero
 points back here: a size mismatch), FP8 layers (not written yet), INT8 and INT4 in one
-model, and models that are not decoder LMs. 2:4 sparsity stays in the dense weights'
-zeros (no ``sparsity_config`` is written).
+model, and models that are not decoder LMs.
+
+2:4 sparsity stays in the dense weights' zeros. With ``sparsity_config: true`` (every
+quantized layer's weight must then be 2:4: at most two non-zeros in each aligned group of
+four input channels) ``quantization_config`` also carries ``sparsity_config: {format:
+dense, sparsity_structure: "2:4", targets: [Linear], ignore: <the float Linears>,
+global_sparsity}``: ``dense`` = the weights stay as written, zeros in place. It is off by
+default: vLLM's CompressedTensors24 scheme ran such INT8 W8A8 layers on CUTLASS 2:4
+kernels (sm90) from Dec 2024 until vllm#36799 removed it (Mar 2026), and vLLM since then
+refuses checkpoints declaring Sparse24. compressed-tensors 0.20 ignores the entry
+(transformers reloads the folder exactly as without it) and no longer has the
+sparse-24-bitmask / marlin-24 compressors, so those layouts are not written.
 
 Rounding: our per-token scale is ``max|x| / 127``; compressed-tensors' symmetric int8
 uses ``max|x| / 127.5``, so activations round slightly differently there.
@@ -127,6 +137,11 @@ class CompressedTensorsExportConfig:
         help="fail when any token's logits cosine vs torch is below this (activation rounding differs "
         "slightly: max|x|/127.5 there, /127 here)",
     )
+    sparsity_config: bool = option(
+        False,
+        help="declare 2:4 (format dense) for a model whose quantized weights are all 2:4: for vLLM "
+        "versions with the CompressedTensors24 scheme (removed in 2026; later versions refuse it)",
+    )
 
     def validate(self, path: str) -> None:
         if not self.verify_batch_sizes or any(b < 1 for b in self.verify_batch_sizes):
@@ -169,8 +184,9 @@ def check_exportable(model: nn.Module) -> list[str]:
     return problems
 
 
-def quantization_config(model: nn.Module) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json`` for ``model``'s Int8Linear layers."""
+def quantization_config(model: nn.Module, sparse_24: bool = False) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for ``model``'s quantized layers
+    (with the 2:4 ``sparsity_config`` when ``sparse_24``; ExportError if a weight is not 2:4)."""
     by_scheme: dict[str, list[str]] = {}
     schemes: dict[str, dict[str, Any]] = {}
     ignore = []
@@ -195,12 +211,44 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         for i, (key, names) in enumerate(sorted(by_scheme.items()))
     }
     int4 = any(_is_int4(m) for m in model.modules())
-    return {
+    qc = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized" if int4 else "int-quantized",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
+    }
+    if sparse_24:
+        sparse = sparsity_config(model, ignore)
+        if sparse is None:
+            raise ExportError(
+                "compressed_tensors.sparsity_config: true, but not every quantized weight is 2:4; run "
+                "sparsify (pattern 2:4) on the same layers before quantize, or set it to false"
+            )
+        qc["sparsity_config"] = sparse
+    return qc
+
+
+def sparsity_config(model: nn.Module, ignore: list[str]) -> dict[str, Any] | None:
+    """compressed-tensors' 2:4 ``sparsity_config`` (format ``dense``: the weights as written) when
+    every quantized layer's weight is 2:4, else None (a partly 2:4 model is written dense)."""
+    from compressor.passes.sparsify import is_24_sparse
+
+    weights: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            weights.append(m.qweight())
+        elif _is_int4(m):
+            weights.append(m.dequantized_weight())  # type: ignore[operator]  # symmetric: code 8 -> exactly 0
+    if not weights or not all(is_24_sparse(w) for w in weights):
+        return None
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {
+        "format": "dense",
+        "sparsity_structure": "2:4",
+        "targets": ["Linear"],
+        "ignore": list(ignore),
+        "global_sparsity": round(zeros / sum(w.numel() for w in weights), 4),
     }
 
 
@@ -316,7 +364,7 @@ class CompressedTensorsExporter(Exporter):
             tensors = compressed_state_dict(model)
             save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
             config = getattr(model, "config").to_dict()  # noqa: B009  (a transformers PretrainedConfig)
-            config["quantization_config"] = qc = quantization_config(model)
+            config["quantization_config"] = qc = quantization_config(model, cfg.sparsity_config)
             config["architectures"] = [type(model).__name__]
             (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer = getattr(ctx.adapter, "tokenizer", None)
@@ -337,6 +385,7 @@ class CompressedTensorsExporter(Exporter):
                 "format": qc["format"],
                 "quantized_layers": sum(len(g["targets"]) for g in qc["config_groups"].values()),
                 "ignored_layers": qc["ignore"],
+                "sparsity_structure": qc.get("sparsity_config", {}).get("sparsity_structure"),
             }
         )
         log.info(

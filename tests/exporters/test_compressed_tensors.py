@@ -130,6 +130,45 @@ def test_static_scales_and_our_codes_travel(tiny_llama_dir: Path, tmp_path: Path
                 torch.testing.assert_close(got.weight.detach(), deq, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "quantize", [{"activations": "dynamic_per_token"}, {"method": "int4", "group_size": 32}]
+)
+def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_path: Path, quantize) -> None:  # type: ignore[no-untyped-def]
+    """sparsity_config: true writes compressed-tensors' 2:4 entry (format dense: the zeros stay in
+    the weights) for a model whose quantized weights are all 2:4, and the folder still reloads."""
+    from compressor.exporters.compressed_tensors import CompressedTensorsExportConfig
+    from compressor.passes.sparsify import SparsifyConfig, SparsifyPass
+
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(tiny_llama_dir))
+    ctx = PassContext(target=get_target("a100"), adapter=adapter, teacher=copy.deepcopy(model),
+                      data=adapter.make_data(SPEC, 0))  # fmt: skip
+    dense = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(
+        copy.deepcopy(model), ctx
+    )
+    SparsifyPass(SparsifyConfig(targets=("model.layers.*",))).run(model, ctx)  # in place
+    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(model, ctx)
+    ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
+    for sub in ("sparse", "default", "dense"):
+        (tmp_path / sub).mkdir()
+    exporter = CompressedTensorsExporter(CompressedTensorsExportConfig(sparsity_config=True))
+    res = exporter.export(q, ectx, tmp_path / "sparse")
+    ver = res.verification["compressed_tensors"]
+    assert ver["sparsity_structure"] == "2:4" and ver["min_cosine"] > 0.99
+    qc = json.loads((tmp_path / "sparse" / "hf_compressed" / "config.json").read_text())[
+        "quantization_config"
+    ]
+    sc = qc["sparsity_config"]
+    assert sc["format"] == "dense" and sc["sparsity_structure"] == "2:4" and sc["ignore"] == ["lm_head"]
+    assert 0.5 <= sc["global_sparsity"] < 0.6  # half of every quantized weight, plus zero codes
+    # off by default (later vLLM refuses Sparse24 checkpoints), and refused for a dense model
+    default = CompressedTensorsExporter().export(q, ectx, tmp_path / "default")
+    assert default.verification["compressed_tensors"]["sparsity_structure"] is None
+    with pytest.raises(ExportError, match="sparsity_config: true, but not every quantized weight is 2:4"):
+        exporter.export(dense, ectx, tmp_path / "dense")
+    assert list((tmp_path / "dense").iterdir()) == []
+
+
 def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     q, ectx = _quantized(tiny_llama_dir, activations="dynamic_per_token")
     import compressed_tensors.quantization.lifecycle.forward as ct_forward
