@@ -1,12 +1,15 @@
-"""Latency and fidelity of a bundle, measured side by side with the baseline.
+"""Latency and fidelity of a bundle on every engine it can run on, side by side.
 
-Speed is a ratio measured in one run: the bundle's engine and the baseline (the
-original model exported as-is to ONNX and run in ONNX Runtime fp32, what a user gets
-without us) are timed in rotation, so that a noisy machine slows both alike. Each turn
-runs one engine ``block`` times in a row and drops the first: ONNX Runtime's worker
-threads spin for a while after a run, and without that the engine timed right after
-another one pays for the other's spinning (seen here: batch-1 latencies off by 1.5x).
-Inputs are real held-out sentences padded to the asked length.
+Speed is a ratio measured in one run: the bundle's engines and the baseline (by default
+the original model exported as-is to ONNX and run in ONNX Runtime fp32, what a user gets
+without us; on CUDA the original in torch eager fp16) are timed in rotation, so that a
+noisy machine slows all alike. Each turn runs one engine ``block`` times in a row and
+drops the first: ONNX Runtime's worker threads spin for a while after a run, and without
+that the engine timed right after another one pays for the other's spinning (seen here:
+batch-1 latencies off by 1.5x). The native runner is the exception: a C++ process that
+times itself, run after each batch size's rotation (marked ``"timed": "own process"``).
+Inputs are real held-out sentences padded to the asked length; fidelity is each engine's
+output against the original model in torch on held-out texts.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from compressor.bundle import read_manifest
+from compressor.engines import BASELINES, ENGINE_ARTIFACTS, Engine, EngineUnavailable
 from compressor.errors import CompressorError
 
 log = logging.getLogger(__name__)
@@ -63,72 +69,206 @@ def time_side_by_side(
     return times
 
 
-def bench_bundle(
+@dataclass
+class BenchConfig:
+    engines: tuple[str, ...] | None = None  # None: every engine the bundle has (and the baseline)
+    batch_sizes: tuple[int, ...] = (1, 32)
+    seq_len: int = 128
+    threads: int = 2
+    warmup: int = 3
+    repeats: int = 20
+    device: str = "cpu"
+    baseline: str | None = "auto"  # auto: ort_fp32 on cpu, torch_original on cuda; None: no baseline
+    fidelity: bool = True
+    fidelity_texts: int = 0  # 0: the recipe's eval_samples
+    runner: Path | None = None  # compressor-run; None: built into the user cache on first use
+
+
+def _engine_names(cfg: BenchConfig, artifacts: Mapping[str, str], device: torch.device) -> list[str]:
+    baseline = cfg.baseline
+    if baseline == "auto":
+        baseline = "torch_original" if device.type == "cuda" else "ort_fp32"
+    if baseline is not None and baseline not in BASELINES:
+        raise CompressorError(f"bench: baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    if cfg.engines is None:
+        names = [n for n, art in ENGINE_ARTIFACTS.items() if art is not None and art in artifacts]
+    else:
+        unknown = [n for n in cfg.engines if n not in ENGINE_ARTIFACTS]
+        if unknown:
+            raise CompressorError(
+                f"bench: unknown engine(s) {', '.join(unknown)}; known: {', '.join(ENGINE_ARTIFACTS)}"
+            )
+        names = list(cfg.engines)
+    if baseline is not None and baseline not in names:
+        names.insert(0, baseline)
+    return names
+
+
+def _load_engine(
+    name: str,
     bundle: Path,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    seq_len: int = 128,
-    threads: int = 2,
-    warmup: int = 3,
-    repeats: int = 20,
-    baseline: bool = True,
-    fidelity: bool = True,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Time the bundle's ONNX (and the fp32 baseline) and score it against the original model."""
+    manifest: Mapping[str, Any],
+    cfg: BenchConfig,
+    device: torch.device,
+    original: nn.Module,
+    adapter: Any,
+    spec: Any,
+    tmp: Path,
+) -> Engine:
+    from compressor.engines import (
+        aoti_engine,
+        exported_program_engine,
+        find_runner,
+        native_engine,
+        ort_engine,
+        tensorrt_engine,
+        torch_original_engine,
+    )
+    from compressor.exporters.onnx import export_onnx
+
+    artifacts = manifest.get("artifacts", {})
+    if name == "ort_fp32":
+        base_path = tmp / "baseline_fp32.onnx"
+        export_onnx(spec.module, spec, base_path, 17)
+        return ort_engine(
+            name, "original model, ONNX Runtime fp32 (plain export)", base_path, cfg.threads, device
+        )
+    if name == "torch_original":
+        return torch_original_engine(original, adapter.forward, device)
+    art = ENGINE_ARTIFACTS[name]
+    if art not in artifacts:
+        raise EngineUnavailable(f"{name}: the bundle has no artifacts.{art} (add the export to the recipe)")
+    path = bundle / artifacts[art]
+    names = spec.input_names
+    if name == "ort":
+        return ort_engine(name, "bundle, ONNX Runtime", path, cfg.threads, device)
+    if name == "ort_qdq":
+        return ort_engine(name, "bundle Q/DQ ONNX, ONNX Runtime", path, cfg.threads, device)
+    captured_on = manifest.get("verification", {}).get(art, {}).get("device", "cpu")
+    if name in ("torch_eager", "torch_compile"):
+        return exported_program_engine(path, names, device, captured_on, compiled=name == "torch_compile")
+    if name == "aoti":
+        return aoti_engine(path, names, device, captured_on)
+    if name == "native":
+        if device.type != "cpu":
+            raise EngineUnavailable("native: compressor-run feeds CPU tensors; bench it with --device cpu")
+        return native_engine(find_runner(cfg.runner), path, names, cfg.threads)
+    assert name == "tensorrt"
+    return tensorrt_engine(path, names, device)
+
+
+def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]:
+    """Time the bundle on each engine (and the baseline), batch by batch, and score each
+    engine's outputs against the original model. Engines that cannot run are listed with
+    the reason when they were picked automatically, and are an error when asked for."""
     from compressor.adapters import make_adapter
     from compressor.adapters.hf_encoder import HFEncoderAdapter
     from compressor.data import sample, stdlib_docstring_splits
-    from compressor.exporters.onnx import export_onnx, ort_session
     from compressor.recipe import parse_recipe
 
+    cfg = cfg or BenchConfig()
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    onnx_rel = manifest.get("artifacts", {}).get("onnx")
-    if not onnx_rel:
-        raise CompressorError(f"{bundle}: the manifest lists no artifacts.onnx to benchmark")
     recipe = parse_recipe(manifest["recipe"], f"{bundle}/manifest.json:recipe")
     adapter = make_adapter(recipe.model.adapter, recipe.model.source)
     if not isinstance(adapter, HFEncoderAdapter):
         raise CompressorError(
             f"{bundle}: bench times sentence-embedding bundles; this one uses {adapter.name}"
         )
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompressorError("bench: --device cuda asked for and torch sees no CUDA GPU")
+    names = _engine_names(cfg, manifest.get("artifacts", {}), device)
     original = adapter.load(recipe.model.source)
     held_out = stdlib_docstring_splits().eval
-    sessions = {"bundle": ort_session(bundle / onnx_rel, threads)}
-    with tempfile.TemporaryDirectory() as tmp:
-        if baseline:
-            example = adapter.tokenize(sample(held_out, 2, 0), 16)
-            spec = adapter.export_spec(copy.deepcopy(original), example, fused=False)
-            base_path = Path(tmp) / "baseline_fp32.onnx"
-            export_onnx(spec.module, spec, base_path, 17)
-            sessions["ort_fp32"] = ort_session(base_path, threads)
-        rows = []
-        for bs in batch_sizes:
-            feed_t = adapter.tokenize(sample(held_out, bs, 1), seq_len, pad_to_max=True)
-            feed = {k: v.numpy() for k, v in feed_t.items()}
-            runs = {name: (lambda s=s, f=feed: s.run(None, f)) for name, s in sessions.items()}
-            times = time_side_by_side(runs, warmup, repeats)
-            row: dict[str, Any] = {"batch": bs, "seq_len": seq_len}
-            for name, t in times.items():
-                row[name] = latency_stats(t, bs)
-            if baseline:
-                row["speedup_vs_ort_fp32"] = round(
-                    row["ort_fp32"]["median_ms"] / row["bundle"]["median_ms"], 3
+    example = adapter.tokenize(sample(held_out, 2, 0), 16)
+    spec = adapter.export_spec(copy.deepcopy(original), example, fused=False)
+    engines: dict[str, Engine] = {}
+    status: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {"device": str(device), "threads": cfg.threads, "seq_len": cfg.seq_len}
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the torch engines get the thread count ORT gets
+    try:
+        with tempfile.TemporaryDirectory(prefix="compressor-bench-") as tmp:
+            for name in names:
+                t0 = time.perf_counter()
+                try:
+                    engines[name] = _load_engine(
+                        name, bundle, manifest, cfg, device, original, adapter, spec, Path(tmp)
+                    )
+                except EngineUnavailable as e:
+                    if cfg.engines is not None:
+                        raise
+                    status[name] = {"status": "skipped", "reason": str(e)}
+                    log.info("skipping %s", e)
+                    continue
+                e_ = engines[name]
+                status[name] = {
+                    "status": "ok",
+                    "label": e_.label,
+                    "load_s": round(time.perf_counter() - t0, 2),
+                }
+                status[name]["timed"] = "own process" if e_.measure else "rotated"
+                status[name].update(e_.info)
+            baseline = next((n for n in names if n in BASELINES), None)
+            if baseline is not None and baseline not in engines:
+                raise CompressorError(
+                    f"bench: the baseline {baseline} cannot run: {status[baseline]['reason']}"
                 )
-            rows.append(row)
-            log.info("batch %d: %s", bs, row)
-    result: dict[str, Any] = {"threads": threads, "engine": "onnxruntime-cpu", "latency": rows}
-    if fidelity:
-        from compressor.adapters.hf_encoder import embedding_fidelity
-
-        texts = sample(held_out, recipe.data.eval_samples, recipe.seed)
-        batches = adapter.batches(texts, recipe.data.batch_size, recipe.data.max_length)
-        sess = sessions["bundle"]
-        with torch.no_grad():
-            ref = torch.cat([adapter.forward(original, b) for b in batches])
-        out = torch.cat(
-            [torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items()})[0]) for b in batches]
-        )
-        result["fidelity"] = {k: round(v, 6) for k, v in embedding_fidelity(out, ref).items()}
-        result["fidelity"]["texts"] = len(texts)
+            result["baseline"] = baseline
+            result["latency"] = _sweep(engines, cfg, adapter, held_out, baseline)
+            if cfg.fidelity:
+                texts = sample(held_out, cfg.fidelity_texts or recipe.data.eval_samples, recipe.seed)
+                batches = adapter.batches(texts, recipe.data.batch_size, recipe.data.max_length)
+                for name, fid in _fidelity(engines, original, adapter, batches).items():
+                    status[name]["fidelity"] = None if fid is None else dict(fid, texts=len(texts))
+    finally:
+        torch.set_num_threads(threads_before)
+    result["engines"] = status
     return result
+
+
+def _fidelity(
+    engines: Mapping[str, Engine], original: nn.Module, adapter: Any, batches: list[Any]
+) -> dict[str, dict[str, float] | None]:
+    """Each engine's outputs on ``batches`` against the original model in torch (None for an
+    engine that returns no outputs: the native runner)."""
+    from compressor.adapters.hf_encoder import embedding_fidelity
+
+    with torch.no_grad():
+        ref = torch.cat([adapter.forward(original, b) for b in batches])
+    scores: dict[str, dict[str, float] | None] = {}
+    for name, engine in engines.items():
+        if engine.measure is not None:
+            scores[name] = None
+            continue
+        out = torch.cat([engine.to_tensor(engine.bind(b)()) for b in batches])
+        scores[name] = {k: round(v, 6) for k, v in embedding_fidelity(out, ref).items()}
+    return scores
+
+
+def _sweep(
+    engines: Mapping[str, Engine],
+    cfg: BenchConfig,
+    adapter: Any,
+    held_out: tuple[str, ...],
+    baseline: str | None,
+) -> list[dict[str, Any]]:
+    from compressor.data import sample
+
+    rows = []
+    for bs in cfg.batch_sizes:
+        batch = adapter.tokenize(sample(held_out, bs, 1), cfg.seq_len, pad_to_max=True)
+        rotated = {n: e.bind(batch) for n, e in engines.items() if e.measure is None}
+        times = time_side_by_side(rotated, cfg.warmup, cfg.repeats)
+        stats = {n: latency_stats(t, bs) for n, t in times.items()}
+        for n, e in engines.items():
+            if e.measure is not None:
+                stats[n] = e.measure(batch, cfg.warmup, cfg.repeats)
+        if baseline is not None:
+            for s in stats.values():
+                s[f"speedup_vs_{baseline}"] = round(stats[baseline]["median_ms"] / s["median_ms"], 3)
+        rows.append({"batch": bs, "seq_len": cfg.seq_len, "engines": stats})
+        log.info("batch %d: %s", bs, {n: s["median_ms"] for n, s in stats.items()})
+    return rows

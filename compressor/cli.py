@@ -1,7 +1,8 @@
 """`compressor`: the command line. The CLI owns the terminal; the library only logs.
 
 compressor compile [--recipe NAME|FILE] [--target T] [--model PATH] [--out DIR] [--work-dir DIR]
-compressor bench BUNDLE [--batch 1,32] [--seq-len 128] [--threads 2]
+compressor bench BUNDLE [--engines all|ort,aoti,...] [--batch 1,8,32] [--seq-len 128] [--threads 2]
+                [--device cpu|cuda] [--out DIR]
 compressor targets
 compressor passes [--verbose]
 compressor recipe validate FILE|NAME [--target T]
@@ -45,20 +46,18 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _print_bench(result: dict) -> None:  # type: ignore[type-arg]
-    from compressor.report import bench_table, text_table
+    from compressor.report import bench_table, fidelity_table, skipped_engines, text_table
 
     print(text_table(bench_table(result)))
-    f = result.get("fidelity")
-    if f:
-        print(
-            f"\nfidelity of the exported engine vs the original model ({f['texts']} held-out texts): "
-            f"mean cosine {f['mean_cosine']:.5f}, min {f['min_cosine']:.5f}, Spearman {f['spearman']:.5f}"
-        )
+    print("\nfidelity of each engine vs the original model (held-out texts):")
+    print(text_table(fidelity_table(result)))
+    for line in skipped_engines(result):
+        print(f"not run: {line}")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from compressor.compile import compile_recipe
-    from compressor.report import pass_table, text_table
+    from compressor.report import bench_summary, pass_table, text_table
     from compressor.targets import get_target
 
     recipe = _load(args)
@@ -83,27 +82,43 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(text_table(pass_table(manifest["passes"])))
     if manifest.get("benchmark"):
         b = manifest["benchmark"]
-        print(f"\nbenchmark ({b['engine']}, {b['threads']} threads, real held-out sentences):")
+        print(f"\nbenchmark ({bench_summary(b)}):")
         _print_bench(b)
     print(f"\nmanifest: {out / 'manifest.json'}   report: {out / 'report.md'}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from compressor.bench import bench_bundle
+    from compressor.bench import BenchConfig, bench_bundle
     from compressor.bundle import verify_bundle
+    from compressor.report import render_bench_html, render_bench_markdown
 
-    verify_bundle(Path(args.bundle))
-    result = bench_bundle(
-        Path(args.bundle),
+    bundle = Path(args.bundle)
+    verify_bundle(bundle)  # the hashes first: some engines load pickled constants or shared libraries
+    engines = (
+        None if args.engines == "all" else tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    )
+    cfg = BenchConfig(
+        engines=engines,
         batch_sizes=args.batch,
         seq_len=args.seq_len,
         threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats,
-        baseline=not args.no_baseline,
+        device=args.device,
+        baseline=None if args.no_baseline else args.baseline,
+        fidelity_texts=args.fidelity_texts,
+        runner=Path(args.runner) if args.runner else None,
     )
+    result = bench_bundle(bundle, cfg)
     _print_bench(result)
+    out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-bench"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{bundle.name}: engines on {result['device']}"
+    (out / "bench.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "bench.md").write_text(render_bench_markdown(result, title), encoding="utf-8")
+    (out / "report.html").write_text(render_bench_html(result, title), encoding="utf-8")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'report.html'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
@@ -194,14 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_compile)
 
-    b = sub.add_parser("bench", help="time a bundle against ORT fp32 and score its fidelity")
+    b = sub.add_parser("bench", help="time a bundle on each engine against a baseline and score each one")
     b.add_argument("bundle")
-    b.add_argument("--batch", type=_int_list, default=(1, 32), help="batch sizes, e.g. 1,32")
+    b.add_argument(
+        "--engines",
+        default="all",
+        help="all (every engine the bundle has an artifact for; those that cannot run here are listed) or "
+        "a comma list of ort_fp32, torch_original, ort, ort_qdq, torch_eager, torch_compile, aoti, "
+        "native, tensorrt",
+    )
+    b.add_argument("--batch", type=_int_list, default=(1, 32), help="batch sizes, e.g. 1,8,32")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=20)
-    b.add_argument("--no-baseline", action="store_true", help="do not time the ORT fp32 baseline")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument(
+        "--baseline",
+        choices=["auto", "ort_fp32", "torch_original"],
+        default="auto",
+        help="the speedups' reference: auto = ort_fp32 on cpu, torch_original (fp16 eager) on cuda",
+    )
+    b.add_argument("--no-baseline", action="store_true", help="time no baseline")
+    b.add_argument("--fidelity-texts", type=int, default=0, help="held-out texts scored (0: the recipe's)")
+    b.add_argument("--runner", help="compressor-run executable (default: built into ~/.cache on first use)")
+    b.add_argument("--out", help="folder for bench.json, bench.md, report.html (default BUNDLE-bench)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
 

@@ -133,14 +133,13 @@ def compile_recipe(
             and worker is None
             and "onnx" in bundle.manifest["artifacts"]
         ):
-            from compressor.bench import bench_bundle
+            from compressor.bench import BenchConfig, bench_bundle
 
             b = recipe.evaluation.bench
             stage(f"benchmark: batch {list(b.batch_sizes)} x {b.seq_len}, {b.threads} threads, vs ORT fp32")
             bundle.write_text("manifest.json", _json(bundle.manifest))  # bench reads the recipe from it
-            bundle.manifest["benchmark"] = bench_bundle(
-                bundle.path, b.batch_sizes, b.seq_len, b.threads, b.warmup, b.repeats
-            )
+            cfg = BenchConfig(("ort",), b.batch_sizes, b.seq_len, b.threads, b.warmup, b.repeats)
+            bundle.manifest["benchmark"] = bench_bundle(bundle.path, cfg)
         bundle.write_text("report.md", render_markdown(bundle.manifest))
         bundle.write_text("report.html", render_html(bundle.manifest))
     manifest = read_manifest(out_dir)

@@ -34,30 +34,100 @@ def pass_table(passes: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _engine_label(bench: dict[str, Any], name: str) -> str:
+    return str(bench["engines"][name].get("label", name))
+
+
+def _timed_engines(bench: dict[str, Any]) -> list[str]:
+    return [n for n, s in bench.get("engines", {}).items() if s.get("status") == "ok"]
+
+
 def bench_table(bench: dict[str, Any]) -> list[list[str]]:
-    rows = [["batch x len", "engine", "median ms", "p90 ms", "p99 ms", "items/s", "speedup vs ORT fp32"]]
+    base = bench.get("baseline")
+    speed_key = f"speedup_vs_{base}"
+    header = ["batch x len", "engine", "median ms", "p90 ms", "p99 ms", "items/s"]
+    rows = [header + ([f"speedup vs {base}"] if base else [])]
     for r in bench.get("latency", []):
-        for engine in ("ort_fp32", "bundle"):
-            if engine not in r:
+        for name in _timed_engines(bench):
+            s = r["engines"].get(name)
+            if s is None:
                 continue
-            s = r[engine]
-            speed = (
-                f"{r['speedup_vs_ort_fp32']:.2f}x"
-                if engine == "bundle" and "speedup_vs_ort_fp32" in r
-                else "1.00x"
-            )
-            rows.append(
-                [
-                    f"{r['batch']} x {r['seq_len']}",
-                    "ORT fp32 (plain export)" if engine == "ort_fp32" else "compressed bundle (ORT)",
-                    f"{s['median_ms']:.1f}",
-                    f"{s['p90_ms']:.1f}",
-                    f"{s['p99_ms']:.1f}",
-                    f"{s['throughput_per_s']:.1f}",
-                    speed,
-                ]
-            )
+            row = [
+                f"{r['batch']} x {r['seq_len']}",
+                name,
+                f"{s['median_ms']:.2f}",
+                f"{s['p90_ms']:.2f}",
+                f"{s['p99_ms']:.2f}",
+                f"{s['throughput_per_s']:.1f}",
+            ]
+            rows.append(row + ([f"{s[speed_key]:.2f}x"] if base else []))
     return rows
+
+
+def fidelity_table(bench: dict[str, Any]) -> list[list[str]]:
+    rows = [["engine", "what runs", "timed", "mean cos", "min cos", "spearman", "held-out texts"]]
+    for name in _timed_engines(bench):
+        s = bench["engines"][name]
+        f = s.get("fidelity")
+        cells = (
+            [f"{f['mean_cosine']:.5f}", f"{f['min_cosine']:.5f}", f"{f['spearman']:.5f}", str(f["texts"])]
+            if f
+            else ["-", "-", "-", "-"]
+        )
+        rows.append([name, _engine_label(bench, name), s.get("timed", "")] + cells)
+    return rows
+
+
+def skipped_engines(bench: dict[str, Any]) -> list[str]:
+    return [f"{n}: {s['reason']}" for n, s in bench.get("engines", {}).items() if s.get("status") != "ok"]
+
+
+def bench_charts(bench: dict[str, Any]) -> list[str]:
+    """SVG: latency vs batch per engine, and fidelity vs speed at the largest batch."""
+    from compressor.plots import line_chart, scatter_chart
+
+    names = _timed_engines(bench)
+    latency = bench.get("latency", [])
+    series = {
+        n: [(r["batch"], r["engines"][n]["median_ms"]) for r in latency if n in r["engines"]] for n in names
+    }
+    charts = [
+        line_chart(series, "latency vs batch", f"batch (x {bench.get('seq_len', '')} tokens)", "median ms")
+    ]
+    base = bench.get("baseline")
+    if base and latency:
+        last = latency[-1]
+        points = {
+            n: (
+                last["engines"][n][f"speedup_vs_{base}"],
+                bench["engines"][n]["fidelity"]["mean_cosine"],
+            )
+            for n in names
+            if n in last["engines"] and bench["engines"][n].get("fidelity")
+        }
+        charts.append(
+            scatter_chart(
+                points,
+                "fidelity vs speed",
+                f"speedup vs {base} at batch {last['batch']}",
+                "mean cosine vs the original model",
+            )
+        )
+    return [c for c in charts if c]
+
+
+def bench_summary(bench: dict[str, Any]) -> str:
+    return f"{bench.get('device', 'cpu')}, {bench.get('threads', 0)} threads, real held-out sentences"
+
+
+def render_bench_markdown(bench: dict[str, Any], title: str) -> str:
+    parts = [f"# {title}", "", f"Benchmark ({bench_summary(bench)}).", ""]
+    parts += [markdown_table(bench_table(bench)), "", "## Fidelity vs the original model", ""]
+    parts.append(markdown_table(fidelity_table(bench)))
+    skipped = skipped_engines(bench)
+    if skipped:
+        parts += ["", "## Not run", ""] + [f"- {s}" for s in skipped]
+    return "\n".join(parts) + "\n"
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -80,33 +150,55 @@ def render_markdown(manifest: dict[str, Any]) -> str:
     ]
     bench = manifest.get("benchmark")
     if bench:
-        parts += ["", f"## Benchmark ({bench['engine']}, {bench['threads']} threads)", ""]
-        parts.append(markdown_table(bench_table(bench)))
-        if "fidelity" in bench:
-            f = bench["fidelity"]
-            parts += [
-                "",
-                f"Fidelity of the exported engine vs the original model on {f['texts']} held-out texts: "
-                f"mean cosine {f['mean_cosine']:.5f}, min {f['min_cosine']:.5f}, Spearman {f['spearman']:.5f}.",
-            ]
+        parts += ["", f"## Benchmark ({bench_summary(bench)})", ""]
+        parts += [
+            markdown_table(bench_table(bench)),
+            "",
+            "Fidelity of each engine vs the original model:",
+            "",
+        ]
+        parts.append(markdown_table(fidelity_table(bench)))
     return "\n".join(parts) + "\n"
 
 
-def render_html(manifest: dict[str, Any]) -> str:
-    def table(rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    title = html.escape(f"{manifest.get('name', 'bundle')}: {manifest.get('target', {}).get('name', '')}")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{title}</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;"
-        "text-align:right}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style>",
-        f"</head><body><h1>{title}</h1><h2>Passes</h2>",
-        table(pass_table(manifest["passes"])),
-    ]
+
+def _html_page(title: str, body: list[str]) -> str:
+    t = html.escape(title)
+    return "".join(
+        [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{t}</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;"
+            "text-align:right}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}"
+            "</style>",
+            f"</head><body><h1>{t}</h1>",
+            *body,
+            "</body></html>",
+        ]
+    )
+
+
+def _bench_html(bench: dict[str, Any]) -> list[str]:
+    parts = [f"<p>{html.escape(bench_summary(bench))}</p>", _html_table(bench_table(bench))]
+    parts += ["<h3>Fidelity vs the original model</h3>", _html_table(fidelity_table(bench))]
+    skipped = skipped_engines(bench)
+    if skipped:
+        parts += ["<h3>Not run</h3><ul>"] + [f"<li>{html.escape(s)}</li>" for s in skipped] + ["</ul>"]
+    parts += [f"<div>{svg}</div>" for svg in bench_charts(bench)]
+    return parts
+
+
+def render_bench_html(bench: dict[str, Any], title: str) -> str:
+    return _html_page(title, _bench_html(bench))
+
+
+def render_html(manifest: dict[str, Any]) -> str:
+    title = f"{manifest.get('name', 'bundle')}: {manifest.get('target', {}).get('name', '')}"
+    body = ["<h2>Passes</h2>", _html_table(pass_table(manifest["passes"]))]
     if manifest.get("benchmark"):
-        parts += ["<h2>Benchmark</h2>", table(bench_table(manifest["benchmark"]))]
-    parts.append("</body></html>")
-    return "".join(parts)
+        body += ["<h2>Benchmark</h2>", *_bench_html(manifest["benchmark"])]
+    return _html_page(title, body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # Each import registers its exporter(s) in EXPORTER_REGISTRY.
 from compressor.exporters import (  # noqa: F401
-    aoti,  # aoti: AOTInductor package
+    aoti,  # aoti: AOTInductor package; torch_export: the ExportedProgram
     compressed_tensors,  # compressed_tensors: Hugging Face checkpoint for vLLM
     diffusers_pipeline,  # diffusers-pipeline
     onnx,  # onnx: ONNX Runtime flavour

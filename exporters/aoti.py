@@ -1,4 +1,6 @@
-"""`aoti` exporter: an AOTInductor package (``model.pt2``) of the compressed model.
+"""`aoti` and `torch_export` exporters: an AOTInductor package (``model.pt2``) of the
+compressed model, and the ``torch.export`` program it is compiled from
+(``model.exported.pt2``, ``torch.export.save``).
 
 The adapter's export module (for BERT encoders the layer-by-layer ``BertEncoderGraph``;
 its torch path, not the ONNX-only fused attention) is captured with ``torch.export``
@@ -15,10 +17,10 @@ a CUDA machine (Inductor generates Triton kernels for the GPU it sees);
 ``max_autotune`` then benchmarks GEMM configurations at compile time (it does nothing
 useful on the CPU and is refused there).
 
-Verification is part of the export: the package is loaded back and compared with the
+Verification is part of both exports: the file is loaded back and compared with the
 torch model on held-out inputs of several batch sizes and lengths, all different from
 the example the export was traced with; below ``min_cosine`` the export fails and the
-package is removed. On a CPU, compiling needs a C++ compiler (g++ or clang).
+file is removed. On a CPU, compiling needs a C++ compiler (g++ or clang).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,22 +47,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AotiExportConfig:
-    file: str = option("model.pt2", help="package file name inside the bundle")
-    max_autotune: bool = option(
-        False, help="autotune GEMM kernels while compiling (CUDA targets only; slower compile)"
-    )
-    max_batch: int = option(1024, help="largest batch size the package accepts (the dynamic dim's bound)")
+class ProgramExportConfig:
+    """What the ``aoti`` and ``torch_export`` exports share: the captured program's dynamic
+    shapes and how the written file is checked against torch."""
+
+    max_batch: int = option(1024, help="largest batch size the program accepts (the dynamic dim's bound)")
     max_length: int = option(
         0, help="largest sequence length accepted; 0 = the model's max_position_embeddings, if it has one"
     )
-    verify_batch_sizes: tuple[int, ...] = option((1, 5), help="batch sizes checked after loading the package")
+    verify_batch_sizes: tuple[int, ...] = option((1, 5), help="batch sizes checked after loading it back")
     verify_lengths: tuple[int, ...] = option((9, 24), help="sequence lengths checked after loading")
     min_cosine: float = option(0.999, help="fail when any output's cosine vs torch is below this")
 
     def validate(self, path: str) -> None:
-        if "/" in self.file or not self.file.endswith(".pt2"):
-            raise RecipeError(f"{path}.file: {self.file!r} must be a plain file name ending in .pt2")
+        file: str = getattr(self, "file", "")
+        if "/" in file or not file.endswith(".pt2"):
+            raise RecipeError(f"{path}.file: {file!r} must be a plain file name ending in .pt2")
         if self.max_batch < 2:
             raise RecipeError(f"{path}.max_batch: {self.max_batch} must be at least 2 (the batch is dynamic)")
         if self.max_length < 0:
@@ -74,6 +76,19 @@ class AotiExportConfig:
             raise RecipeError(f"{path}.verify_lengths: every length must be at least 1")
         if not 0 < self.min_cosine <= 1:
             raise RecipeError(f"{path}.min_cosine: {self.min_cosine} is not in (0, 1]")
+
+
+@dataclass(frozen=True)
+class AotiExportConfig(ProgramExportConfig):
+    file: str = option("model.pt2", help="package file name inside the bundle")
+    max_autotune: bool = option(
+        False, help="autotune GEMM kernels while compiling (CUDA targets only; slower compile)"
+    )
+
+
+@dataclass(frozen=True)
+class TorchExportConfig(ProgramExportConfig):
+    file: str = option("model.exported.pt2", help="torch.export.save file name inside the bundle")
 
 
 def _dim_name(axis: str) -> str:
@@ -114,6 +129,89 @@ def _cosine_min(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(cos.min())
 
 
+@dataclass
+class CapturedProgram:
+    """The adapter's export graph captured by ``torch.export`` with dynamic batch and length,
+    and the held-out cases (with the torch model's outputs) the written file is checked on."""
+
+    program: torch.export.ExportedProgram
+    input_names: tuple[str, ...]
+    cases: list[dict[str, torch.Tensor]]
+    refs: list[torch.Tensor]
+    device: torch.device
+    max_length: int | None
+    export_seconds: float
+
+
+def check_program_target(fmt: str, target: Target) -> None:
+    if target.device == "cuda" and not torch.cuda.is_available():
+        raise PlanError(
+            f"{fmt}: target {target.name!r} needs the program captured on a CUDA GPU and this machine "
+            f"has none; compile the recipe on a GPU machine or drop the {fmt} export"
+        )
+
+
+def capture_program(
+    model: nn.Module, ctx: ExportContext, cfg: ProgramExportConfig, fmt: str
+) -> CapturedProgram:
+    device = torch.device("cuda" if ctx.target.device == "cuda" else "cpu")
+    source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
+    cases = ctx.adapter.verification_cases(source, cfg.verify_batch_sizes, cfg.verify_lengths)
+    with torch.no_grad():  # the reference first, on the untouched model (see exporters/onnx.py)
+        model.eval()
+        refs = [ctx.adapter.forward(model, c).float() for c in cases]
+
+    example = ctx.adapter.verification_cases(ctx.data.eval[0], (2,), (16,))[0]
+    spec = ctx.adapter.export_spec(copy.deepcopy(model).eval(), example)
+    module = spec.module.to(device).eval()
+    max_length = cfg.max_length or _model_max_length(model)
+    shapes = dynamic_shapes(spec.input_names, spec.dynamic_axes, cfg.max_batch, max_length)
+    args = tuple(x.to(device) for x in spec.example_inputs)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch's message names the op or guard that failed
+        raise ExportError(f"{fmt}: torch.export could not capture the model: {e}") from e
+    return CapturedProgram(
+        ep, spec.input_names, cases, refs, device, max_length, round(time.perf_counter() - t0, 2)
+    )
+
+
+def verify_program(
+    run: Callable[..., Any], file: str, what: str, cap: CapturedProgram, min_cosine: float
+) -> dict[str, Any]:
+    """Run the loaded program on the captured cases; ExportError below ``min_cosine``."""
+    worst_cos, worst_abs = 1.0, 0.0
+    with torch.no_grad():
+        for case, ref in zip(cap.cases, cap.refs):
+            out = run(*(case[n].to(cap.device) for n in cap.input_names))
+            out = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu()
+            if out.shape != ref.shape:
+                raise ExportError(
+                    f"{file}: {what} output shape {tuple(out.shape)} != torch {tuple(ref.shape)}"
+                )
+            if not torch.isfinite(out).all():
+                raise ExportError(f"{file}: the {what} produced NaN/inf")
+            worst_cos = min(worst_cos, _cosine_min(out, ref))
+            worst_abs = max(worst_abs, float((out - ref).abs().max()))
+    if worst_cos < min_cosine:
+        raise ExportError(
+            f"{file}: the {what} disagrees with torch: min cosine {worst_cos:.5f} < {min_cosine} over "
+            f"{len(cap.cases)} held-out cases; the bundle was not written"
+        )
+    return {
+        "cases": len(cap.cases),
+        "shapes": [list(next(iter(c.values())).shape) for c in cap.cases],
+        "min_cosine": worst_cos,
+        "max_abs_error": worst_abs,
+        "inputs": list(cap.input_names),
+        "device": str(cap.device),
+        "max_length": cap.max_length,
+        "export_seconds": cap.export_seconds,
+    }
+
+
 @register_exporter
 class AotiExporter(Exporter):
     name = "aoti"
@@ -126,11 +224,7 @@ class AotiExporter(Exporter):
                 f"aoti: target {target.name!r} does not run AOTInductor packages (engines: "
                 f"{', '.join(target.engines)}); use the onnx export for it"
             )
-        if target.device == "cuda" and not torch.cuda.is_available():
-            raise PlanError(
-                f"aoti: target {target.name!r} needs the package compiled on a CUDA GPU and this machine "
-                "has none; compile the recipe on a GPU machine or drop the aoti export"
-            )
+        check_program_target("aoti", target)
         if self.config.max_autotune and target.device != "cuda":
             raise PlanError("aoti.max_autotune: autotuning only applies to CUDA targets; set it to false")
         if target.device == "cpu" and shutil.which("g++") is None and shutil.which("clang++") is None:
@@ -140,41 +234,19 @@ class AotiExporter(Exporter):
         import torch._inductor  # heavy; only when a recipe asks for a package
 
         cfg = self.config
-        device = torch.device("cuda" if ctx.target.device == "cuda" else "cpu")
-        source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
-        cases = ctx.adapter.verification_cases(source, cfg.verify_batch_sizes, cfg.verify_lengths)
-        with torch.no_grad():  # the reference first, on the untouched model (see exporters/onnx.py)
-            model.eval()
-            refs = [ctx.adapter.forward(model, c).float() for c in cases]
-
-        example = ctx.adapter.verification_cases(ctx.data.eval[0], (2,), (16,))[0]
-        spec = ctx.adapter.export_spec(copy.deepcopy(model).eval(), example)
-        module = spec.module.to(device).eval()
-        max_length = cfg.max_length or _model_max_length(model)
-        shapes = dynamic_shapes(spec.input_names, spec.dynamic_axes, cfg.max_batch, max_length)
-        args = tuple(x.to(device) for x in spec.example_inputs)
-
+        cap = capture_program(model, ctx, cfg, "aoti")
         path = out_dir / cfg.file
         partial = out_dir / f".partial-{cfg.file}"  # the packager wants a .pt2 name
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # torch's message names the op or guard that failed
-            raise ExportError(f"aoti: torch.export could not capture the model: {e}") from e
+        log.info("compiling %s with AOTInductor on %s", path.name, cap.device)
         t1 = time.perf_counter()
-        log.info("compiling %s with AOTInductor on %s", path.name, device)
         try:
             options = {"max_autotune": True} if cfg.max_autotune else {}
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(partial), inductor_configs=options)
+            torch._inductor.aoti_compile_and_package(
+                cap.program, package_path=str(partial), inductor_configs=options
+            )
             t2 = time.perf_counter()
-            report = self._verify(partial, spec.input_names, cases, refs, device)
-            if report["min_cosine"] < cfg.min_cosine:
-                raise ExportError(
-                    f"{cfg.file}: the AOTInductor package disagrees with torch: min cosine "
-                    f"{report['min_cosine']:.5f} < {cfg.min_cosine} over {report['cases']} held-out cases; "
-                    "the bundle was not written"
-                )
+            runner = torch._inductor.aoti_load_package(str(partial))
+            report = verify_program(runner, cfg.file, "AOTInductor package", cap, cfg.min_cosine)
             partial.replace(path)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -182,46 +254,46 @@ class AotiExporter(Exporter):
         # sample inputs for the native runner (compressor-run BUNDLE), in call order
         from compressor.native import write_runner_inputs
 
-        largest = max(cases, key=lambda c: next(iter(c.values())).numel())
-        write_runner_inputs(out_dir, {n: largest[n] for n in spec.input_names})
+        largest = max(cap.cases, key=lambda c: next(iter(c.values())).numel())
+        write_runner_inputs(out_dir, {n: largest[n] for n in cap.input_names})
         report.update(
             {
-                "device": str(device),
-                "export_seconds": round(t1 - t0, 2),
                 "compile_seconds": round(t2 - t1, 2),
                 "max_batch": cfg.max_batch,
-                "max_length": max_length,
                 "max_autotune": cfg.max_autotune,
             }
         )
         log.info("%s: compiled in %.1f s, min cosine %.5f", path.name, t2 - t1, report["min_cosine"])
         return ExportResult(artifacts={"aoti": cfg.file}, verification={"aoti": report})
 
-    @staticmethod
-    def _verify(
-        package: Path,
-        input_names: tuple[str, ...],
-        cases: list[dict[str, torch.Tensor]],
-        refs: list[torch.Tensor],
-        device: torch.device,
-    ) -> dict[str, Any]:
-        runner = torch._inductor.aoti_load_package(str(package))
-        worst_cos, worst_abs = 1.0, 0.0
-        with torch.no_grad():
-            for case, ref in zip(cases, refs):
-                out = runner(*(case[n].to(device) for n in input_names))
-                out = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu()
-                if out.shape != ref.shape:
-                    raise ExportError(
-                        f"{package.name}: package output shape {tuple(out.shape)} != torch {tuple(ref.shape)}"
-                    )
-                if not torch.isfinite(out).all():
-                    raise ExportError(f"{package.name}: the package produced NaN/inf")
-                worst_cos = min(worst_cos, _cosine_min(out, ref))
-                worst_abs = max(worst_abs, float((out - ref).abs().max()))
-        return {
-            "cases": len(cases),
-            "shapes": [list(next(iter(c.values())).shape) for c in cases],
-            "min_cosine": worst_cos,
-            "max_abs_error": worst_abs,
-        }
+
+@register_exporter
+class TorchExportExporter(Exporter):
+    """The captured ``ExportedProgram`` itself (``torch.export.save``): what ``compressor bench``
+    runs as the compressed model in torch eager and under ``torch.compile``, and what a Python
+    service can load without the original model code (``torch.export.load(f).module()``).
+    Loading it unpickles its constants: load only bundles whose hashes check
+    (``compressor bench`` verifies them first)."""
+
+    name = "torch_export"
+    description = "torch.export ExportedProgram (model.exported.pt2) with dynamic batch/length, verified"
+    Config = TorchExportConfig
+
+    def check(self, target: Target) -> None:
+        check_program_target("torch_export", target)
+
+    def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
+        cfg = self.config
+        cap = capture_program(model, ctx, cfg, "torch_export")
+        path = out_dir / cfg.file
+        partial = out_dir / f".partial-{cfg.file}"
+        try:
+            torch.export.save(cap.program, str(partial))
+            loaded = torch.export.load(str(partial)).module()
+            report = verify_program(loaded, cfg.file, "saved ExportedProgram", cap, cfg.min_cosine)
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        report["max_batch"] = cfg.max_batch
+        return ExportResult(artifacts={"torch_export": cfg.file}, verification={"torch_export": report})

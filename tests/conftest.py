@@ -99,3 +99,50 @@ def native_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from compressor.native import build_runner
 
     return build_runner(tmp_path_factory.mktemp("runner-build"))
+
+
+@pytest.fixture(scope="session")
+def aoti_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(bundle dir, manifest, adapter): the tiny BERT quantized to int8 and exported as ONNX, a
+    Triton repository, an ExportedProgram and an AOTInductor package (one compile per session:
+    the AOTInductor build is tens of seconds here). ``adapter.exported`` is the compressed model
+    the exporters were handed."""
+    from compressor.adapters.base import Batch, ExportSpec
+    from compressor.adapters.hf_encoder import HFEncoderAdapter
+    from compressor.compile import compile_recipe
+    from compressor.recipe import parse_recipe
+
+    class RecordingAdapter(HFEncoderAdapter):
+        exported: torch.nn.Module | None = None
+
+        def export_spec(self, model: torch.nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
+            self.exported = model
+            return super().export_spec(model, batch, fused)
+
+    recipe = parse_recipe(
+        {
+            "name": "tiny-aoti",
+            "target": "cpu",
+            "model": {"source": str(tiny_bert_dir)},
+            "data": {
+                "calibration_samples": 16,
+                "train_samples": 0,
+                "eval_samples": 16,
+                "max_length": 32,
+                "batch_size": 8,
+            },
+            "passes": [{"pass": "quantize", "targets": ["encoder.*"], "smoothquant": True, "alpha": 0.5}],
+            "exports": [
+                {"format": "onnx", "verify_batch_sizes": [2], "verify_lengths": [16]},
+                {"format": "triton_repository"},
+                {"format": "torch_export"},
+                {"format": "aoti"},
+            ],
+            "evaluation": {"run_bench": False},
+        },
+        "tiny-aoti.yaml",
+    )
+    adapter = RecordingAdapter()
+    out = tmp_path_factory.mktemp("aoti") / "bundle"
+    manifest = compile_recipe(recipe, out, adapter=adapter)
+    return out, manifest, adapter

@@ -26,7 +26,7 @@ def test_default_recipe_compiles_minilm(tmp_path: Path) -> None:
     final = m["passes"][-1]["metrics"]
     assert final["mean_cosine"] > 0.995 and final["min_cosine"] > 0.98, final
     assert m["verification"]["onnx"]["min_cosine"] > 0.999
-    assert m["benchmark"]["fidelity"]["mean_cosine"] > 0.995
+    assert m["benchmark"]["engines"]["ort"]["fidelity"]["mean_cosine"] > 0.995
     assert m["passes"][1]["details"]["activation_scheme"] == "dynamic_per_tensor"
     assert m["target"]["name"] == "cpu" and m["model"]["source"] == "default"
     onnx_bytes = m["files"]["model.onnx"]["bytes"]

@@ -5,64 +5,25 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec
+from compressor.adapters.base import Batch, DataSplits
 from compressor.adapters.hf_encoder import HFEncoderAdapter
 from compressor.bundle import verify_bundle
-from compressor.compile import compile_recipe
 from compressor.errors import ExportError, PlanError, RecipeError
-from compressor.exporters.aoti import AotiExportConfig, AotiExporter, dynamic_shapes
+from compressor.exporters.aoti import AotiExportConfig, AotiExporter, TorchExportExporter, dynamic_shapes
 from compressor.exporters.base import ExportContext
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
 
 
-class RecordingAdapter(HFEncoderAdapter):
-    """The tiny BERT's adapter, keeping the compressed model the exporters were handed."""
-
-    exported: nn.Module | None = None
-
-    def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
-        self.exported = model
-        return super().export_spec(model, batch, fused)
-
-
 @pytest.fixture(scope="module")
-def bundle(
-    tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Any, RecordingAdapter]:
-    recipe = parse_recipe(
-        {
-            "name": "tiny-aoti",
-            "target": "cpu",
-            "model": {"source": str(tiny_bert_dir)},
-            "data": {
-                "calibration_samples": 16,
-                "train_samples": 0,
-                "eval_samples": 16,
-                "max_length": 32,
-                "batch_size": 8,
-            },
-            "passes": [{"pass": "quantize", "targets": ["encoder.*"], "smoothquant": True, "alpha": 0.5}],
-            "exports": [
-                {"format": "onnx", "verify_batch_sizes": [2], "verify_lengths": [16]},
-                {"format": "triton_repository"},
-                {"format": "aoti"},
-            ],
-            "evaluation": {"run_bench": False},
-        },
-        "tiny-aoti.yaml",
-    )
-    adapter = RecordingAdapter()
-    out = tmp_path_factory.mktemp("aoti") / "bundle"
-    manifest = compile_recipe(recipe, out, adapter=adapter)
-    return out, manifest, adapter
+def bundle(aoti_bundle):  # type: ignore[no-untyped-def]
+    return aoti_bundle
 
 
 def _cases(adapter: HFEncoderAdapter, sizes: tuple[int, ...], lengths: tuple[int, ...]) -> list[Batch]:
@@ -121,6 +82,25 @@ def test_dynamic_batch(bundle) -> None:  # type: ignore[no-untyped-def]
         assert _cosine_min(got, ref) > 0.999
 
 
+def test_exported_program_round_trip(bundle) -> None:  # type: ignore[no-untyped-def]
+    """torch_export: the saved ExportedProgram reloads and computes what the compressed model does,
+    at shapes other than the traced and verified ones."""
+    out, manifest, adapter = bundle
+    assert manifest["artifacts"]["torch_export"] == "model.exported.pt2"
+    report = manifest["verification"]["torch_export"]
+    assert report["min_cosine"] > 0.9999 and report["inputs"] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
+    module = torch.export.load(str(out / "model.exported.pt2")).module()
+    for case in _cases(adapter, (3, 12), (7, 33)):
+        with torch.no_grad():
+            ref = adapter.forward(adapter.exported, case)  # type: ignore[arg-type]
+            got = module(*(case[n] for n in report["inputs"]))
+        assert got.shape == ref.shape and _cosine_min(got, ref) > 0.9999
+
+
 class NegatingAdapter(HFEncoderAdapter):
     """An adapter whose torch reference disagrees with what gets compiled."""
 
@@ -148,18 +128,38 @@ def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exported_program_disagreement_fails_and_leaves_nothing(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, adapter = bundle
+    neg = NegatingAdapter()
+    neg.tokenizer = adapter.tokenizer
+    held_out = _cases(adapter, (8,), (64,))[0]
+    data = DataSplits(calibration=[held_out], train=[], eval=[held_out], info={})
+    ctx = ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[arg-type]
+    with pytest.raises(
+        ExportError, match=r"model.exported.pt2: the saved ExportedProgram disagrees with torch"
+    ):
+        TorchExportExporter().export(adapter.exported, ctx, tmp_path)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plan_and_config_errors() -> None:
     with pytest.raises(PlanError, match="aoti: target 'orin' does not run AOTInductor packages"):
         AotiExporter().check(get_target("orin"))
     with pytest.raises(PlanError, match="max_autotune: autotuning only applies to CUDA targets"):
         AotiExporter(AotiExportConfig(max_autotune=True)).check(get_target("cpu"))
     if not torch.cuda.is_available():
-        with pytest.raises(PlanError, match="aoti: target 'h100' needs the package compiled on a CUDA GPU"):
+        with pytest.raises(PlanError, match="aoti: target 'h100' needs the program captured on a CUDA GPU"):
             AotiExporter().check(get_target("h100"))
+        with pytest.raises(
+            PlanError, match="torch_export: target 'a100' needs the program captured on a CUDA"
+        ):
+            TorchExportExporter().check(get_target("a100"))
     with pytest.raises(RecipeError, match=r"exports\[0\].verify_batch_sizes: \[1, 4096\] must be"):
         parse_recipe({"exports": [{"format": "aoti", "verify_batch_sizes": [1, 4096]}]})
     with pytest.raises(RecipeError, match=r"exports\[0\].file: 'model.so' must be a plain file name ending"):
         parse_recipe({"exports": [{"format": "aoti", "file": "model.so"}]})
+    with pytest.raises(RecipeError, match=r"exports\[0\].file: 'a/b.pt2' must be a plain file name ending"):
+        parse_recipe({"exports": [{"format": "torch_export", "file": "a/b.pt2"}]})
 
 
 def test_dynamic_shapes_share_one_dim_per_axis_name() -> None:
