@@ -29,6 +29,10 @@ checked), but ``Fp8Linear`` quantizes activations with a dynamic per-tensor scal
 TensorRT's Q/DQ scales are build-time constants; an FP8 layer is refused until a
 static FP8 activation scheme exists.
 
+``float_dtype: fp16`` (opset 19) rewrites the traced graph's float parts to fp16
+(``compressor.exporters.onnx_fp16``): a strongly typed engine then runs attention,
+norms and GELU in fp16 around the int8 GEMMs instead of fp32.
+
 Verification is part of the export, like the ONNX Runtime flavour: the Q/DQ model
 runs in ONNX Runtime (CPU) on held-out inputs of several shapes and is compared with
 the torch model; past tolerance the export fails and no bundle is written. The
@@ -49,7 +53,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +80,20 @@ class OnnxQdqExportConfig:
     min_cosine: float = option(
         0.999, help="fail when any ONNX Runtime output's cosine vs torch is below this"
     )
+    float_dtype: Literal["fp32", "fp16"] = option(
+        "fp32",
+        help="type of the graph's float parts (attention, norms, Q/DQ scales): fp16 for strongly typed "
+        "TensorRT builds that should run them in fp16 (needs opset 19); outputs stay fp32",
+    )
 
     def validate(self, path: str) -> None:
         if self.opset < 17:
             raise RecipeError(f"{path}.opset: {self.opset} is too old; 17 or later is needed")
+        if self.float_dtype == "fp16" and self.opset < 19:
+            raise RecipeError(
+                f"{path}.float_dtype: fp16 needs opset: 19 or later (QuantizeLinear / DequantizeLinear take "
+                f"fp16 scales from opset 19); got opset {self.opset}"
+            )
         if not 0 < self.min_cosine <= 1:
             raise RecipeError(f"{path}.min_cosine: {self.min_cosine} is not in (0, 1]")
         if "/" in self.file or not self.file.endswith(".onnx"):
@@ -174,8 +188,9 @@ def check_qdq_exportable(model: nn.Module) -> list[str]:
     return names
 
 
-def export_onnx_qdq(spec: Any, path: Path, opset: int) -> dict[str, Any]:
-    """Trace a copy of ``spec.module`` with every Int8Linear lowered to explicit Q/DQ; write ``path``."""
+def export_onnx_qdq(spec: Any, path: Path, opset: int, fp16: bool = False) -> dict[str, Any]:
+    """Trace a copy of ``spec.module`` with every Int8Linear lowered to explicit Q/DQ; write ``path``
+    (with the float parts in fp16 when ``fp16``: ``compressor.exporters.onnx_fp16``)."""
     traced = copy.deepcopy(spec.module).eval()
     lowered = 0
     for n, m in list(traced.named_modules()):
@@ -188,9 +203,18 @@ def export_onnx_qdq(spec: Any, path: Path, opset: int) -> dict[str, Any]:
     proto = onnx.load(str(path))
     identities = bypass_initializer_identities_(proto)
     merged = dedupe_initializers_(proto)  # q/k/v share one activation scale and 1/smooth
-    if merged or identities:
+    info: dict[str, Any] = {
+        "qdq_layers": lowered,
+        "initializers_merged": merged,
+        "identities_bypassed": identities,
+    }
+    if fp16:
+        from compressor.exporters.onnx_fp16 import float_to_fp16_
+
+        info["fp16"] = float_to_fp16_(proto)
+    if merged or identities or fp16:
         onnx.save(proto, str(path))
-    return {"qdq_layers": lowered, "initializers_merged": merged, "identities_bypassed": identities}
+    return info
 
 
 def bypass_initializer_identities_(model: Any) -> int:
@@ -232,7 +256,7 @@ class OnnxQdqExporter(Exporter):
         spec = ctx.adapter.export_spec(model, example, fused=False)  # standard ops only: TensorRT parses them
         log.info("exporting %s (%d Q/DQ int8 layers)", path, len(layers))
         try:
-            info = export_onnx_qdq(spec, path, cfg.opset)
+            info = export_onnx_qdq(spec, path, cfg.opset, fp16=cfg.float_dtype == "fp16")
             report = verify_onnx(path, model, ctx, cfg.verify_batch_sizes, cfg.verify_lengths)
         except BaseException:
             path.unlink(missing_ok=True)

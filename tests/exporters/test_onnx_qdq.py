@@ -12,12 +12,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from compressor.errors import ExportError
+from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, ort_session
 from compressor.exporters.onnx_qdq import OnnxQdqExportConfig, OnnxQdqExporter
 from compressor.kernels.int8_linear import Int8Linear, static_input_scale
 from compressor.passes.quantize import QuantizeConfig, QuantizePass, activation_absmax
+from compressor.recipe import parse_recipe
 from compressor.targets import get_target
 
 
@@ -182,6 +183,41 @@ def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> No
     assert float(cos.min()) >= 0.999
 
 
+def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """float_dtype: fp16: every float tensor of the graph is fp16 (Q/DQ scales included, so the
+    int8 GEMMs feed fp16), the output stays fp32, and ONNX Runtime still agrees with torch."""
+    adapter, q, ctx = _static(tiny_ctx, smoothquant=True, alpha=0.5)
+    _, res = _export(adapter, q, ctx, tmp_path, float_dtype="fp16", opset=19)
+    report = res.verification["onnx_qdq"]
+    assert report["min_cosine"] >= 0.999 and report["fp16"]["initializers"] > 0, report
+    # BERT's attention-mask bias (finfo(float32).min) had to saturate to -65504, not -inf
+    assert report["fp16"]["saturated"] >= 1
+    model = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    onnx.checker.check_model(model)
+    floats = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert floats == []
+    assert not any(
+        a.t.data_type == onnx.TensorProto.FLOAT
+        for n in model.graph.node
+        for a in n.attribute
+        if a.type == a.TENSOR
+    )
+    assert not any(  # no cast back to fp32 except the output's
+        a.i == onnx.TensorProto.FLOAT for n in model.graph.node if n.op_type == "Cast" and n.output[0] not in
+        {o.name for o in model.graph.output} for a in n.attribute
+    )  # fmt: skip
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    inits = {t.name: t for t in model.graph.initializer}
+    pattern = _qdq_linears(model)
+    assert len(pattern) == 12
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for mm, _ in pattern:
+        scale = inits[producer[mm.input[0]].input[1]]
+        assert scale.data_type == onnx.TensorProto.FLOAT16
+    with pytest.raises(RecipeError, match=r"float_dtype: fp16 needs opset: 19 or later"):
+        parse_recipe({"target": "a100", "exports": [{"format": "onnx_qdq", "float_dtype": "fp16"}]})
+
+
 def test_dynamic_scheme_and_fp8_are_refused(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target("a100")
@@ -241,3 +277,35 @@ def test_static_scheme_in_the_onnx_runtime_flavour(tiny_ctx, tmp_path: Path) -> 
     assert res.verification["onnx"]["min_cosine"] >= 0.999
     ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
     assert ops.count("MatMulInteger") == 12 and "DynamicQuantizeLinear" not in ops
+
+
+def test_fp16_rewrite_keeps_float_inputs_and_outputs_fp32() -> None:
+    from onnx import TensorProto, helper
+
+    from compressor.exporters.onnx_fp16 import float_to_fp16_
+
+    w = np.random.default_rng(0).random((4, 3)).astype(np.float32)
+    b = np.array([1e6, -1e9, 0.5], np.float32)  # two values past fp16's range
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    counts = float_to_fp16_(model)
+    onnx.checker.check_model(model)
+    assert counts == {"initializers": 2, "constants": 0, "casts": 0, "saturated": 2}
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT]
+    assert {t.data_type for t in model.graph.initializer} == {TensorProto.FLOAT16}
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).random((2, 4)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    assert got.dtype == np.float32
+    expect = x.astype(np.float16) @ w.astype(np.float16) + np.clip(b, -65504, 65504).astype(np.float16)
+    np.testing.assert_allclose(got, expect.astype(np.float32), rtol=2e-3, atol=1e-2)
