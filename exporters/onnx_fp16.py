@@ -57,25 +57,21 @@ def float_to_fp16_(model: Any) -> dict[str, int]:
             elif node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
                 attr.i = HALF
                 counts["casts"] += 1
-    # float outputs: produced in fp16, handed out as fp32
-    for out in graph.output:
-        if out.type.tensor_type.elem_type != FLOAT:
-            continue
-        inner = f"{out.name}__fp16"
+    # float inputs and outputs stay fp32: a Cast after each input, before each output
+    boundary = [(i.name, HALF) for i in graph.input if i.type.tensor_type.elem_type == FLOAT]
+    boundary += [(o.name, FLOAT) for o in graph.output if o.type.tensor_type.elem_type == FLOAT]
+    for name, to in boundary:
+        inner = f"{name}__fp16"
         for node in graph.node:
-            node.output[:] = [inner if o == out.name else o for o in node.output]
-            node.input[:] = [inner if i == out.name else i for i in node.input]
-        graph.node.append(helper.make_node("Cast", [inner], [out.name], to=FLOAT, name=f"{out.name}_to_fp32"))
-    # float inputs: taken as fp32, cast to fp16 first
-    for inp in graph.input:
-        if inp.type.tensor_type.elem_type != FLOAT:
-            continue
-        inner = f"{inp.name}__fp16"
-        for node in graph.node:
-            node.input[:] = [inner if i == inp.name else i for i in node.input]
-        graph.node.insert(
-            0, helper.make_node("Cast", [inp.name], [inner], to=HALF, name=f"{inp.name}_to_fp16")
-        )
+            node.input[:] = [inner if i == name else i for i in node.input]
+            if to == FLOAT:  # an output: its producer now writes the fp16 tensor
+                node.output[:] = [inner if o == name else o for o in node.output]
+        src, dst = (name, inner) if to == HALF else (inner, name)
+        cast = helper.make_node("Cast", [src], [dst], to=to, name=f"{name}_cast")
+        if to == HALF:
+            graph.node.insert(0, cast)
+        else:
+            graph.node.append(cast)
     del graph.value_info[:]
     model.CopyFrom(shape_inference.infer_shapes(model))
     return counts

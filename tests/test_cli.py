@@ -201,3 +201,28 @@ def test_the_cli_and_every_exporter_import_without_triton() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target", ["a100", "h100", "orin"])
+def test_default_recipe_compiles_for_each_gpu_target(
+    target: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`compressor compile --target T` on the default recipe writes a bundle for T: per-token int8
+    (what the GPU kernels run) in place of the CPU's per-tensor scheme, the ONNX verified."""
+    from compressor.recipe import load_recipe
+
+    recipe = load_recipe("minilm-cpu-int8").to_dict()  # the default, made small for a test
+    recipe["data"].update(
+        calibration_samples=16, train_samples=16, eval_samples=16, max_length=32, batch_size=8
+    )
+    recipe["passes"][0].update(alpha_grid=[0.8], calibration_batches=1)
+    recipe["passes"][1].update(steps=2, warmup_steps=1)
+    path = _write(tmp_path, recipe)
+    out = tmp_path / "bundle"
+    args = ["compile", "--recipe", str(path), "--target", target, "--model", str(tiny_bert_dir)]
+    assert main(args + ["--out", str(out), "--no-bench"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    arch = {"a100": "sm_80", "h100": "sm_90", "orin": "sm_87"}[target]
+    assert m["target"] == {"name": target, "arch": arch, "device": "cuda"}
+    assert m["passes"][1]["details"]["activation_scheme"] == "dynamic_per_token"
+    assert m["artifacts"]["onnx"] == "model.onnx" and m["verification"]["onnx"]["min_cosine"] > 0.999

@@ -108,6 +108,15 @@ class NegatingAdapter(HFEncoderAdapter):
         return -super().forward(model, batch)
 
 
+def _negating_context(adapter: HFEncoderAdapter) -> ExportContext:
+    """An export context whose torch reference is the negated model: every export must fail."""
+    neg = NegatingAdapter()
+    neg.tokenizer = adapter.tokenizer
+    held_out = _cases(adapter, (8,), (64,))[0]
+    data = DataSplits(calibration=[held_out], train=[], eval=[held_out], info={})
+    return ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[attr-defined]
+
+
 def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out, _, adapter = bundle
     # Reuse the package compiled above (a real one) instead of compiling the same model again.
@@ -116,11 +125,7 @@ def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkey
         "aoti_compile_and_package",
         lambda ep, package_path, inductor_configs: shutil.copy(out / "model.pt2", package_path),
     )
-    neg = NegatingAdapter()
-    neg.tokenizer = adapter.tokenizer
-    held_out = _cases(adapter, (8,), (64,))[0]
-    data = DataSplits(calibration=[held_out], train=[], eval=[held_out], info={})
-    ctx = ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[arg-type]
+    ctx = _negating_context(adapter)
     with pytest.raises(
         ExportError, match=r"model.pt2: the AOTInductor package disagrees with torch: min cosine"
     ):
@@ -130,11 +135,7 @@ def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkey
 
 def test_exported_program_disagreement_fails_and_leaves_nothing(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, adapter = bundle
-    neg = NegatingAdapter()
-    neg.tokenizer = adapter.tokenizer
-    held_out = _cases(adapter, (8,), (64,))[0]
-    data = DataSplits(calibration=[held_out], train=[], eval=[held_out], info={})
-    ctx = ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[arg-type]
+    ctx = _negating_context(adapter)
     with pytest.raises(
         ExportError, match=r"model.exported.pt2: the saved ExportedProgram disagrees with torch"
     ):
