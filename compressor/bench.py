@@ -84,7 +84,10 @@ class BenchConfig:
     runner: Path | None = None  # compressor-run; None: built into the user cache on first use
 
 
-def _engine_names(cfg: BenchConfig, artifacts: Mapping[str, str], device: torch.device) -> list[str]:
+def _engine_names(
+    cfg: BenchConfig, artifacts: Mapping[str, str], device: torch.device
+) -> tuple[list[str], str | None]:
+    """The engines to run, in report order (the baseline first), and the baseline's name."""
     baseline = cfg.baseline
     if baseline == "auto":
         baseline = "torch_original" if device.type == "cuda" else "ort_fp32"
@@ -98,10 +101,10 @@ def _engine_names(cfg: BenchConfig, artifacts: Mapping[str, str], device: torch.
             raise CompressorError(
                 f"bench: unknown engine(s) {', '.join(unknown)}; known: {', '.join(ENGINE_ARTIFACTS)}"
             )
-        names = list(cfg.engines)
-    if baseline is not None and baseline not in names:
-        names.insert(0, baseline)
-    return names
+        names = list(dict.fromkeys(cfg.engines))
+    if baseline is not None:
+        names = [baseline] + [n for n in names if n != baseline]
+    return names, baseline
 
 
 def _load_engine(
@@ -178,7 +181,7 @@ def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CompressorError("bench: --device cuda asked for and torch sees no CUDA GPU")
-    names = _engine_names(cfg, manifest.get("artifacts", {}), device)
+    names, baseline = _engine_names(cfg, manifest.get("artifacts", {}), device)
     original = adapter.load(recipe.model.source)
     held_out = stdlib_docstring_splits().eval
     example = adapter.tokenize(sample(held_out, 2, 0), 16)
@@ -211,7 +214,6 @@ def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]
                 }
                 status[name]["timed"] = "own process" if e_.measure else "rotated"
                 status[name].update(e_.info)
-            baseline = next((n for n in names if n in BASELINES), None)
             if baseline is not None and baseline not in engines:
                 raise CompressorError(
                     f"bench: the baseline {baseline} cannot run: {status[baseline]['reason']}"

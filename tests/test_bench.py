@@ -132,3 +132,24 @@ def test_scatter_chart_ticks_resolve_close_values() -> None:
     assert len(set(labels)) == len(labels) > 1  # no two ticks print alike (e.g. "1", "1")
     (p, q) = _circles(svg)
     assert p[0] < q[0] and q[1] < p[1]
+
+
+def test_engine_selection_puts_the_baseline_first() -> None:
+    import torch
+
+    from compressor.bench import _engine_names
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    arts = {"onnx": "m.onnx", "aoti": "m.pt2"}
+    assert _engine_names(BenchConfig(), arts, cpu) == (["ort_fp32", "ort", "aoti", "native"], "ort_fp32")
+    assert _engine_names(BenchConfig(), arts, cuda)[1] == "torch_original"
+    picked = BenchConfig(engines=("aoti", "ort", "aoti", "ort_fp32"), baseline="torch_original")
+    assert _engine_names(picked, arts, cpu) == (
+        ["torch_original", "aoti", "ort", "ort_fp32"],
+        "torch_original",
+    )
+    # no baseline: a baseline engine named in --engines is just another engine
+    none = BenchConfig(engines=("torch_original", "ort"), baseline=None)
+    assert _engine_names(none, arts, cpu) == (["torch_original", "ort"], None)
+    with pytest.raises(CompressorError, match="baseline 'ort' is not one of"):
+        _engine_names(BenchConfig(baseline="ort"), arts, cpu)
