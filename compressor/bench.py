@@ -137,7 +137,7 @@ def _load_engine(
             name, "original model, ONNX Runtime fp32 (plain export)", base_path, cfg.threads, device
         )
     if name == "torch_original":
-        return torch_original_engine(original, adapter.forward, device)
+        return torch_original_engine(original, adapter.forward, spec.input_names, device)
     art = ENGINE_ARTIFACTS[name]
     if art not in artifacts:
         raise EngineUnavailable(f"{name}: the bundle has no artifacts.{art} (add the export to the recipe)")

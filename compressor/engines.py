@@ -119,25 +119,22 @@ def ort_engine(name: str, label: str, path: Path, threads: int, device: torch.de
 
 
 def torch_original_engine(
-    model: nn.Module, forward: Callable[[nn.Module, Batch], torch.Tensor], device: torch.device
+    model: nn.Module,
+    forward: Callable[[nn.Module, Batch], torch.Tensor],
+    names: Sequence[str],
+    device: torch.device,
 ) -> Engine:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    sync = _sync(device)
-
-    def bind(batch: Batch) -> RunFn:
-        on = {k: v.to(device) for k, v in batch.items()}
-
-        def run() -> Any:
-            with torch.inference_mode():
-                out = forward(m, on)
-            sync()
-            return out
-
-        return run
-
     label = f"original model, torch eager {str(dtype).removeprefix('torch.')}"
-    return Engine("torch_original", label, bind, info={"dtype": str(dtype)})
+    return _torch_engine(
+        "torch_original",
+        label,
+        lambda *args: forward(m, dict(zip(names, args))),
+        names,
+        device,
+        dtype=str(dtype),
+    )
 
 
 def exported_program_engine(

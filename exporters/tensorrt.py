@@ -177,7 +177,9 @@ def build_script(
     workspace_mib: int,
 ) -> str:
     """The bash script that checks it runs on ``target`` and calls ``trtexec``."""
-    args = trtexec_args(target, onnx_name, profiles, sparse, timing_cache, workspace_mib)
+    args = " ".join(
+        shlex.quote(a) for a in trtexec_args(target, onnx_name, profiles, sparse, timing_cache, workspace_mib)
+    )
     cc = target.compute_capability
     assert cc is not None
     want = f"{cc[0]}.{cc[1]}"
@@ -187,7 +189,7 @@ def build_script(
         f"# from {onnx_name} (explicit Q/DQ, strongly typed). An engine is specific to the GPU",
         "# architecture and the TensorRT version that builds it: run this where the engine will run.",
         "# Needs TensorRT's trtexec (on PATH, or set TRTEXEC=/path/to/trtexec).",
-        f"# The command: {trtexec_command(target, onnx_name, profiles, sparse, timing_cache, workspace_mib)}",
+        f"# The command: trtexec {args}",
     ]
     if target.build_on_device:
         lines += [
@@ -221,7 +223,7 @@ def build_script(
             "  fi",
             "fi",
         ]
-    lines.append('exec "$TRTEXEC" ' + " ".join(shlex.quote(a) for a in args))
+    lines.append(f'exec "$TRTEXEC" {args}')
     return "\n".join(lines) + "\n"
 
 
