@@ -13,6 +13,12 @@ the guidance-distilled student), and the 4-step consistency student after the
 Writes ``benchmarks/results/steps_digits.json`` ({"rows": [...]}), ``steps_digits.md``
 and a PNG grid per method (``steps_digits_<method>.png``, one row per class).
 
+``--teacher benchmarks/.cache/digits-teacher-flow --name steps_digits_flow`` runs the same
+rows on the text-conditional flow-matching SD3 transformer
+(``train_digits_teacher.py --denoiser mmdit-flow``): there "ddim" is the FlowMatchEuler
+sampler, "dpm++" DPM-Solver++ on flow sigmas, and the consistency student samples with
+FlowMatchLCM.
+
     nice -n 10 python benchmarks/steps_digits.py
 """
 
@@ -52,13 +58,15 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
 
 
-def measure(adapter: DiffusersAdapter, model: DiffusionModel, method: str, n: int) -> dict[str, Any]:
+def measure(
+    adapter: DiffusersAdapter, model: DiffusionModel, method: str, n: int, name: str = "steps_digits"
+) -> dict[str, Any]:
     labels = torch.arange(n) % NUM_CLASSES
     start = time.perf_counter()
     images, nfe = model.sample(labels, torch.Generator().manual_seed(0))
     wall = time.perf_counter() - start
     scores = adapter.scorer().score(images, labels)
-    save_grid(images, labels, RESULTS / f"steps_digits_{method}.png")
+    save_grid(images, labels, RESULTS / f"{name}_{method}.png")
     row = {
         "method": method,
         "steps": model.spec.steps,
@@ -69,6 +77,13 @@ def measure(adapter: DiffusersAdapter, model: DiffusionModel, method: str, n: in
     }
     log.info("%s", row)
     return row
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def run_pass(p: Pass, model: DiffusionModel, ctx: PassContext) -> tuple[DiffusionModel, float]:
@@ -91,6 +106,9 @@ def main() -> None:
     ap.add_argument("--pd-steps", type=int, default=150, help="progressive_distill train steps per round")
     ap.add_argument("--cd-steps", type=int, default=600, help="consistency_distill train steps")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--name", default="steps_digits", help="prefix of the result files under benchmarks/results"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # shared 2-core box: one thread is far faster than two under contention
@@ -111,20 +129,20 @@ def main() -> None:
     ctx = PassContext(target=TARGETS["cpu"], adapter=adapter, teacher=copy.deepcopy(teacher), data=data)
     n, rows, train_s = args.samples, [], {}
 
-    rows.append(measure(adapter, teacher, "teacher_ddim_cfg", n))
+    rows.append(measure(adapter, teacher, "teacher_ddim_cfg", n, args.name))
     ag, _ = run_pass(AdaptiveGuidancePass(AdaptiveGuidancePass.Config(threshold=0.99)), teacher, ctx)
-    rows.append(measure(adapter, ag, "teacher_ddim_adaptive_guidance", n))
+    rows.append(measure(adapter, ag, "teacher_ddim_adaptive_guidance", n, args.name))
     for steps in (8, 4):
         dpm, _ = run_pass(
             SchedulerPass(SchedulerPass.Config(solver="dpmsolver++", steps=steps)), teacher, ctx
         )
-        rows.append(measure(adapter, dpm, f"teacher_dpm++_{steps}", n))
+        rows.append(measure(adapter, dpm, f"teacher_dpm++_{steps}", n, args.name))
 
     gd_cfg = GuidanceDistillPass.Config(
         train_steps=args.gd_steps, batch_size=args.batch_size, guidance_min=1.0, guidance_max=2.0
     )
     gd, train_s["guidance_distill"] = run_pass(GuidanceDistillPass(gd_cfg), teacher, ctx)
-    rows.append(measure(adapter, gd, "guidance_distilled_ddim", n))
+    rows.append(measure(adapter, gd, "guidance_distilled_ddim", n, args.name))
 
     pd = gd
     for final in (8, 4):
@@ -133,17 +151,17 @@ def main() -> None:
             batch_size=args.batch_size,
         )  # fmt: skip
         pd, train_s[f"progressive_distill_to_{final}"] = run_pass(ProgressiveDistillPass(cfg), pd, ctx)
-        rows.append(measure(adapter, pd, f"progressive_{final}", n))
+        rows.append(measure(adapter, pd, f"progressive_{final}", n, args.name))
 
     cd_cfg = ConsistencyDistillPass.Config(
         sampling_steps=4, train_steps=args.cd_steps, batch_size=args.batch_size
     )
     cd, train_s["consistency_distill"] = run_pass(ConsistencyDistillPass(cd_cfg), gd, ctx)
     for steps in (4, 2, 1):
-        rows.append(measure(adapter, cd.with_spec(steps=steps), f"consistency_{steps}", n))
+        rows.append(measure(adapter, cd.with_spec(steps=steps), f"consistency_{steps}", n, args.name))
 
     q, train_s["quantize"] = run_pass(QuantizePass(QuantizePass.Config()), cd, ctx)
-    rows.append(measure(adapter, q, "consistency_4_int8", n))
+    rows.append(measure(adapter, q, "consistency_4_int8", n, args.name))
     n_int8 = sum(1 for m in q.modules() if type(m).__name__ == "Int8Linear")
     lin_params = sum(m.weight.numel() for m in q.modules() if type(m).__name__ == "Int8Linear")
     all_params = sum(p.numel() for p in q.parameters())
@@ -158,10 +176,15 @@ def main() -> None:
         "int8": {"int8_linear_layers": n_int8, "int8_weight_fraction": round(lin_params / all_params, 4)},
         "teacher": json.loads((args.teacher / "training.json").read_text()),
         "command": "nice -n 10 python benchmarks/steps_digits.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "teacher"),
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("teacher", "name")
+        )
+        + ("" if args.name == "steps_digits" else f" --teacher {_rel(args.teacher)} --name {args.name}"),
+        "denoiser": type(teacher.unet).__name__,
+        "objective": teacher.schedule.objective,
         "threads": 1,
     }
-    (RESULTS / "steps_digits.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     lines = ["| method | steps | NFE | FD | class acc | ms/image |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [
         f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['fd']:.3f} | {r['class_acc']:.3f} | {r['ms_per_image']:.2f} |"
@@ -169,7 +192,7 @@ def main() -> None:
     ]
     lines.append(f"\nReference FD (real train vs held-out digits): {out['reference_fd_real_train_vs_heldout']}; "
                  f"{n} samples per method, one CPU thread, batch = all samples.")  # fmt: skip
-    (RESULTS / "steps_digits.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
 

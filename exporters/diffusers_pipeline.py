@@ -1,13 +1,14 @@
 """Export a step-reduced diffusion student: a diffusers pipeline folder and the denoiser as ONNX.
 
-The folder (``pipeline/``) is a ``StepReducedPipeline`` (unet + conditioner + the
-scheduler configured for the student's N steps) written by diffusers'
+The folder (``pipeline/``) is a ``StepReducedPipeline`` (the denoiser as ``unet/`` or
+``transformer/`` + conditioner + the scheduler configured for the student's N steps) written by diffusers'
 ``save_pretrained``, plus a ``pipeline.py`` so that
 ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)``
 finds the class (the package must be importable).
 The exporter reloads the folder and checks that it samples the same images as the
 torch model for a fixed seed. ``denoiser.onnx`` is one evaluation of the student,
-``(sample, timestep, class_labels[, guidance_scale]) -> noise_pred``, verified in ONNX
+``(sample, timestep, class_labels[, guidance_scale]) -> noise_pred`` (class_labels index
+the prompt table of a text conditioner; noise_pred is the velocity of a flow model), verified in ONNX
 Runtime against torch on real-shaped inputs (max abs error and SQNR).
 """
 
@@ -55,12 +56,8 @@ class DiffusersPipelineExportConfig:
 
 def save_pipeline(model: Any, folder: Path) -> None:
     """Write ``model`` (a DiffusionModel) as a StepReducedPipeline folder."""
-    from compressor.adapters.diffusion import make_scheduler
-    from compressor.adapters.diffusion_modules import (
-        ClassConditioner,
-        StepReducedPipeline,
-        restore_int8_layers_,
-    )
+    from compressor.adapters.diffusion import denoiser_component, make_scheduler
+    from compressor.adapters.diffusion_modules import StepReducedPipeline, restore_int8_layers_
 
     spec = model.spec
     cond = model.conditioner
@@ -72,8 +69,8 @@ def save_pipeline(model: Any, folder: Path) -> None:
                     f"{name}: SmoothQuant-smoothed int8 layers cannot be stored in a diffusers folder"
                 )
             int8[name] = m.act_scheme
-    # record the compiled sampling recipe in the conditioner's config
-    fresh = ClassConditioner(
+    # record the compiled sampling recipe and the training noise schedule in the conditioner's config
+    fresh = type(cond)(
         **{
             **dict(cond.config),
             "sampler": spec.sampler,
@@ -84,13 +81,15 @@ def save_pipeline(model: Any, folder: Path) -> None:
             "adaptive_guidance_warmup": spec.adaptive_guidance_warmup,
             "original_inference_steps": spec.original_inference_steps,
             "int8_layers": int8 or None,
+            "noise_schedule": dict(model.train_config),
         }
     )
     fresh.load_state_dict(cond.state_dict(), strict=False)
     if int8:  # save plain Linear weights: the reloading pipeline re-wraps them from the recorded names
         restore_int8_layers_(model.unet, fresh)
     scheduler = make_scheduler(model.train_config, spec)
-    StepReducedPipeline(unet=model.unet, conditioner=fresh, scheduler=scheduler).save_pretrained(folder)
+    denoiser = {denoiser_component(model.unet): model.unet}
+    StepReducedPipeline(conditioner=fresh, scheduler=scheduler, **denoiser).save_pretrained(folder)
     (folder / "pipeline.py").write_text(_PIPELINE_PY)
 
 
@@ -100,7 +99,9 @@ def check_pipeline_reload(model: Any, folder: Path, n: int) -> float:
 
     labels = torch.arange(n) % 10
     pipe = StepReducedPipeline.from_pretrained(folder)
-    got = pipe(labels, generator=torch.Generator().manual_seed(0)).images  # (B, H, W, C) in [0, 1]
+    got = pipe(
+        class_labels=labels, generator=torch.Generator().manual_seed(0)
+    ).images  # (B, H, W, C) in [0, 1]
     want, _ = model.sample(labels, torch.Generator().manual_seed(0))
     want = ((want + 1) / 2).permute(0, 2, 3, 1).numpy()
     return float(abs(got - want).max())

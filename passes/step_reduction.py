@@ -18,9 +18,11 @@ sampling spec with its own step count), distilled from the model they are handed
   consistency instead (Ren et al., "Hyper-SD", 2024): the map goes to the lower edge of
   the segment holding t, and the student samples with DDIM at ``segments`` steps.
 
-The math (noising, DDIM steps, the targets) is in plain functions below; the Pass
-classes only check the model, build the student and record what they did. Guidance is
-handled by the teacher's own ``guided_eps``: a classifier-free-guided teacher is
+The math (noising, DDIM steps, the targets) is in plain functions below over the
+model's ``NoiseSchedule``, so the same passes distil epsilon-prediction (DDPM) and
+flow-matching (velocity) denoisers, UNets and transformers alike; the Pass classes only
+check the model, build the student and record what they did. Guidance is handled by
+the teacher's own ``guided``: a classifier-free-guided teacher is
 distilled into a student with the scale baked in (one evaluation per step, guidance
 "none"); a guidance-embedded teacher hands its w embedding on to the student.
 """
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from compressor.adapters.diffusion_schedule import ddim_grid
 from compressor.config import option
 from compressor.errors import PassError, PlanError, RecipeError
 from compressor.pipeline import Pass, PassContext, register_pass
@@ -44,83 +47,48 @@ from compressor.pipeline import Pass, PassContext, register_pass
 if TYPE_CHECKING:
     from compressor.adapters.base import DataSplits
     from compressor.adapters.diffusion import DiffusionModel
+    from compressor.adapters.diffusion_schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- math
 
 
-def alpha_at(ac: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alpha_cumprod at integer timesteps, 1.0 at t = -1 (the clean end), as (B,1,1,1)."""
-    a = torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones_like(ac[0:1]).expand(t.shape[0]))
-    return a.view(-1, 1, 1, 1)
-
-
-def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
-    a = alpha_at(ac, t)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def predict_x0(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
-    a = alpha_at(ac, t)
-    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sch: NoiseSchedule) -> torch.Tensor:
+    return sch.add_noise(x0, t, noise)
 
 
 def ddim_step(
     x: torch.Tensor,
-    eps: torch.Tensor,
+    out: torch.Tensor,
     t: torch.Tensor,
     t_prev: torch.Tensor,
-    ac: torch.Tensor,
+    sch: NoiseSchedule,
     clip: bool = True,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from t to t_prev, clipping x0 like diffusers' DDIMScheduler."""
-    x0 = predict_x0(x, eps, t, ac)
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    a_prev = alpha_at(ac, t_prev)
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    """Deterministic step t -> t_prev from the model output: DDIM (eta 0, x0 clipped like
+    diffusers' DDIMScheduler) for epsilon models, the Euler step for flow models."""
+    return sch.step(x, out, t, t_prev, clip)
 
 
-def eps_for_target(
-    x_t: torch.Tensor, x_target: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, ac: torch.Tensor
+def output_for_target(
+    x_t: torch.Tensor, x_target: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, sch: NoiseSchedule
 ) -> torch.Tensor:
-    """The epsilon whose single (unclipped) DDIM step t -> t_next lands on ``x_target``.
-
-    Salimans & Ho, eq. 8, solved for epsilon: with x'' = a'' (x_t - s_t e) / a_t + s'' e,
-    e = (x'' - (a''/a_t) x_t) / (s'' - a'' s_t / a_t).
-    """
-    a_t, a_n = alpha_at(ac, t).sqrt(), alpha_at(ac, t_next).sqrt()
-    s_t, s_n = (1 - a_t**2).sqrt(), (1 - a_n**2).sqrt()
-    return (x_target - (a_n / a_t) * x_t) / (s_n - a_n * s_t / a_t)
-
-
-def lcm_boundary_scalings(
-    t: torch.Tensor, timestep_scaling: float = 10.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """c_skip, c_out of diffusers' LCMScheduler (sigma_data = 0.5); t = -1 is treated as 0."""
-    st = t.clamp(min=0).float().view(-1, 1, 1, 1) * timestep_scaling
-    c_skip = 0.25 / (st**2 + 0.25)
-    c_out = st / (st**2 + 0.25).sqrt()
-    return c_skip, c_out
+    """The model output whose single (unclipped) step t -> t_next lands on ``x_target``
+    (Salimans & Ho, eq. 8, solved for the output)."""
+    return sch.output_for_target(x_t, x_target, t, t_next)
 
 
 def consistency_map(
-    x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, edge: torch.Tensor, ac: torch.Tensor
+    x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, edge: torch.Tensor, sch: NoiseSchedule
 ) -> torch.Tensor:
-    """Where the consistency function sends x_t: the LCM boundary form when the segment edge
-    is the clean end (edge = -1), else the DDIM projection to the segment's lower edge."""
-    x0 = predict_x0(x, eps, t, ac)
-    c_skip, c_out = lcm_boundary_scalings(t)
+    """Where the consistency function sends x_t: the boundary form c_skip x + c_out x0 when
+    the segment edge is the clean end (edge = -1), else the deterministic step to the edge."""
+    x0, _ = sch.x0_eps(out, x, t)
+    c_skip, c_out = sch.boundary_scalings(t)
     to_clean = c_skip * x + c_out * x0
-    to_edge = ddim_step(x, eps, t, edge, ac, clip=False)
+    to_edge = ddim_step(x, out, t, edge, sch, clip=False)
     return torch.where((edge < 0).view(-1, 1, 1, 1), to_clean, to_edge)
-
-
-def ddim_grid(num_train_timesteps: int, steps: int) -> list[int]:
-    """The trailing DDIM timesteps diffusers uses for ``steps`` steps, highest first."""
-    ratio = num_train_timesteps / steps
-    return [int(v) for v in (torch.arange(num_train_timesteps, 0, -ratio).round() - 1).tolist()]
 
 
 def minibatches(data: DataSplits, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -135,11 +103,16 @@ def minibatches(data: DataSplits, batch_size: int, seed: int) -> Iterator[tuple[
         yield images[idx], labels[idx]
 
 
+def guided_at(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's guided output at integer training timesteps t."""
+    return model.guided(x, model.schedule.model_t(t), labels)[0]
+
+
 @torch.no_grad()
-def teacher_eps(
+def teacher_out(
     teacher: DiffusionModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    return teacher.guided_eps(x, t, labels)[0]
+    return guided_at(teacher, x, t, labels)
 
 
 def make_student(model: DiffusionModel, **spec_changes: Any) -> DiffusionModel:
@@ -269,35 +242,49 @@ class GuidanceDistillConfig(TrainOptions):
             )
 
 
+def accept_class_vector_(unet: nn.Module) -> None:
+    """Give a UNet2DConditionModel without a class embedding an identity one, so the guidance
+    embedding can be added to its time embedding as ``class_labels`` (a plain diffusers
+    option: the folder reloads with ``class_embed_type: identity``)."""
+    if getattr(unet, "class_embedding", None) is None:
+        unet.class_embedding = nn.Identity()
+        unet.register_to_config(class_embed_type="identity")  # type: ignore[operator]
+
+
 def guidance_distill(
     model: DiffusionModel, data: DataSplits, cfg: GuidanceDistillConfig, seed: int
 ) -> tuple[DiffusionModel, list[float]]:
     """Meng et al. stage one: eps_student(x, t, c, w) ~ eps_u + w (eps_c - eps_u), w ~ U[min, max]."""
-    from compressor.adapters.diffusion_modules import ClassConditioner
+    from compressor.adapters.digits import NULL_LABEL
 
     teacher = model
     student = copy.deepcopy(model)
     old = student.conditioner
-    cond = ClassConditioner(**{**dict(old.config), "guidance_embedding": True, "guidance": "embedded"})
-    cond.label_embedding.load_state_dict(old.label_embedding.state_dict())
+    cond = type(old)(**{**dict(old.config), "guidance_embedding": True, "guidance": "embedded"})
+    missing, unexpected = cond.load_state_dict(old.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_mlp.") for k in missing), (missing, unexpected)
     student.conditioner = cond
+    if cond.config.get("guidance_target", "class_labels") == "class_labels":
+        accept_class_vector_(student.unet)
     student = student.with_spec(guidance="embedded", adaptive_guidance_threshold=None).train()
-    ac = model.alphas_cumprod
+    sch = model.schedule
     batches = minibatches(data, cfg.batch_size, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    null = 10
 
     def loss_fn(step: int) -> torch.Tensor:
         x0, y = next(batches)
         b = x0.shape[0]
         t = torch.randint(0, teacher.num_train_timesteps, (b,), generator=g)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=g)
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), ac)
+        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
+        tm = sch.model_t(t)
         with torch.no_grad():
-            both = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-            eps_c, eps_u = both[:b], both[b:]
-            target = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
-        return nn.functional.mse_loss(student(x, t, y, w), target)
+            both = teacher(
+                torch.cat([x, x]), torch.cat([tm, tm]), torch.cat([y, torch.full_like(y, NULL_LABEL)])
+            )
+            out_c, out_u = both[:b], both[b:]
+            target = out_u + w.view(-1, 1, 1, 1) * (out_c - out_u)
+        return nn.functional.mse_loss(student(x, tm, y, w), target)
 
     losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "guidance_distill", lora_rank=cfg.lora_rank)
     return student.eval().requires_grad_(False), losses
@@ -360,7 +347,8 @@ def progressive_round(
     teacher: DiffusionModel, data: DataSplits, steps: int, cfg: ProgressiveDistillConfig, seed: int
 ) -> tuple[DiffusionModel, list[float]]:
     """One round: the student's DDIM step t_i -> t_{i+1} on the ``steps`` grid matches two
-    teacher DDIM steps on the 2x grid (t_i -> midpoint -> t_{i+1}); loss in epsilon space."""
+    teacher DDIM steps on the 2x grid (t_i -> midpoint -> t_{i+1}); loss in the model's
+    output space (epsilon, or velocity for flow models, where DDIM is the Euler step)."""
     teacher = teacher.with_spec(sampler="ddim", steps=2 * steps).eval()
     student = make_student(teacher, sampler="ddim", steps=steps)
     fine, coarse = (
@@ -370,7 +358,7 @@ def progressive_round(
     t_hi = torch.tensor(coarse)
     t_mid = torch.tensor(fine[1::2])  # (steps,) the teacher's midpoint of each student step
     t_lo = torch.tensor([*coarse[1:], -1])
-    ac = teacher.alphas_cumprod
+    sch = teacher.schedule
     batches = minibatches(data, cfg.batch_size, seed)
     g = torch.Generator().manual_seed(seed + 1)
 
@@ -378,12 +366,12 @@ def progressive_round(
         x0, y = next(batches)
         i = torch.randint(0, steps, (x0.shape[0],), generator=g)
         t, tm, tn = t_hi[i], t_mid[i], t_lo[i]
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), ac)
+        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
         with torch.no_grad():
-            xm = ddim_step(x, teacher_eps(teacher, x, t, y), t, tm, ac)
-            x2 = ddim_step(xm, teacher_eps(teacher, xm, tm, y), tm, tn, ac)
-            target = eps_for_target(x, x2, t, tn, ac)
-        return nn.functional.mse_loss(student.guided_eps(x, t, y)[0], target)
+            xm = ddim_step(x, teacher_out(teacher, x, t, y), t, tm, sch)
+            x2 = ddim_step(xm, teacher_out(teacher, xm, tm, y), tm, tn, sch)
+            target = output_for_target(x, x2, t, tn, sch)
+        return nn.functional.mse_loss(guided_at(student, x, t, y), target)
 
     losses = fit(
         student,
@@ -491,7 +479,7 @@ def consistency_distill(
     edges = (
         torch.tensor([*ddim_grid(n_train, cfg.segments)[1:], -1]) if cfg.segments > 1 else torch.tensor([-1])
     )
-    ac = teacher.alphas_cumprod
+    sch = teacher.schedule
     batches = minibatches(data, cfg.batch_size, seed)
     g = torch.Generator().manual_seed(seed + 1)
 
@@ -501,13 +489,13 @@ def consistency_distill(
         # the lower edge of each t's segment: the largest edge strictly below t
         edge = torch.stack([edges[edges < ti].max() for ti in t])
         t_prev = torch.maximum(t - skip, edge)
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), ac)
+        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
         with torch.no_grad():
-            x_prev = ddim_step(x, teacher_eps(teacher, x, t, y), t, t_prev, ac, clip=False)
+            x_prev = ddim_step(x, teacher_out(teacher, x, t, y), t, t_prev, sch, clip=False)
             at_edge = (t_prev == edge).view(-1, 1, 1, 1)
-            tgt_eps = target_net.guided_eps(x_prev, t_prev.clamp(min=0), y)[0]
-            target = torch.where(at_edge, x_prev, consistency_map(x_prev, tgt_eps, t_prev, edge, ac))
-        online = consistency_map(x, student.guided_eps(x, t, y)[0], t, edge, ac)
+            tgt_out = guided_at(target_net, x_prev, t_prev.clamp(min=0), y)
+            target = torch.where(at_edge, x_prev, consistency_map(x_prev, tgt_out, t_prev, edge, sch))
+        online = consistency_map(x, guided_at(student, x, t, y), t, edge, sch)
         if cfg.loss == "l2":
             return nn.functional.mse_loss(online, target)
         return (((online - target) ** 2).flatten(1).sum(1) + cfg.huber_c**2).sqrt().mean() - cfg.huber_c

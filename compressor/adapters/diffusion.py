@@ -1,19 +1,26 @@
 """The diffusion model the pipeline carries: a diffusers denoiser plus its sampling recipe.
 
-``DiffusionModel`` is an ``nn.Module`` holding the denoiser (a diffusers
-``UNet2DModel``), the ``ClassConditioner`` that turns a label (and, after guidance
-distillation, a guidance scale) into the UNet's class embedding, the training noise
-schedule, and a ``SamplingSpec``: which diffusers scheduler, how many steps, and how
-guidance is applied (classifier-free guidance with two evaluations, an embedded
-guidance scale with one, or none). Step-reduction passes return a *student*
-``DiffusionModel``: a new denoiser and a spec with N steps. Because the student is the
-model the pipeline carries, any later pass (quantization, sparsity) that walks the
-module tree acts on the student's denoiser.
+``DiffusionModel`` is an ``nn.Module`` holding the denoiser, the conditioner that turns
+a condition (and, after guidance distillation, a guidance scale) into the denoiser's
+conditioning inputs, the training noise schedule, and a ``SamplingSpec``: which
+diffusers scheduler, how many steps, and how guidance is applied (classifier-free
+guidance with two evaluations, an embedded guidance scale with one, or none).
+Step-reduction passes return a *student* ``DiffusionModel``: a new denoiser and a spec
+with N steps. Because the student is the model the pipeline carries, any later pass
+(quantization, sparsity) that walks the module tree acts on the student's denoiser.
 
-Covered: class-conditional ``UNet2DModel`` (epsilon prediction) with DDPM-trained
-schedules, sampled by DDIM, DPM-Solver++, UniPC or LCM (consistency) schedulers, with
-classifier-free guidance. Not covered: ``UNet2DConditionModel`` / text conditioning,
-transformer (DiT) denoisers, v-prediction and flow-matching teachers.
+Covered denoisers:
+- class-conditional ``UNet2DModel`` (the label embedding lifted into a ``ClassConditioner``);
+- text-conditional ``UNet2DConditionModel`` (cross-attention on prompt token embeddings)
+  and ``SD3Transformer2DModel`` (the MMDiT of Stable Diffusion 3: joint attention on prompt
+  tokens plus a pooled prompt embedding), through a ``TextConditioner`` that holds a table
+  of prompts encoded once by a real text encoder; conditions index that table.
+Training objectives (``diffusion_schedule``): epsilon prediction on DDPM schedules,
+sampled by DDIM, DPM-Solver++, UniPC or LCM; flow matching (velocity prediction, static
+shift), sampled by FlowMatchEuler, FlowMatchLCM, or the flow variants of DPM-Solver++ /
+UniPC. All with classifier-free guidance. Not covered: v-prediction, dynamic shifting,
+class-conditional DiT (``DiTTransformer2DModel``), latent (VAE) pipelines: the digits are
+denoised in pixel space.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ import torch
 from torch import nn
 
 from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter
-from compressor.adapters.digits import NULL_LABEL, NUM_CLASSES, DigitsScorer, load_digits_split
+from compressor.adapters.diffusion_schedule import (  # noqa: F401  (SCHEDULE_KEYS, make_scheduler: re-exported)
+    SCHEDULE_KEYS,
+    NoiseSchedule,
+    _diffusers,
+    make_scheduler,
+    training_schedule,
+)
+from compressor.adapters.digits import DIGIT_PROMPTS, NULL_LABEL, NUM_CLASSES, DigitsScorer, load_digits_split
 from compressor.errors import DataError, PassError
 
 log = logging.getLogger(__name__)
@@ -40,66 +54,21 @@ Sampler = Literal["ddim", "dpmsolver++", "unipc", "lcm"]
 Guidance = Literal["cfg", "embedded", "none"]
 
 
-def _diffusers() -> Any:
-    try:
-        import diffusers
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("diffusion models need diffusers: pip install 'compressor[diffusion]'") from e
-    return diffusers
-
-
 @dataclass(frozen=True)
 class SamplingSpec:
-    """How the model is sampled: scheduler, step count and guidance."""
+    """How the model is sampled: scheduler, step count and guidance.
+
+    ``ddim`` is the deterministic first-order sampler: DDIM for epsilon models, the Euler
+    step (FlowMatchEulerDiscreteScheduler) for flow-matching models.
+    """
 
     sampler: Sampler = "ddim"
     steps: int = 50
     guidance: Guidance = "cfg"
     guidance_scale: float = 2.0
-    adaptive_guidance_threshold: float | None = None  # cosine(eps_c, eps_u) above which uncond is dropped
+    adaptive_guidance_threshold: float | None = None  # cosine(out_c, out_u) above which uncond is dropped
     adaptive_guidance_warmup: float = 0.3  # fraction of steps always guided (at pure noise eps_c ~ eps_u ~ x)
     original_inference_steps: int = 50  # the LCM skipping-step grid a consistency student was trained on
-
-
-SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-)
-
-
-# clip the predicted clean image to the data range at every step, as DDIM's clip_sample does:
-# dynamic thresholding with sample_max_value 1 is exactly that clip (the quantile is floored at 1)
-_X0_CLIP = {"thresholding": True, "sample_max_value": 1.0}
-
-
-def make_scheduler(train_config: dict[str, Any], spec: SamplingSpec) -> Any:
-    """A diffusers scheduler for ``spec`` sharing the teacher's noise schedule, set to ``spec.steps``."""
-    d = _diffusers()
-    # only the noise schedule carries over: sampler options (clipping etc.) are set here, so a
-    # student reloaded from its own scheduler config samples identically
-    base = {k: v for k, v in train_config.items() if k in SCHEDULE_KEYS}
-    if spec.sampler == "ddim":
-        sched = d.DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=True)
-    elif spec.sampler == "dpmsolver++":
-        sched = d.DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", **_X0_CLIP
-        )
-    elif spec.sampler == "unipc":
-        sched = d.UniPCMultistepScheduler.from_config(
-            base, solver_order=2, timestep_spacing="trailing", **_X0_CLIP
-        )
-    elif spec.sampler == "lcm":
-        sched = d.LCMScheduler.from_config(
-            base, original_inference_steps=spec.original_inference_steps, clip_sample=True
-        )
-    else:
-        raise ValueError(f"unknown sampler {spec.sampler!r}")
-    sched.set_timesteps(spec.steps)
-    return sched
 
 
 def spec_takes_generator(sched: Any) -> bool:
@@ -108,12 +77,26 @@ def spec_takes_generator(sched: Any) -> bool:
     return "generator" in inspect.signature(sched.step).parameters
 
 
-class DiffusionModel(nn.Module):
-    """Denoiser + conditioner + noise schedule + sampling spec; ``sample`` counts NFE."""
+DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 
-    unet: Any  # a diffusers UNet2DModel
-    conditioner: Any  # a ClassConditioner
-    alphas_cumprod: torch.Tensor
+
+def denoiser_component(denoiser: nn.Module) -> str:
+    """The pipeline component name diffusers gives this denoiser: ``unet`` or ``transformer``."""
+    return "transformer" if "Transformer" in type(denoiser).__name__ else "unet"
+
+
+class DiffusionModel(nn.Module):
+    """Denoiser + conditioner + noise schedule + sampling spec; ``sample`` counts NFE.
+
+    ``unet`` holds the denoiser whatever its kind (UNet2DModel, UNet2DConditionModel or
+    SD3Transformer2DModel; the attribute name keeps layer names such as ``unet.…`` stable
+    across kinds). ``forward`` takes the timestep the denoiser is fed (what the scheduler
+    yields); the passes map integer training timesteps to it with ``schedule.model_t``.
+    """
+
+    unet: Any
+    conditioner: Any  # a ClassConditioner or TextConditioner
+    schedule: NoiseSchedule
     spec: SamplingSpec
     train_config: dict[str, Any]
 
@@ -121,16 +104,19 @@ class DiffusionModel(nn.Module):
         self, unet: nn.Module, conditioner: nn.Module, train_config: dict[str, Any], spec: SamplingSpec
     ):
         super().__init__()
+        kind = type(unet).__name__
+        if kind not in DENOISERS:
+            raise PassError(f"the diffusers adapter supports denoisers {list(DENOISERS)}, not {kind}")
         self.unet = unet
         self.conditioner = conditioner
-        self.train_config = dict(train_config)
+        self.train_config = training_schedule(train_config)
         self.spec = spec
-        betas = _diffusers().DDPMScheduler.from_config(self.train_config).alphas_cumprod
-        self.register_buffer("alphas_cumprod", betas.clone().float(), persistent=False)
+        self.schedule = NoiseSchedule(self.train_config)
+        self._x_arg = "hidden_states" if kind == "SD3Transformer2DModel" else "sample"
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        return self.schedule.num_train_timesteps
 
     @property
     def guidance_embedded(self) -> bool:
@@ -147,13 +133,15 @@ class DiffusionModel(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One network function evaluation: epsilon for (B,1,H,W) x at (B,) timesteps t."""
+        """One network function evaluation on (B,C,H,W) x at denoiser timesteps t: the model's
+        output (epsilon, or velocity for flow models). ``labels`` index the conditions (digit
+        classes, or the prompts of a text conditioner); the last one is the null condition."""
         if self.guidance_embedded and w is None:
             w = torch.full((x.shape[0],), self.spec.guidance_scale, device=x.device)
-        emb = self.conditioner(labels, w) if self.guidance_embedded else self.conditioner(labels)
-        return self.unet(x, t, class_labels=emb).sample
+        cond = self.conditioner(labels, w) if self.guidance_embedded else self.conditioner(labels)
+        return self.unet(**{self._x_arg: x}, timestep=t, **cond).sample  # type: ignore[no-any-return]
 
-    def guided_eps(
+    def guided(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
@@ -161,11 +149,12 @@ class DiffusionModel(nn.Module):
         active: torch.Tensor | None = None,
         may_drop: bool = True,
     ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-        """Guided epsilon per the spec -> (eps, evaluations spent per image, still-guided mask).
+        """Guided output per the spec -> (output, evaluations spent per image, still-guided mask).
 
         ``active`` (B,) bool marks samples whose uncond branch is still evaluated under
-        adaptive guidance (Castillo et al., "Adaptive Guidance", 2023): once cosine(eps_c,
-        eps_u) passes the threshold for a sample, later steps use eps_c alone for it.
+        adaptive guidance (Castillo et al., "Adaptive Guidance", 2023): once cosine(out_c,
+        out_u) passes the threshold for a sample, later steps use out_c alone for it. The
+        combination is linear, so it is the same in epsilon and in velocity space.
         """
         b = x.shape[0]
         s = self.spec.guidance_scale
@@ -179,35 +168,37 @@ class DiffusionModel(nn.Module):
         both = self(
             torch.cat([x, x[idx]]), torch.cat([t, t[idx]]), torch.cat([labels, null])
         )  # (B + n_active, C, H, W)
-        eps_c, eps_u_active = both[:b], both[b:]
-        eps = eps_c.clone()
-        eps[idx] = eps_u_active + s * (eps_c[idx] - eps_u_active)
+        out_c, out_u_active = both[:b], both[b:]
+        out = out_c.clone()
+        out[idx] = out_u_active + s * (out_c[idx] - out_u_active)
         cost = 1.0 + idx.numel() / b
         if self.spec.adaptive_guidance_threshold is not None and idx.numel() and may_drop:
-            cos = nn.functional.cosine_similarity(eps_c[idx].flatten(1), eps_u_active.flatten(1), dim=1)
+            cos = nn.functional.cosine_similarity(out_c[idx].flatten(1), out_u_active.flatten(1), dim=1)
             active = active.clone()
             active[idx[cos > self.spec.adaptive_guidance_threshold]] = False
-        return eps, cost, active
+        return out, cost, active
 
     @torch.no_grad()
     def sample(
         self, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, float]:
-        """Images (B,1,H,W) in [-1, 1] for ``labels`` and the NFE spent per image."""
+        """Images (B,C,H,W) in [-1, 1] for ``labels`` and the NFE spent per image."""
         sched = make_scheduler(self.train_config, self.spec)
         size = int(self.unet.config.sample_size)
         chans = int(self.unet.config.in_channels)
-        x = torch.randn((labels.shape[0], chans, size, size), generator=generator) * sched.init_noise_sigma
+        sigma0 = float(getattr(sched, "init_noise_sigma", None) or 1.0)
+        x = torch.randn((labels.shape[0], chans, size, size), generator=generator) * sigma0
+        scale = getattr(sched, "scale_model_input", lambda x, t: x)
         nfe, active = 0.0, None
         warm = self.spec.adaptive_guidance_warmup * len(sched.timesteps)
+        kwargs = {"generator": generator} if spec_takes_generator(sched) else {}
         for i, t in enumerate(sched.timesteps):
-            tt = torch.full((labels.shape[0],), int(t), dtype=torch.long)
-            eps, cost, active = self.guided_eps(
-                sched.scale_model_input(x, t), tt, labels, active, i + 1 >= warm
+            tt = (
+                t.expand(labels.shape[0]) if t.is_floating_point() else torch.full((labels.shape[0],), int(t))
             )
+            out, cost, active = self.guided(scale(x, t), tt, labels, active, i + 1 >= warm)
             nfe += cost
-            kwargs = {"generator": generator} if spec_takes_generator(sched) else {}
-            x = sched.step(eps, t, x, **kwargs).prev_sample
+            x = sched.step(out, t, x, **kwargs).prev_sample
         return x.clamp(-1, 1), nfe
 
 
@@ -220,11 +211,11 @@ def from_class_unet(unet: nn.Module, train_config: dict[str, Any], spec: Samplin
     """Lift a class-conditional UNet2DModel's label embedding into a ClassConditioner."""
     from compressor.adapters.diffusion_modules import ClassConditioner
 
-    emb = unet.class_embedding
-    if not isinstance(emb, nn.Embedding):
+    emb = getattr(unet, "class_embedding", None)
+    if type(unet).__name__ != "UNet2DModel" or not isinstance(emb, nn.Embedding):
         raise PassError(
-            "the diffusers adapter needs a class-conditional UNet2DModel (num_class_embeds set, "
-            f"class_embed_type None); this one has class_embedding {type(emb).__name__}"
+            "a class-conditional denoiser must be a UNet2DModel with num_class_embeds set and "
+            f"class_embed_type None; this {type(unet).__name__} has class_embedding {type(emb).__name__}"
         )
     cond = ClassConditioner(num_embeddings=emb.num_embeddings, embed_dim=emb.embedding_dim)
     cond.label_embedding.load_state_dict(emb.state_dict())
@@ -233,20 +224,119 @@ def from_class_unet(unet: nn.Module, train_config: dict[str, Any], spec: Samplin
     return DiffusionModel(unet, cond, train_config, spec)
 
 
+def from_text_denoiser(
+    denoiser: Any,
+    train_config: dict[str, Any],
+    spec: SamplingSpec,
+    prompts: Sequence[str],
+    prompt_embeds: torch.Tensor,
+    pooled_embeds: torch.Tensor | None = None,
+) -> DiffusionModel:
+    """A text-conditional denoiser (UNet2DConditionModel or SD3Transformer2DModel) over a table
+    of encoded prompts; ``labels`` index the table, the last prompt is the null prompt ""."""
+    from compressor.adapters.diffusion_modules import TextConditioner
+
+    kind = type(denoiser).__name__
+    cfg: Any = denoiser.config
+    if kind == "UNet2DConditionModel":
+        want, guidance_dim = int(cfg.cross_attention_dim), int(denoiser.time_embedding.linear_2.out_features)
+        target = "class_labels"
+    elif kind == "SD3Transformer2DModel":
+        want, guidance_dim, target = (
+            int(cfg.joint_attention_dim),
+            int(cfg.pooled_projection_dim),
+            "pooled_projections",
+        )
+        if pooled_embeds is None:
+            raise DataError("an SD3 transformer needs pooled prompt embeddings (pooled_projections)")
+        if pooled_embeds.shape[-1] != guidance_dim:
+            raise DataError(f"pooled prompt embeddings are {pooled_embeds.shape[-1]} wide; the transformer's "
+                            f"pooled_projection_dim is {guidance_dim}")  # fmt: skip
+    else:
+        raise PassError(
+            f"a text-conditional denoiser must be a UNet2DConditionModel or SD3Transformer2DModel, not {kind}"
+        )
+    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != len(prompts) or prompt_embeds.shape[-1] != want:
+        raise DataError(
+            f"prompt embeddings {tuple(prompt_embeds.shape)} do not fit: need ({len(prompts)} prompts, "
+            f"tokens, {want}) for this {kind}"
+        )
+    if prompts[-1] != "":
+        raise DataError('the last prompt of a text-conditional table must be the null prompt ""')
+    cond = TextConditioner(
+        prompts=list(prompts),
+        max_length=int(prompt_embeds.shape[1]),
+        text_dim=want,
+        pooled_dim=0 if pooled_embeds is None else int(pooled_embeds.shape[-1]),
+        guidance_target=target,
+        guidance_embed_dim=guidance_dim,
+    )
+    cond.prompt_embeds.copy_(prompt_embeds)
+    if pooled_embeds is not None:
+        cond.pooled_embeds.copy_(pooled_embeds)
+    return DiffusionModel(denoiser, cond, train_config, spec)
+
+
+def encode_prompts(
+    text_encoder: str | Path,
+    prompts: Sequence[str],
+    max_length: int = 16,
+    tokenizer: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings (P, max_length, D) and pooled embeddings (P, D) of ``prompts`` from a
+    local Hugging Face encoder folder (last hidden state; pooled = mean over real tokens)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or text_encoder))
+    enc = AutoModel.from_pretrained(str(text_encoder)).eval()
+    batch = tok(
+        list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = enc(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return hidden, pooled
+
+
 def load_diffusion_model(source: str | Path) -> DiffusionModel:
-    """A teacher folder (unet/ + scheduler/, e.g. a DDPMPipeline) or an exported student folder."""
+    """A teacher folder or an exported student folder.
+
+    A teacher is a diffusers pipeline folder: ``unet/`` or ``transformer/`` plus
+    ``scheduler/`` (DDPM-type or FlowMatchEuler). A class-conditional UNet2DModel needs
+    nothing else; a text-conditional denoiser (UNet2DConditionModel, SD3Transformer2DModel)
+    also needs ``text_encoder/`` (and ``tokenizer/``, else the encoder folder's tokenizer),
+    which encodes the digit prompts once. An optional ``sampling.json`` holds the teacher's
+    SamplingSpec.
+    """
     d = _diffusers()
     folder = Path(source)
-    if not (folder / "unet").is_dir():
-        raise DataError(f"{folder}: not a diffusers pipeline folder with a unet/ subfolder")
     if (folder / "conditioner").is_dir():
         from compressor.adapters.diffusion_modules import StepReducedPipeline
 
         pipe = StepReducedPipeline.from_pretrained(folder)
         return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return,return-value]
-    unet = d.UNet2DModel.from_pretrained(folder / "unet").eval()
-    train_config = dict(d.DDPMScheduler.load_config(folder / "scheduler"))
-    return from_class_unet(unet, train_config, _read_sampling(folder)).eval()
+    sub = next((folder / n for n in ("unet", "transformer") if (folder / n).is_dir()), None)
+    if sub is None or not (folder / "scheduler").is_dir():
+        raise DataError(
+            f"{folder}: not a diffusers pipeline folder with unet/ or transformer/ and scheduler/"
+        )
+    kind = json.loads((sub / "config.json").read_text()).get("_class_name")
+    if kind not in DENOISERS:
+        raise DataError(f"{sub}: denoiser {kind!r} is not supported (supported: {list(DENOISERS)})")
+    denoiser = getattr(d, kind).from_pretrained(sub).eval()
+    train_config = training_schedule(dict(d.DDPMScheduler.load_config(folder / "scheduler")))
+    spec = _read_sampling(folder)
+    if kind == "UNet2DModel":
+        return from_class_unet(denoiser, train_config, spec).eval()
+    if not (folder / "text_encoder").is_dir():
+        raise DataError(
+            f"{folder}: a text-conditional {kind} needs a text_encoder/ folder to encode its prompts"
+        )
+    tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
+    embeds, pooled = encode_prompts(folder / "text_encoder", DIGIT_PROMPTS, tokenizer=tokenizer)
+    use_pooled = pooled if kind == "SD3Transformer2DModel" else None
+    return from_text_denoiser(denoiser, train_config, spec, DIGIT_PROMPTS, embeds, use_pooled).eval()
 
 
 class DenoiserGraph(nn.Module):
@@ -261,7 +351,7 @@ class DenoiserGraph(nn.Module):
 
 
 class DiffusersAdapter(ModelAdapter):
-    """Class-conditional diffusers UNet2DModel on the bundled digits."""
+    """Diffusers denoisers (class- or text-conditional) on the bundled digits."""
 
     name: ClassVar[str] = "diffusers"
 
@@ -307,14 +397,13 @@ class DiffusersAdapter(ModelAdapter):
         )
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Epsilon on the batch noised at fixed timesteps (used for calibration and fidelity)."""
+        """The model output on the batch noised at fixed timesteps (calibration and fidelity)."""
         assert isinstance(model, DiffusionModel)
         x0, labels = batch["images"], batch["labels"]
         g = torch.Generator().manual_seed(1234)
         t = torch.randint(0, model.num_train_timesteps, (x0.shape[0],), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, labels)
+        x = model.schedule.add_noise(x0, t, torch.randn(x0.shape, generator=g))
+        return model(x, model.schedule.model_t(t), labels)
 
     def sample_and_score(self, model: DiffusionModel, n: int, seed: int = 0) -> dict[str, float]:
         labels = torch.arange(n) % NUM_CLASSES
@@ -339,7 +428,7 @@ class DiffusersAdapter(ModelAdapter):
         b = batch["images"].shape[0]
         size = int(model.unet.config.sample_size)
         x = torch.randn(b, int(model.unet.config.in_channels), size, size)
-        t = torch.full((b,), model.num_train_timesteps // 2, dtype=torch.long)
+        t = model.schedule.model_t(torch.full((b,), model.num_train_timesteps // 2, dtype=torch.long))
         inputs: tuple[torch.Tensor, ...] = (x, t, batch["labels"].long())
         names: tuple[str, ...] = ("sample", "timestep", "class_labels")
         if model.guidance_embedded:

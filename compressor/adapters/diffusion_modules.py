@@ -1,4 +1,4 @@
-"""The class (and guidance-scale) conditioner that sits beside a diffusers UNet2DModel.
+"""The conditioners that sit beside a diffusers denoiser, and the pipeline that carries them.
 
 A class-conditional ``UNet2DModel`` adds ``class_embedding(label)`` to its timestep
 embedding. We lift that embedding out of the UNet (the UNet keeps
@@ -9,9 +9,13 @@ feeds the guidance scale w as a Fourier-feature MLP embedding added here. The UN
 stays a plain diffusers model (``save_pretrained`` / ``from_pretrained`` round-trip),
 and this conditioner is a diffusers ``ModelMixin`` so a pipeline folder can carry it.
 
-The conditioner's config also records the sampling recipe the student was compiled
-for (sampler, steps, guidance mode and scale), so a reloaded pipeline samples the way
-the compiler measured it.
+A text-conditional denoiser (``UNet2DConditionModel``, ``SD3Transformer2DModel``) gets its
+conditions from a ``TextConditioner``: prompt token (and pooled) embeddings from a real
+text encoder, computed once for the prompts the model is trained and sampled with.
+
+A conditioner's config also records the sampling recipe the student was compiled for
+(sampler, steps, guidance mode and scale) and the teacher's training noise schedule, so
+a reloaded pipeline samples the way the compiler measured it.
 """
 
 from __future__ import annotations
@@ -39,8 +43,20 @@ def fourier_features(w: torch.Tensor, dim: int, max_period: float = 100.0) -> to
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def guidance_mlp(fourier_dim: int, out_dim: int) -> nn.Sequential:
+    """Fourier features of w -> out_dim, last layer zero-initialised: a student with it starts
+    as exactly the conditional teacher."""
+    mlp = nn.Sequential(nn.Linear(fourier_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+    last = mlp[2]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return mlp
+
+
 class ClassConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
-    """label (and optionally w) -> the (B, embed_dim) vector the UNet adds to its time embedding."""
+    """label (and optionally w) -> ``{"class_labels": (B, embed_dim)}``, the vector a
+    UNet2DModel adds to its time embedding."""
 
     @register_to_config
     def __init__(
@@ -57,49 +73,128 @@ class ClassConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
         original_inference_steps: int = 50,
         adaptive_guidance_warmup: float = 0.3,
         int8_layers: dict[str, str] | None = None,
+        noise_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.label_embedding = nn.Embedding(num_embeddings, embed_dim)
         self.guidance_mlp: nn.Sequential | None = None
         if guidance_embedding:
-            self.guidance_mlp = nn.Sequential(
-                nn.Linear(guidance_fourier_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
-            )
-            # zero-init the last layer: the student starts as exactly the conditional teacher
-            last = self.guidance_mlp[2]
-            assert isinstance(last, nn.Linear)
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            self.guidance_mlp = guidance_mlp(guidance_fourier_dim, embed_dim)
 
-    def forward(self, labels: torch.Tensor, guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, labels: torch.Tensor, guidance_scale: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         emb = self.label_embedding(labels)  # (B, D)
         if self.guidance_mlp is not None:
-            if guidance_scale is None:
-                raise ValueError("this conditioner was guidance-distilled: pass guidance_scale (B,)")
-            feats = fourier_features(guidance_scale, int(self.config["guidance_fourier_dim"]))
-            emb = emb + self.guidance_mlp(feats.to(emb.dtype))
-        return emb
+            emb = emb + _guidance(self, guidance_scale, emb.dtype)
+        return {"class_labels": emb}
+
+
+def _guidance(cond: Any, w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if w is None:
+        raise ValueError("this conditioner was guidance-distilled: pass guidance_scale (B,)")
+    feats = fourier_features(w, int(cond.config["guidance_fourier_dim"]))
+    return cond.guidance_mlp(feats.to(dtype))  # type: ignore[no-any-return]
+
+
+class TextConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
+    """Condition index (and optionally w) -> a text-conditional denoiser's inputs.
+
+    Holds a table of prompts (``config.prompts``, the last one the null prompt "") encoded
+    once by a real text encoder: ``prompt_embeds`` (P, max_length, text_dim) go to the
+    denoiser as ``encoder_hidden_states`` (cross / joint attention) and, for SD3
+    transformers, ``pooled_embeds`` (P, pooled_dim) as ``pooled_projections``. A
+    guidance-distilled conditioner adds the w embedding to ``guidance_target``: the pooled
+    projection (SD3, like Flux's guidance embedding) or a UNet's class-embedding input.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        max_length: int = 16,
+        text_dim: int = 384,
+        pooled_dim: int = 0,
+        guidance_target: str = "class_labels",
+        guidance_embed_dim: int = 256,
+        guidance_embedding: bool = False,
+        guidance_fourier_dim: int = 64,
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        guidance: str = "cfg",
+        guidance_scale: float = 3.0,
+        adaptive_guidance_threshold: float | None = None,
+        original_inference_steps: int = 50,
+        adaptive_guidance_warmup: float = 0.3,
+        int8_layers: dict[str, str] | None = None,
+        noise_schedule: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        n = len(prompts or [])
+        self.register_buffer("prompt_embeds", torch.zeros(n, max_length, text_dim))
+        self.register_buffer("pooled_embeds", torch.zeros(n, pooled_dim))
+        self.guidance_mlp: nn.Sequential | None = None
+        if guidance_embedding:
+            self.guidance_mlp = guidance_mlp(guidance_fourier_dim, guidance_embed_dim)
+
+    def index(self, prompts: list[str]) -> torch.Tensor:
+        """The condition indices of ``prompts``; a prompt outside the table is an error naming the table."""
+        table = list(self.config["prompts"] or [])
+        missing = [p for p in prompts if p not in table]
+        if missing:
+            raise ValueError(f"prompts {missing} are not in this student's prompt table {table}")
+        return torch.tensor([table.index(p) for p in prompts])
+
+    def forward(
+        self, labels: torch.Tensor, guidance_scale: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = {"encoder_hidden_states": self.prompt_embeds[labels]}
+        if self.config["pooled_dim"]:
+            out["pooled_projections"] = self.pooled_embeds[labels]
+        if self.guidance_mlp is not None:
+            g = _guidance(self, guidance_scale, self.prompt_embeds.dtype)
+            target = self.config["guidance_target"]
+            out[target] = out[target] + g if target in out else g
+        return out
 
 
 class StepReducedPipeline(DiffusionPipeline):
-    """A class-conditional sampling pipeline for a (step-reduced) UNet2DModel student.
+    """A conditional sampling pipeline for a (step-reduced) diffusers denoiser.
 
-    Components: ``unet`` (UNet2DModel, class_embed_type "identity"), ``conditioner``
-    (ClassConditioner, which also records the compiled sampling recipe) and ``scheduler``
-    (the diffusers scheduler set up for the student's step count). Load with
-    ``StepReducedPipeline.from_pretrained(folder)`` or, from the folder alone,
-    ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`` (the folder
-    carries a ``pipeline.py`` that imports this class).
+    Components: the denoiser as ``unet`` (UNet2DModel, class_embed_type "identity";
+    UNet2DConditionModel) or ``transformer`` (SD3Transformer2DModel), ``conditioner``
+    (ClassConditioner or TextConditioner, which also records the compiled sampling recipe
+    and the training noise schedule) and ``scheduler`` (the diffusers scheduler set up for
+    the student's step count). Load with ``StepReducedPipeline.from_pretrained(folder)``
+    or, from the folder alone, ``DiffusionPipeline.from_pretrained(folder,
+    custom_pipeline=folder, trust_remote_code=True)`` (the folder carries a
+    ``pipeline.py`` that imports this class).
     """
 
-    def __init__(self, unet: nn.Module, conditioner: ClassConditioner, scheduler: SchedulerMixin) -> None:
+    _optional_components = ["unet", "transformer"]
+
+    def __init__(
+        self,
+        conditioner: ModelMixin,
+        scheduler: SchedulerMixin,
+        unet: nn.Module | None = None,
+        transformer: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        restore_int8_layers_(unet, conditioner)
-        self.register_modules(unet=unet, conditioner=conditioner, scheduler=scheduler)
+        if (unet is None) == (transformer is None):
+            raise ValueError("a StepReducedPipeline has exactly one denoiser: unet or transformer")
+        restore_int8_layers_(unet if unet is not None else transformer, conditioner)  # type: ignore[arg-type]
+        self.register_modules(
+            unet=unet, transformer=transformer, conditioner=conditioner, scheduler=scheduler
+        )
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet if self.unet is not None else self.transformer  # type: ignore[no-any-return]
 
     def to_diffusion_model(self) -> nn.Module:
         """The compiler's DiffusionModel over these components (shared, not copied)."""
-        from compressor.adapters.diffusion import DiffusionModel, SamplingSpec
+        from compressor.adapters.diffusion import SCHEDULE_KEYS, DiffusionModel, SamplingSpec
 
         c: Any = self.conditioner.config
         spec = SamplingSpec(
@@ -108,32 +203,36 @@ class StepReducedPipeline(DiffusionPipeline):
             adaptive_guidance_warmup=c.adaptive_guidance_warmup,
             original_inference_steps=c.original_inference_steps,
         )  # fmt: skip
-        from compressor.adapters.diffusion import SCHEDULE_KEYS
-
-        train = {k: v for k, v in dict(self.scheduler.config).items() if k in SCHEDULE_KEYS}
-        return DiffusionModel(self.unet, self.conditioner, train, spec)
+        train = c.noise_schedule or {
+            k: v for k, v in dict(self.scheduler.config).items() if k in SCHEDULE_KEYS
+        }
+        return DiffusionModel(self.denoiser, self.conditioner, train, spec)
 
     @torch.no_grad()
     def __call__(
-        self, class_labels: list[int] | torch.Tensor, generator: torch.Generator | None = None
+        self,
+        class_labels: list[int] | torch.Tensor | None = None,
+        prompt: str | list[str] | None = None,
+        generator: torch.Generator | None = None,
     ) -> ImagePipelineOutput:
-        """Samples in [0, 1] as numpy (B, H, W, C), with the compiled steps and guidance."""
-        labels = torch.as_tensor(class_labels, dtype=torch.long)
+        """Samples in [0, 1] as numpy (B, H, W, C), with the compiled steps and guidance.
+
+        Conditions are ``class_labels`` (class indices, or prompt-table indices of a text
+        conditioner) or, for a text conditioner, ``prompt`` (prompts from its table).
+        """
+        if (class_labels is None) == (prompt is None):
+            raise ValueError("pass exactly one of class_labels or prompt")
+        if prompt is not None:
+            if not isinstance(self.conditioner, TextConditioner):
+                raise ValueError("this pipeline is class-conditional: pass class_labels, not prompt")
+            labels = self.conditioner.index([prompt] if isinstance(prompt, str) else list(prompt))
+        else:
+            labels = torch.as_tensor(class_labels, dtype=torch.long)
         images, _ = self.to_diffusion_model().sample(labels, generator)  # type: ignore[operator]
         return ImagePipelineOutput(images=((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
 
 
-_SCHEDULE_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-)
-
-
-def restore_int8_layers_(unet: nn.Module, conditioner: ClassConditioner) -> None:
+def restore_int8_layers_(unet: nn.Module, conditioner: ModelMixin) -> None:
     """Re-wrap the Linear layers the compiler quantized (recorded in the conditioner's
     ``int8_layers``: name -> activation scheme) as ``Int8Linear``.
 

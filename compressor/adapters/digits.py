@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 NULL_LABEL = 10  # the "no class" label used for classifier-free guidance
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# the conditions of a text-conditional denoiser: label i <-> prompt i, the null label <-> ""
+DIGIT_PROMPTS = (*[f"a handwritten digit {w}" for w in _WORDS], "")
 
 
 def _sklearn() -> Any:

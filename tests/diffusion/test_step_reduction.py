@@ -15,7 +15,7 @@ from compressor.passes.step_reduction import (
     ProgressiveDistillPass,
     add_noise,
     ddim_step,
-    eps_for_target,
+    output_for_target,
 )
 from compressor.pipeline import MetricsInstrument, Pipeline
 from compressor.recipe import parse_recipe
@@ -39,13 +39,13 @@ def run_pass(p, model, adapter, data):  # type: ignore[no-untyped-def]
     return out, ctx
 
 
-def test_eps_for_target_inverts_a_ddim_step() -> None:
-    ac = tiny_teacher().alphas_cumprod
+def test_output_for_target_inverts_a_ddim_step() -> None:
+    sch = tiny_teacher().schedule
     x = torch.randn(5, 1, 8, 8)
     eps = torch.randn(5, 1, 8, 8)
     t, tn = torch.tensor([999, 700, 400, 100, 30]), torch.tensor([700, 400, 100, -1, -1])
-    target = ddim_step(x, eps, t, tn, ac, clip=False)
-    torch.testing.assert_close(eps_for_target(x, target, t, tn, ac), eps, atol=1e-3, rtol=1e-3)
+    target = ddim_step(x, eps, t, tn, sch, clip=False)
+    torch.testing.assert_close(output_for_target(x, target, t, tn, sch), eps, atol=1e-3, rtol=1e-3)
 
 
 def test_guidance_distill_halves_nfe_and_learns_the_cfg_combination(teacher, adapter, data) -> None:
@@ -57,9 +57,9 @@ def test_guidance_distill_halves_nfe_and_learns_the_cfg_combination(teacher, ada
     x0 = data.eval[0]["images"][:16]
     y = data.eval[0]["labels"][:16]
     t = torch.full((16,), 500)
-    x = add_noise(x0, t, torch.randn_like(x0), teacher.alphas_cumprod)
+    x = add_noise(x0, t, torch.randn_like(x0), teacher.schedule)
     with torch.no_grad():
-        target = teacher.guided_eps(x, t, y)[0]
+        target = teacher.guided(x, t, y)[0]
         before = (teacher(x, t, y) - target).pow(2).mean()
         after = (student(x, t, y, torch.full((16,), 2.0)) - target).pow(2).mean()
     assert after < 0.8 * before
