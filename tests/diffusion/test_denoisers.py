@@ -37,7 +37,7 @@ from compressor.passes.step_reduction import (
 )
 from compressor.targets import TARGETS
 
-from .conftest import make_ctx
+from .conftest import make_ctx, nfe_of, run_pass
 
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
@@ -92,18 +92,6 @@ def tiny_text_teacher(kind: str, steps: int = 4, seed: int = 0) -> DiffusionMode
 
 
 KINDS = ["text_unet", "mmdit_flow"]
-
-
-def nfe_of(model: DiffusionModel, n: int = 4) -> float:
-    return model.sample(torch.arange(n) % 10, torch.Generator().manual_seed(0))[1]
-
-
-def run_pass(p, model, adapter, data):  # type: ignore[no-untyped-def]
-    ctx = make_ctx(model, adapter, data)
-    p.requires(model, ctx)
-    out = p.run(model, ctx) or model
-    p.ensures(out, ctx)
-    return out, ctx
 
 
 # ----------------------------------------------------------------- the flow schedule

@@ -20,23 +20,11 @@ from compressor.passes.step_reduction import (
 from compressor.pipeline import MetricsInstrument, Pipeline
 from compressor.recipe import parse_recipe
 
-from .conftest import make_ctx, tiny_teacher
-
-
-def nfe_of(model: DiffusionModel, n: int = 4) -> float:
-    return model.sample(torch.arange(n) % 10, torch.Generator().manual_seed(0))[1]
+from .conftest import make_ctx, nfe_of, run_pass, tiny_teacher
 
 
 def timesteps_of(model: DiffusionModel) -> int:
     return len(make_scheduler(model.train_config, model.spec).timesteps)
-
-
-def run_pass(p, model, adapter, data):  # type: ignore[no-untyped-def]
-    ctx = make_ctx(model, adapter, data)
-    p.requires(model, ctx)
-    out = p.run(model, ctx) or model
-    p.ensures(out, ctx)
-    return out, ctx
 
 
 def test_output_for_target_inverts_a_ddim_step() -> None:
