@@ -318,3 +318,16 @@ def test_prompt_table_must_fit_the_denoiser() -> None:
         from_text_denoiser(text_unet(), train, spec, ("a", "b"), torch.zeros(2, 6, 32))
     with pytest.raises(DataError, match="pooled prompt embeddings"):
         from_text_denoiser(mmdit(), FLOW, spec, DIGIT_PROMPTS, torch.zeros(11, 6, 32))
+
+
+def test_lora_consistency_on_the_flow_transformer_merges_low_rank_updates(adapter, data) -> None:
+    pytest.importorskip("peft")
+    teacher = tiny_text_teacher("mmdit_flow")
+    cfg = from_dict(ConsistencyDistillPass.Config, {"train_steps": 3, "lora_rank": 2, "lr": 1e-2}, "p")
+    student, _ = run_pass(ConsistencyDistillPass(cfg), teacher, adapter, data)
+    assert not any("lora" in n for n, _ in student.named_parameters())
+    name = "transformer_blocks.0.attn.to_q"
+    after = dict(student.unet.named_modules())[name]
+    assert type(after) is torch.nn.Linear
+    delta = after.weight - dict(teacher.unet.named_modules())[name].weight
+    assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta).item() <= 2
