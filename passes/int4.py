@@ -55,14 +55,15 @@ def _check_groups(in_features: int, group_size: int | None) -> int:
 
 
 def compute_qparams(
-    w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0
+    w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` (rows are the groups), both shape (rows,).
 
     Symmetric: ``scale = absmax / qmax`` and zero 0 (absmax/qmax rather than
     absmax/|qmin| so +absmax is representable). Asymmetric: the range
-    ``[min(w,0), max(w,0)]`` maps onto ``[0, 2^b-1]``. ``clip_ratio`` < 1 shrinks the
-    range (clipping search). All-zero rows get scale 1 so the scale is always finite.
+    ``[min(w,0), max(w,0)]`` maps onto ``[0, 2^b-1]``. ``clip_ratio`` < 1 (one number, or
+    one per row) shrinks the range (clipping search). All-zero rows get scale 1 so the
+    scale is always finite.
     """
     qmin, qmax = qrange(bits, symmetric)
     w = w.to(torch.float32)
@@ -88,13 +89,20 @@ def quantize_with_qparams(
 
 
 def compute_group_qparams(
-    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    clip_ratio: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group float scales and (float) zero points, each shape (out, n_groups)."""
+    """Per-group float scales and (float) zero points, each shape (out, n_groups);
+    ``clip_ratio`` is one number or one per group (out, n_groups)."""
     out_f, in_f = weight.shape
     gs = _check_groups(in_f, group_size)
     groups = weight.detach().to(torch.float32).reshape(out_f * (in_f // gs), gs)  # (out*G, gs)
-    scale, zero = compute_qparams(groups, bits, symmetric)
+    if isinstance(clip_ratio, torch.Tensor):
+        clip_ratio = clip_ratio.to(torch.float32).reshape(-1)  # (out*G,)
+    scale, zero = compute_qparams(groups, bits, symmetric, clip_ratio)
     return scale.reshape(out_f, -1), zero.reshape(out_f, -1)
 
 
@@ -130,20 +138,29 @@ def dequantize_groupwise(
 
 
 def quantize_rtn(
-    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    clip_ratio: float | torch.Tensor = 1.0,
 ) -> QuantizedWeight:
-    """Round-to-nearest group-wise quantization of a Linear weight (out, in)."""
-    scales, zeros = compute_group_qparams(weight, bits, group_size, symmetric)
+    """Round-to-nearest group-wise quantization of a Linear weight (out, in); each group's
+    range is shrunk by ``clip_ratio`` (one number or (out, n_groups)), the rest saturates."""
+    scales, zeros = compute_group_qparams(weight, bits, group_size, symmetric, clip_ratio)
     q = quantize_groupwise(weight, scales, zeros, bits, group_size, symmetric)
     dtype = _storage_dtype(symmetric)
     return QuantizedWeight(q, scales, zeros.to(dtype), bits, group_size, symmetric)
 
 
 def fake_quantize_rtn(
-    weight: torch.Tensor, bits: int = 4, group_size: int | None = 128, symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    clip_ratio: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """``dequantize(quantize_rtn(weight))``: the float weight the quantized layer computes with."""
-    return quantize_rtn(weight, bits, group_size, symmetric).dequantize()
+    return quantize_rtn(weight, bits, group_size, symmetric, clip_ratio).dequantize()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

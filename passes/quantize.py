@@ -15,10 +15,11 @@ Methods:
   explicit input scale of the layer (one Mul at run time, which ``fold_only: true``
   avoids by smoothing only foldable groups). α is calibrated on the calibration data
   when not given;
-- mixed precision: each layer's sensitivity is the fidelity lost when only that layer
-  is quantized; the most sensitive layers stay in float until the calibration
-  fidelity reaches ``target_mean_cosine`` or ``max_float_layers`` are kept. The
-  decision for every layer is recorded in the manifest.
+- mixed precision (``compressor.passes.mixed_precision``): each layer's sensitivity is
+  the fidelity lost when only that layer is quantized; the most sensitive layers stay
+  in float until the calibration mean cosine vs the teacher is within
+  ``fidelity_budget`` of 1 (or reaches ``target_mean_cosine``) or ``max_float_layers``
+  are kept. The decision for every layer, and why, is recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from compressor.errors import DataError, PassError, PlanError, RecipeError
 from compressor.kernels.fp8_linear import Fp8Linear
 from compressor.kernels.int8_linear import Int8Linear, static_input_scale
 from compressor.modules import get_linear, select_modules, set_module
+from compressor.passes.mixed_precision import FidelityTarget, plan_mixed_precision
 from compressor.passes.smoothquant import fold_input_scale_, smoothquant_scales
 from compressor.pipeline import Pass, PassContext, ensure_finite, register_pass
 from compressor.targets import Target
@@ -56,12 +58,18 @@ class QuantizeConfig:
     int4_algorithm: Literal["rtn", "gptq", "awq"] = option(
         "gptq",
         help="int4: rtn (data-free), gptq (Hessian error feedback, block by block) or awq "
-        "(activation-aware scales folded into pre-norms or kept as input divisors, then RTN)",
+        "(activation-aware scales and clipping searched block by block; scales folded into pre-norms or "
+        "kept as input divisors, then RTN)",
     )
     awq_explicit_scales: bool = option(
         True,
         help="int4 awq: layers whose input has no norm to fold the scales into divide their input at run "
         "time (one Div); false = plain RTN for them",
+    )
+    awq_clip: bool = option(
+        True,
+        help="int4 awq: also search a clipping ratio per output row and group (AWQ's auto_clip); "
+        "never raises a row's calibration error",
     )
     group_size: int = option(128, help="int4: input channels per scale / zero point (32, 64 or 128)")
     symmetric: bool = option(True, help="int4: symmetric codes (zero point 8); keeps 2:4 zeros exact")
@@ -84,9 +92,16 @@ class QuantizeConfig:
         False, help="smooth only where the divisor folds into a norm (no run-time Mul; none in post-LN BERT)"
     )
     max_float_layers: int = option(0, help="at most this many of the most sensitive layers stay in float")
+    fidelity_budget: float | None = option(
+        None,
+        help="int8 mixed precision: the allowed drop in calibration mean cosine vs the original model "
+        "(0.003 = mean cosine >= 0.997); the most sensitive layers stay in float until it holds, at most "
+        "max_float_layers of them",
+    )
     target_mean_cosine: float | None = option(
         None,
-        help="keep sensitive layers in float until calibration fidelity reaches this (with max_float_layers)",
+        help="the same goal as an absolute calibration mean cosine (fidelity_budget 0.003 = target 0.997); "
+        "set one of the two",
     )
     calibration_batches: int = option(4, help="calibration batches used for statistics and sensitivity")
     recover: RecoverConfig | None = option(
@@ -102,10 +117,38 @@ class QuantizeConfig:
             raise RecipeError(f"{path}.max_float_layers: must not be negative")
         if self.target_mean_cosine is not None and not 0.0 < self.target_mean_cosine <= 1.0:
             raise RecipeError(f"{path}.target_mean_cosine: {self.target_mean_cosine} is not in (0, 1]")
+        if self.fidelity_budget is not None:
+            if not 0.0 <= self.fidelity_budget < 1.0:
+                raise RecipeError(
+                    f"{path}.fidelity_budget: {self.fidelity_budget} is not in [0, 1) (the allowed drop in "
+                    "mean cosine, e.g. 0.003)"
+                )
+            if self.target_mean_cosine is not None:
+                raise RecipeError(
+                    f"{path}.fidelity_budget: set either fidelity_budget or target_mean_cosine, not both "
+                    f"(fidelity_budget {self.fidelity_budget:g} means target_mean_cosine "
+                    f"{1 - self.fidelity_budget:.6g})"
+                )
+        if self.fidelity_target() is not None and self.max_float_layers == 0:
+            key = "fidelity_budget" if self.fidelity_budget is not None else "target_mean_cosine"
+            raise RecipeError(
+                f"{path}.{key}: needs max_float_layers > 0 (how many sensitive layers may stay in float)"
+            )
         if self.calibration_batches < 1:
             raise RecipeError(f"{path}.calibration_batches: must be at least 1")
         if self.group_size not in (32, 64, 128):
             raise RecipeError(f"{path}.group_size: {self.group_size} is not one of 32, 64, 128")
+
+    def fidelity_target(self) -> FidelityTarget | None:
+        """The calibration mean cosine mixed precision aims for, in the recipe's words."""
+        if self.fidelity_budget is not None:
+            goal = 1.0 - self.fidelity_budget
+            return FidelityTarget(
+                goal, f"fidelity_budget {self.fidelity_budget:g} (mean cosine >= {goal:.6g})"
+            )
+        if self.target_mean_cosine is not None:
+            return FidelityTarget(self.target_mean_cosine, f"target_mean_cosine {self.target_mean_cosine:g}")
+        return None
 
 
 # ---- math (no pipeline imports) ----------------------------------------------------------
@@ -222,7 +265,10 @@ class QuantizePass(Pass):
         if self.config.method in ("fp8", "int4") and (
             self.config.smoothquant or self.config.max_float_layers
         ):
-            raise PlanError("quantize: smoothquant and max_float_layers apply to method int8 only")
+            raise PlanError(
+                "quantize: smoothquant and max_float_layers (with fidelity_budget / target_mean_cosine) apply to "
+                "method int8 only"
+            )
         if self.config.method == "int4":
             for n in select_modules(model, self.config.targets, self.config.ignore, what="quantize"):
                 k = get_linear(model, n).in_features
@@ -303,6 +349,7 @@ class QuantizePass(Pass):
             ctx.adapter.forward,
             ctx.adapter.smooth_groups(model),
             awq_explicit_scales=cfg.awq_explicit_scales,
+            awq_clip=cfg.awq_clip,
         )
         ctx.record("quantized_layers", len(names))
         ctx.record("int4", {"algorithm": cfg.int4_algorithm, "group_size": cfg.group_size})
@@ -319,50 +366,37 @@ class QuantizePass(Pass):
         return model
 
     def _choose_float_layers(self, model, names, scheme, groups, stats, alpha, fidelity, ctx) -> list[str]:  # type: ignore[no-untyped-def]
-        """Greedy mixed precision: float for the layers whose quantization alone costs most."""
+        """Greedy mixed precision (``plan_mixed_precision``), recorded per layer with why."""
         cfg = self.config
 
-        def quantized_except(keep: Sequence[str]) -> float:
+        def fidelity_with_float(keep: Sequence[str]) -> float:
             m = copy.deepcopy(model)
             chosen = [x for x in names if x not in set(keep)]
             quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
             return fidelity(m.eval())
 
-        current = quantized_except(()) if cfg.target_mean_cosine is not None else None
-        if current is not None and current >= cfg.target_mean_cosine:
+        target = cfg.fidelity_target()
+        found = plan_mixed_precision(names, fidelity_with_float, cfg.max_float_layers, target)
+        ctx.record("per_layer", found.per_layer)
+        if target is not None:
             ctx.record(
-                "per_layer",
+                "mixed_precision",
                 {
-                    n: {
-                        "precision": "int8",
-                        "why": f"all-int8 calibration fidelity {current:.6f} meets the target",
-                    }
-                    for n in names
+                    "target": target.label,
+                    "target_mean_cosine": round(target.mean_cosine, 6),
+                    "reached": found.reached,
+                    "mean_cosine_by_float_layers": [round(c, 6) for c in found.trace],
                 },
             )
-            return []
-        sensitivity = {}
-        for n in names:
-            m = copy.deepcopy(model)
-            quantize_linears_(m, [n], scheme, groups, stats, alpha, cfg.fold_only)
-            sensitivity[n] = 1.0 - fidelity(m.eval())
-        order = sorted(names, key=lambda n: -sensitivity[n])
-        keep: list[str] = []
-        decisions = {}
-        for n in order[: cfg.max_float_layers]:
-            if current is not None and current >= cfg.target_mean_cosine:
-                break
-            keep.append(n)
-            if cfg.target_mean_cosine is not None:
-                current = quantized_except(keep)
-        for n in names:
-            decisions[n] = {
-                "sensitivity": round(sensitivity[n], 7),
-                "precision": "fp32" if n in keep else "int8",
-                "why": "among the most sensitive layers" if n in keep else "within the fidelity budget",
-            }
-        ctx.record("per_layer", decisions)
-        return keep
+            if not found.reached:
+                log.warning(
+                    "quantize: %d layer(s) kept in float (max_float_layers) and the calibration mean cosine "
+                    "%.6f still misses %s",
+                    len(found.keep_float),
+                    found.mean_cosine,
+                    target.label,
+                )
+        return list(found.keep_float)
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         found = 0

@@ -7,14 +7,17 @@
   inputs. Calibrated block by block (``compress_linears_sequentially``), so the error
   of earlier blocks reaches the inputs later blocks are calibrated on, and only one
   block's activations are held at a time.
-- ``awq``: Lin et al., "AWQ: Activation-aware Weight Quantization" (MLSys 2024): per
-  group of Linears reading one activation, scales ``mean|x|^α`` searched on the
-  calibration data are folded into the norm that produces the activation, then RTN.
-  Groups with a foldable producer (pre-norm decoders: q/k/v after ``input_layernorm``,
-  gate/up after ``post_attention_layernorm``) get their scales folded into the norm; the
-  others (post-LN BERT, o_proj, down_proj) keep them as the layer's input divisor (one
-  ``Div`` at run time; ``awq_explicit_scales: false`` quantizes them by plain RTN
-  instead). The decision is recorded per layer.
+- ``awq``: Lin et al., "AWQ: Activation-aware Weight Quantization" (MLSys 2024), the
+  math in ``compressor.passes.awq``: per group of Linears reading one activation,
+  scales (``mean|x|^α``, or ``mean|x|^α / mean|ŵ|^(1-α)``) searched on the calibration
+  data, then a clipping ratio per output row and group (``awq_clip``), then RTN.
+  Calibrated block by block like GPTQ: each block is searched on the inputs the already
+  quantized blocks produce. Groups with a foldable producer (pre-norm decoders: q/k/v
+  after ``input_layernorm``, gate/up after ``post_attention_layernorm``) share scales
+  folded into the norm; layers with no norm to fold into (post-LN BERT, o_proj,
+  down_proj) get scales of their own, kept as the layer's input divisor (one ``Div`` at
+  run time; ``awq_explicit_scales: false`` gives them RTN with clipping instead). The
+  decision is recorded per layer.
 
 Every selected Linear becomes an ``Int4Linear`` holding packed codes (the W4A16 Triton
 kernel on CUDA, ``MatMulNBits`` in ONNX Runtime). Symmetric groups keep zeros zero, so
@@ -25,18 +28,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from compressor.modules import get_linear, set_module
+from compressor.passes.awq import InputStats, awq_search_clip, awq_search_scales_from_stats
 from compressor.passes.int4 import QuantizedWeight, quantize_rtn
 
 log = logging.getLogger(__name__)
 
 INT4_ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "awq")
-_AWQ_MAX_ROWS = 4096  # calibration rows kept per activation for the AWQ search
 
 
 def _mask(linear: nn.Module) -> torch.Tensor | None:
@@ -86,8 +90,113 @@ def _gptq_weights(
     return out
 
 
+@dataclass(frozen=True)
+class _AwqUnit:
+    """Linears that read one activation and share one set of AWQ scales (``scaled``), folded
+    into ``producer`` when there is one; ``scaled`` false = RTN with the clipping search."""
+
+    linears: tuple[str, ...]
+    producer: str | None
+    scaled: bool
+
+
+def _awq_units(
+    names: Sequence[str], groups: Sequence[Any], explicit_scales: bool, clip: bool
+) -> list[_AwqUnit]:
+    """Foldable groups share scales (one norm absorbs them); layers that divide their own
+    input get their own scales (a shared divisor could only do worse on each layer's
+    error, and each layer's ``Div`` costs the same); the rest get clipping alone."""
+    selected = set(names)
+    units: list[_AwqUnit] = []
+    for g in groups:
+        if not g.linears or not all(n in selected for n in g.linears):
+            continue
+        if g.producer is not None:
+            units.append(_AwqUnit(tuple(g.linears), g.producer, True))
+        elif explicit_scales:
+            units.extend(_AwqUnit((n,), None, True) for n in g.linears)
+    covered = {n for u in units for n in u.linears}
+    if clip:
+        units.extend(_AwqUnit((n,), None, False) for n in names if n not in covered)
+    return units
+
+
+def _collect_input_stats(
+    model: nn.Module, units: Sequence[_AwqUnit], run: Callable[[], None]
+) -> dict[str, InputStats]:
+    """``InputStats`` of the input of each unit's first Linear over what ``run`` feeds."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for u in units:
+        lin = get_linear(model, u.linears[0])
+        stats[u.linears[0]] = st = InputStats(lin.in_features, lin.weight.device)
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], st: InputStats = st) -> None:
+            st.add(args[0])
+
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
 @torch.no_grad()
-def _awq_fold_(
+def _awq_quantize_unit_(
+    model: nn.Module,
+    unit: _AwqUnit,
+    stats: InputStats,
+    group_size: int | None,
+    symmetric: bool,
+    clip: bool,
+    out: dict[str, QuantizedWeight],
+    explicit: dict[str, torch.Tensor],
+) -> dict[str, str]:
+    """Search the unit's scales and clipping, quantize its Linears into ``out`` (scales kept
+    as input divisors go into ``explicit``), and leave in each Linear the weight it will
+    compute with, so later blocks calibrate on the quantized model. Returns the decisions."""
+    from compressor.passes.smoothquant import fold_input_scale_
+
+    linears = [get_linear(model, n) for n in unit.linears]
+    weights = [lin.weight.detach().float().clone() for lin in linears]  # folding scales them in place
+    s = torch.ones_like(stats.abs_mean)
+    how = "rtn"
+    if unit.scaled:
+        found = awq_search_scales_from_stats(stats, weights, 4, group_size, symmetric)
+        form = f"x^{found.alpha:.2f}" + (f"/w^{1 - found.alpha:.2f}" if found.duo else "")
+        how = f"awq (alpha {found.alpha:.2f}, s = {form}"
+        if not found.is_identity:
+            s = found.scales
+    divide = unit.producer is None and unit.scaled and not bool((s == 1).all())
+    if unit.producer is not None and unit.scaled:
+        fold_input_scale_(model.get_submodule(unit.producer), linears, s.to(linears[0].weight.dtype))
+    gram = stats.gram / s[:, None] / s[None, :]  # the Gram matrix of the scaled input X / s
+    decisions = {}
+    for n, lin, w in zip(unit.linears, linears, weights):
+        ws = w * s[None, :]
+        ratios = awq_search_clip(ws, gram, 4, group_size, symmetric) if clip else None
+        qw = quantize_rtn(ws, 4, group_size, symmetric, 1.0 if ratios is None else ratios)
+        out[n] = qw
+        eff = qw.dequantize() / s[None, :] if divide else qw.dequantize()
+        lin.weight.copy_(eff.to(lin.weight.dtype))
+        if divide:
+            explicit[n] = s.detach().float().clone()
+        parts = [how] if unit.scaled else []
+        if ratios is not None:
+            parts.append(f"clip {float((ratios < 1).float().mean()):.0%} of groups")
+        if divide:
+            parts.append("input divisor")
+        if unit.scaled:
+            decisions[n] = ", ".join(parts) + ")"
+        else:
+            decisions[n] = "rtn" + (f" ({', '.join(parts)})" if parts else "")
+    return decisions
+
+
+@torch.no_grad()
+def _awq_weights(
     model: nn.Module,
     names: Sequence[str],
     groups: Sequence[Any],
@@ -95,49 +204,59 @@ def _awq_fold_(
     forward: Callable[[nn.Module, Any], Any],
     group_size: int | None,
     symmetric: bool,
-    explicit_scales: dict[str, torch.Tensor] | None,
-) -> dict[str, float]:
-    """Search AWQ scales per group of Linears reading one activation; fold them into the
-    producing norm where there is one, else (``explicit_scales`` given) keep them as the
-    layers' input divisor, collected in ``explicit_scales``; returns {layer: α}."""
-    from compressor.passes.awq import awq_search_scales
-    from compressor.passes.smoothquant import fold_input_scale_
+    explicit_scales: bool,
+    clip: bool,
+) -> tuple[dict[str, QuantizedWeight], dict[str, str], dict[str, torch.Tensor]]:
+    """AWQ block by block (``sequential_calibrate``): each block's units are searched on the
+    inputs the already quantized blocks before it produce. Units outside the block list
+    (or every unit, for a model without one) are searched on one whole-model pass at the
+    end. Returns (quantized weights, decisions, input divisors)."""
+    from compressor.passes.sequential import BlockInput, sequential_calibrate
+    from compressor.passes.structure import describe_model
 
-    selected = set(names)
-    candidates = [g for g in groups if g.linears and all(n in selected for n in g.linears)]
-    foldable = [g for g in candidates if g.producer is not None or explicit_scales is not None]
-    if not foldable:
-        return {}
-    inputs: dict[str, list[torch.Tensor]] = {g.linears[0]: [] for g in foldable}
-    handles = []
-    for first in inputs:
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], key: str = first) -> None:
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            inputs[key].append(rows[: max(_AWQ_MAX_ROWS - sum(len(r) for r in inputs[key]), 0)])
-
-        handles.append(get_linear(model, first).register_forward_pre_hook(hook))
+    units = _awq_units(names, groups, explicit_scales, clip)
+    out: dict[str, QuantizedWeight] = {}
+    explicit: dict[str, torch.Tensor] = {}
+    decisions: dict[str, str] = {}
     try:
+        blocks = list(describe_model(model).layers)
+    except ValueError:
+        blocks = []
+    owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+    per_block: dict[int, list[_AwqUnit]] = {}
+    rest: list[_AwqUnit] = []
+    for u in units:
+        where = {owner.get(id(get_linear(model, n)), -1) for n in u.linears}
+        i = where.pop() if len(where) == 1 else -1
+        if i >= 0:
+            per_block.setdefault(i, []).append(u)
+        else:
+            rest.append(u)
+
+    def quantize(todo: Sequence[_AwqUnit], run: Callable[[], None]) -> None:
+        stats = _collect_input_stats(model, todo, run)
+        for u in todo:
+            decisions.update(
+                _awq_quantize_unit_(model, u, stats[u.linears[0]], group_size, symmetric, clip, out, explicit)
+            )
+
+    def block_step(i: int, block: nn.Module, inputs: list[BlockInput]) -> None:
+        def run_block() -> None:
+            for b in inputs:
+                block(*b.args, **b.kwargs)
+
+        if i in per_block:
+            quantize(per_block[i], run_block)
+
+    def run_model() -> None:
         for b in calibration:
             forward(model, b)
-    finally:
-        for h in handles:
-            h.remove()
-    alphas: dict[str, float] = {}
-    for g in foldable:
-        x = torch.cat(inputs[g.linears[0]])
-        linears = [get_linear(model, n) for n in g.linears]
-        s, alpha, _ = awq_search_scales(x, [lin.weight for lin in linears], 4, group_size, symmetric)
-        if g.producer is not None:
-            fold_input_scale_(model.get_submodule(g.producer), linears, s)
-        else:  # W · diag(s), and the layer divides its input by s at run time
-            assert explicit_scales is not None
-            with torch.no_grad():
-                for n, lin in zip(g.linears, linears):
-                    lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-                    explicit_scales[n] = s.detach().float().clone()
-        alphas.update({n: alpha for n in g.linears})
-    return alphas
+
+    if per_block:
+        sequential_calibrate(model, blocks, calibration, forward, block_step)
+    if rest:
+        quantize(rest, run_model)
+    return out, decisions, explicit
 
 
 def quantize_int4_(
@@ -151,6 +270,7 @@ def quantize_int4_(
     smooth_groups: Sequence[Any] = (),
     percdamp: float = 0.01,
     awq_explicit_scales: bool = True,
+    awq_clip: bool = True,
 ) -> dict[str, str]:
     """Replace the named Linears with ``Int4Linear``; returns how each layer was quantized."""
     from compressor.kernels.int4_linear import Int4Linear
@@ -167,13 +287,11 @@ def quantize_int4_(
         quantized = _gptq_weights(model, dense, calibration, forward, group_size, symmetric, percdamp)
         decisions.update({n: "gptq" for n in quantized})
     elif algorithm == "awq":
-        alphas = _awq_fold_(
+        quantized, found, explicit = _awq_weights(
             model, dense, smooth_groups, calibration, forward, group_size, symmetric,
-            explicit if awq_explicit_scales else None,
+            awq_explicit_scales, awq_clip,
         )  # fmt: skip
-        decisions.update(
-            {n: f"awq (alpha {a:.2f}{', input divisor' if n in explicit else ''})" for n, a in alphas.items()}
-        )
+        decisions.update(found)
     for name in names:
         linear = get_linear(model, name)
         qw = quantized.get(name) or _rtn(linear, group_size, symmetric)

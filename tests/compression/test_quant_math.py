@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.passes.awq import awq_output_error, awq_search_scales
+from compressor.passes.awq import (
+    awq_output_error,
+    awq_search_clip,
+    awq_search_scales,
+    input_stats,
+    row_output_error,
+)
 from compressor.passes.fp8 import FP8_DTYPE, fp8_error_bound, quantize_fp8
 from compressor.passes.gptq import gptq_quantize
 from compressor.passes.hessian import hessian_from_inputs
@@ -67,12 +73,67 @@ def test_gptq_beats_rtn(bits: int, group_size: int, symmetric: bool, act_order: 
 def test_awq_beats_rtn_on_held_out_inputs() -> None:
     x = correlated_inputs(2048, 128, seed=5, outliers=4)
     calib, held_out = x[:1024], x[1024:]
-    s, alpha, errors = awq_search_scales(calib, [W], bits=4, group_size=128)
-    assert alpha > 0 and errors[alpha] < errors[0.0]
-    e_awq = awq_output_error(held_out, [W], s)
+    found = awq_search_scales(calib, [W], bits=4, group_size=128)
+    assert found.alpha > 0 and found.error < found.errors["x^0"] == found.rtn_error
+    e_awq = awq_output_error(held_out, [W], found.scales)
     e_rtn = awq_output_error(held_out, [W], torch.ones(128))
-    print(f"awq alpha={alpha}: held-out rel sq err {e_awq:.5f} vs rtn {e_rtn:.5f}")
+    print(f"awq alpha={found.alpha} duo={found.duo}: held-out rel sq err {e_awq:.5f} vs rtn {e_rtn:.5f}")
     assert e_awq < 0.7 * e_rtn
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_awq_scale_search_is_never_worse_than_rtn_on_its_calibration(seed: int, group_size: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    weights = [
+        torch.randn(40, 128, generator=g),
+        torch.randn(24, 128, generator=g) * 3,
+    ]  # one input, two layers
+    x = correlated_inputs(512, 128, seed=seed, outliers=seed)  # seed 0: no outlier channels
+    found = awq_search_scales(x, weights, bits=4, group_size=group_size)
+    rtn = awq_output_error(x, weights, torch.ones(128), group_size=group_size)
+    chosen = awq_output_error(x, weights, found.scales, group_size=group_size)
+    # the Gram-matrix errors the search ranks by are the errors on the rows themselves
+    assert found.rtn_error == pytest.approx(rtn, rel=1e-3)
+    assert found.error == pytest.approx(chosen, rel=1e-3)
+    assert chosen <= rtn * (1 + 1e-4), (found.alpha, found.duo, chosen, rtn)
+    assert min(found.errors.values()) == found.error
+    if seed >= 2:  # outlier input channels: scaling must win clearly
+        assert chosen < 0.8 * rtn, (found.alpha, chosen, rtn)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_clip_search_never_increases_any_output_rows_error(seed: int, symmetric: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=g)
+    # heavy-tailed weights: a few large entries per group stretch the RTN range
+    w[torch.rand(w.shape, generator=g) < 0.01] *= 8.0
+    x = correlated_inputs(512, 128, seed=seed, outliers=2)
+    st = input_stats(x)
+    ratios = awq_search_clip(w, st.gram, 4, 32, symmetric)
+    assert ratios.shape == (64, 4) and float(ratios.min()) >= 0.5 and float(ratios.max()) <= 1.0
+    clipped = awq_output_error(x, [w], torch.ones(128), 4, 32, symmetric, clip_ratios=[ratios])
+    plain = awq_output_error(x, [w], torch.ones(128), 4, 32, symmetric)
+    print(
+        f"seed {seed} sym={symmetric}: clipped {clipped:.5f} vs plain {plain:.5f}, {float((ratios < 1).float().mean()):.0%}"
+    )
+    assert clipped < 0.95 * plain  # the search does something on heavy-tailed weights
+    g64 = x.double().t() @ x.double()
+    per_row_clip = row_output_error(w, quantize_rtn(w, 4, 32, symmetric, ratios).dequantize(), g64)
+    per_row_plain = row_output_error(w, quantize_rtn(w, 4, 32, symmetric).dequantize(), g64)
+    assert bool((per_row_clip <= per_row_plain * (1 + 1e-9)).all())
+
+
+def test_per_group_clip_ratios_shrink_only_their_group() -> None:
+    w = torch.randn(4, 64)
+    ratios = torch.ones(4, 2)
+    ratios[1, 0] = 0.5
+    qc, qp = quantize_rtn(w, 4, 32, True, ratios), quantize_rtn(w, 4, 32, True)
+    assert torch.allclose(qc.scales[1, 0], qp.scales[1, 0] * 0.5)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    mask[1, 0] = False
+    assert torch.equal(qc.scales[mask], qp.scales[mask])
 
 
 def test_awq_scales_fold_exactly() -> None:

@@ -208,3 +208,98 @@ def test_int4_group_size_must_divide_every_layer(tiny_bert_dir) -> None:  # type
         )
     with pytest.raises(RecipeError, match="group_size: 48 is not one of 32, 64, 128"):
         parse_recipe({**base, "passes": [{"pass": "quantize", "method": "int4", "group_size": 48}]}, "r.yaml")
+
+
+def _budget_recipe(tiny_bert_dir, **quantize):  # type: ignore[no-untyped-def]
+    from compressor.recipe import parse_recipe
+
+    return parse_recipe(
+        {
+            "name": "tiny-budget",
+            "target": "cpu",
+            "model": {"source": str(tiny_bert_dir)},
+            "data": {"calibration_samples": 16, "train_samples": 0, "eval_samples": 16, "max_length": 32,
+                     "batch_size": 8},
+            "passes": [{"pass": "quantize", "method": "int8", "targets": ["encoder.*"], **quantize}],
+            "exports": [],
+            "evaluation": {"run_bench": False},
+        },
+        "budget.yaml",
+    )  # fmt: skip
+
+
+def _quantize_record(manifest) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return next(r for r in manifest["passes"] if r["pass"] == "quantize")
+
+
+def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from compressor.compile import compile_recipe
+
+    adapter, model, ctx = tiny_ctx
+    QuantizePass(QuantizeConfig(targets=("encoder.*",))).run(copy.deepcopy(model), ctx)
+    drop = 1.0 - ctx.details["calibration_mean_cosine"]  # every layer int8
+    assert drop > 1e-5, drop  # lossy enough that a budget can bite
+    budget = round(drop / 3, 9)  # a third of the all-int8 drop: some layers must stay float
+    manifest = compile_recipe(
+        _budget_recipe(tiny_bert_dir, fidelity_budget=budget, max_float_layers=12), tmp_path / "b"
+    )
+    d = _quantize_record(manifest)["details"]
+    kept = d["float_layers"]
+    assert 1 <= len(kept) < 12, kept
+    assert d["calibration_mean_cosine"] >= 1.0 - budget - 1e-6
+    assert d["mixed_precision"]["reached"] is True
+    trace = d["mixed_precision"]["mean_cosine_by_float_layers"]
+    assert len(trace) == len(kept) + 1 and trace[-1] >= 1.0 - budget > trace[-2]
+    per_layer = d["per_layer"]
+    assert sorted(n for n, x in per_layer.items() if x["precision"] == "fp32") == sorted(kept)
+    assert sorted(per_layer[n]["rank"] for n in kept) == list(range(1, len(kept) + 1))  # the most sensitive
+    for n, x in per_layer.items():
+        if n in kept:
+            assert x["why"].startswith("kept in fp32") and f"toward fidelity_budget {budget:g}" in x["why"]
+        else:
+            assert x["precision"] == "int8" and f"meets fidelity_budget {budget:g}" in x["why"], x
+
+
+def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from compressor.compile import compile_recipe
+
+    with caplog.at_level("WARNING", logger="compressor.passes.quantize"):
+        manifest = compile_recipe(
+            _budget_recipe(tiny_bert_dir, fidelity_budget=1e-9, max_float_layers=2), tmp_path / "b"
+        )
+    d = _quantize_record(manifest)["details"]
+    assert len(d["float_layers"]) == 2  # max_float_layers spent, the pass still finishes (as before)
+    assert d["mixed_precision"]["reached"] is False
+    assert d["calibration_mean_cosine"] < 1.0 - 1e-9
+    missed = [x["why"] for x in d["per_layer"].values() if x["precision"] == "int8"]
+    assert len(missed) == 10
+    assert all(
+        "max_float_layers (2) spent" in w and "still misses fidelity_budget 1e-09" in w for w in missed
+    )
+    assert "still misses fidelity_budget 1e-09" in caplog.text
+
+
+def test_fidelity_budget_is_validated_with_its_key() -> None:
+    from compressor.config import from_dict
+    from compressor.errors import RecipeError
+
+    def parse(**kw):  # type: ignore[no-untyped-def]
+        return from_dict(QuantizeConfig, kw, "r.yaml: passes[0]")
+
+    assert parse(fidelity_budget=0.003, max_float_layers=4).fidelity_target().mean_cosine == pytest.approx(
+        0.997
+    )
+    with pytest.raises(RecipeError, match=r"^r.yaml: passes\[0\].fidelity_budget: 1.5 is not in \[0, 1\)"):
+        parse(fidelity_budget=1.5, max_float_layers=4)
+    with pytest.raises(RecipeError, match=r"passes\[0\].fidelity_budget: -0.1 is not in \[0, 1\)"):
+        parse(fidelity_budget=-0.1, max_float_layers=4)
+    with pytest.raises(RecipeError, match=r"passes\[0\].fidelity_budget: expected a number, got 'tight'"):
+        parse(fidelity_budget="tight", max_float_layers=4)
+    with pytest.raises(
+        RecipeError, match=r"passes\[0\].fidelity_budget: set either fidelity_budget or target_mean_cosine"
+    ):
+        parse(fidelity_budget=0.003, target_mean_cosine=0.997, max_float_layers=4)
+    with pytest.raises(RecipeError, match=r"passes\[0\].fidelity_budget: needs max_float_layers > 0"):
+        parse(fidelity_budget=0.003)
+    with pytest.raises(RecipeError, match=r"passes\[0\].target_mean_cosine: needs max_float_layers > 0"):
+        parse(target_mean_cosine=0.997)

@@ -51,9 +51,9 @@ def kl_by_algorithm(lm) -> dict[str, float]:  # type: ignore[no-untyped-def]
         if algorithm == "gptq":
             assert set(decisions.values()) == {"gptq"}
         n_layers = len(model.model.layers)
-        if key == "awq_fold_only":  # q/k/v and gate/up fold into the RMSNorms; o/down stay RTN
+        if key == "awq_fold_only":  # q/k/v and gate/up fold into the RMSNorms; o/down: RTN + clipping
             assert sum(v.startswith("awq") for v in decisions.values()) == 5 * n_layers
-            assert sum(v == "rtn" for v in decisions.values()) == 2 * n_layers
+            assert sum(v.startswith("rtn (clip") for v in decisions.values()) == 2 * n_layers
         if key == "awq":  # o/down (no norm before them) divide their input by their scales
             assert sum(v.startswith("awq") for v in decisions.values()) == 7 * n_layers
             divisors = [n for n, v in decisions.items() if v.endswith("input divisor)")]
@@ -67,8 +67,8 @@ def test_gptq_and_awq_beat_rtn_on_held_out_text(kl_by_algorithm: dict[str, float
     kl = kl_by_algorithm
     assert kl["rtn"] > 1e-4  # int4 is lossy enough to measure
     assert kl["gptq"] < 0.9 * kl["rtn"], kl
-    assert kl["awq_fold_only"] < kl["rtn"], kl
-    assert kl["awq"] < kl["rtn"], kl
+    assert kl["awq_fold_only"] < 0.7 * kl["rtn"], kl
+    assert kl["awq"] < 0.6 * kl["rtn"], kl
 
 
 def test_int4_keeps_a_24_mask_and_refuses_unknown_algorithms(lm) -> None:  # type: ignore[no-untyped-def]
@@ -86,3 +86,29 @@ def test_int4_keeps_a_24_mask_and_refuses_unknown_algorithms(lm) -> None:  # typ
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
     with pytest.raises(ValueError, match="'int3' is not one of rtn, gptq, awq"):
         quantize_int4_(student, [], "int3", 32, True, data.calibration, adapter.forward)
+
+
+def test_awq_beats_rtn_on_a_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    """Post-LN BERT (every scale an input divisor), outlier channels as trained models have."""
+    from tests.conftest import add_activation_outliers_
+
+    adapter, model, ctx = tiny_ctx
+    add_activation_outliers_(model)
+    names = [n for n in adapter.linear_names(model) if n.startswith("encoder.")]
+    loss = {}
+    for algorithm, clip in (("rtn", False), ("awq", False), ("awq", True)):
+        student = copy.deepcopy(model)
+        decisions = quantize_int4_(
+            student, names, algorithm, 32, True, ctx.data.calibration, adapter.forward,
+            adapter.smooth_groups(student), awq_clip=clip,
+        )  # fmt: skip
+        if algorithm == "awq":
+            assert all(v.startswith("awq (alpha") for v in decisions.values()), decisions
+            assert all(("clip" in v) is clip for v in decisions.values()), decisions
+        loss[f"{algorithm}{'+clip' if clip else ''}"] = (
+            1 - adapter.metrics(student, model, ctx.data.eval)["mean_cosine"]
+        )
+    print(loss)
+    assert loss["rtn"] > 1e-4  # lossy enough to measure
+    assert loss["awq"] < 0.8 * loss["rtn"], loss
+    assert loss["awq+clip"] < loss["awq"], loss
