@@ -303,6 +303,12 @@ class GuidanceDistillPass(Pass):
         _require_diffusion(model, self.name)
         if model.spec.guidance != "cfg" or model.guidance_embedded:
             raise PassError(f"{self.name}: the model must use classifier-free guidance (guidance: cfg)")
+        if not getattr(model.conditioner, "accepts_guidance", True):
+            raise PassError(
+                f"{self.name}: a {type(model.unet).__name__} embeds its class inside every block, with no "
+                "input to add a guidance-scale embedding to; progressive_distill and consistency_distill "
+                "bake the CFG scale into the student instead"
+            )
 
     def run(self, model: Any, ctx: PassContext) -> nn.Module:
         student, losses = guidance_distill(model, ctx.data, self.config, ctx.seed)

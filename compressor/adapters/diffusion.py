@@ -11,6 +11,9 @@ with N steps. Because the student is the model the pipeline carries, any later p
 
 Covered denoisers:
 - class-conditional ``UNet2DModel`` (the label embedding lifted into a ``ClassConditioner``);
+- class-conditional ``DiTTransformer2DModel`` (labels passed as indices by a
+  ``LabelConditioner``: DiT embeds them inside every block, so it takes no guidance
+  embedding; step distillation bakes the CFG scale into its student instead);
 - text-conditional ``UNet2DConditionModel`` (cross-attention on prompt token embeddings)
   and ``SD3Transformer2DModel`` (the MMDiT of Stable Diffusion 3: joint attention on prompt
   tokens plus a pooled prompt embedding), through a ``TextConditioner`` that holds a table
@@ -19,8 +22,8 @@ Training objectives (``diffusion_schedule``): epsilon prediction on DDPM schedul
 sampled by DDIM, DPM-Solver++, UniPC or LCM; flow matching (velocity prediction, static
 shift), sampled by FlowMatchEuler, FlowMatchLCM, or the flow variants of DPM-Solver++ /
 UniPC. All with classifier-free guidance. Not covered: v-prediction, dynamic shifting,
-class-conditional DiT (``DiTTransformer2DModel``), latent (VAE) pipelines: the digits are
-denoised in pixel space.
+guidance distillation of a DiT, latent (VAE) pipelines: the digits are denoised in pixel
+space.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def spec_takes_generator(sched: Any) -> bool:
     return "generator" in inspect.signature(sched.step).parameters
 
 
-DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
+DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "DiTTransformer2DModel")
 
 
 def denoiser_component(denoiser: nn.Module) -> str:
@@ -112,7 +115,10 @@ class DiffusionModel(nn.Module):
         self.train_config = training_schedule(train_config)
         self.spec = spec
         self.schedule = NoiseSchedule(self.train_config)
-        self._x_arg = "hidden_states" if kind == "SD3Transformer2DModel" else "sample"
+        self._x_arg = "hidden_states" if "Transformer" in kind else "sample"
+        cfg: Any = unet.config
+        # a learned-variance denoiser (DiT's out_channels = 2 x in) returns [output, variance]
+        self._out_channels = int(cfg.in_channels) if cfg.out_channels == 2 * cfg.in_channels else None
 
     @property
     def num_train_timesteps(self) -> int:
@@ -139,7 +145,8 @@ class DiffusionModel(nn.Module):
         if self.guidance_embedded and w is None:
             w = torch.full((x.shape[0],), self.spec.guidance_scale, device=x.device)
         cond = self.conditioner(labels, w) if self.guidance_embedded else self.conditioner(labels)
-        return self.unet(**{self._x_arg: x}, timestep=t, **cond).sample  # type: ignore[no-any-return]
+        out = self.unet(**{self._x_arg: x}, timestep=t, **cond).sample
+        return out if self._out_channels is None else out[:, : self._out_channels]  # type: ignore[no-any-return]
 
     def guided(
         self,
@@ -222,6 +229,33 @@ def from_class_unet(unet: nn.Module, train_config: dict[str, Any], spec: Samplin
     unet.class_embedding = nn.Identity()
     unet.register_to_config(class_embed_type="identity", num_class_embeds=None)  # type: ignore[operator]
     return DiffusionModel(unet, cond, train_config, spec)
+
+
+def from_dit(dit: Any, train_config: dict[str, Any], spec: SamplingSpec) -> DiffusionModel:
+    """A class-conditional DiTTransformer2DModel (Peebles & Xie, 2023) under a LabelConditioner.
+
+    DiT embeds the class inside every block's adaLN-Zero (its own label table per block,
+    the null class at index ``num_embeds_ada_norm``), so the label goes in as an index; the
+    tables' random label dropout (training mode only) is switched off, since the passes
+    train students in training mode and choose the null label themselves.
+    """
+    from compressor.adapters.diffusion_modules import LabelConditioner
+
+    cfg = dit.config
+    if cfg.norm_type != "ada_norm_zero" or not cfg.num_embeds_ada_norm:
+        raise PassError(
+            "a DiTTransformer2DModel must be class-conditional (norm_type ada_norm_zero, num_embeds_ada_norm "
+            f"set); this one has norm_type {cfg.norm_type!r}, num_embeds_ada_norm {cfg.num_embeds_ada_norm}"
+        )
+    if int(cfg.num_embeds_ada_norm) != NUM_CLASSES:
+        raise DataError(
+            f"the DiT has {cfg.num_embeds_ada_norm} classes; the digits conditions need {NUM_CLASSES} "
+            f"(its null class, index {NUM_CLASSES}, is the null label)"
+        )
+    for m in dit.modules():
+        if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):  # diffusers LabelEmbedding
+            m.dropout_prob = 0.0
+    return DiffusionModel(dit, LabelConditioner(num_classes=int(cfg.num_embeds_ada_norm)), train_config, spec)
 
 
 def from_text_denoiser(
@@ -329,6 +363,8 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
     spec = _read_sampling(folder)
     if kind == "UNet2DModel":
         return from_class_unet(denoiser, train_config, spec).eval()
+    if kind == "DiTTransformer2DModel":
+        return from_dit(denoiser, train_config, spec).eval()
     if not (folder / "text_encoder").is_dir():
         raise DataError(
             f"{folder}: a text-conditional {kind} needs a text_encoder/ folder to encode its prompts"

@@ -90,6 +90,39 @@ class ClassConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return {"class_labels": emb}
 
 
+class LabelConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]
+    """label -> ``{"class_labels": label}`` for denoisers that embed the class themselves
+    (DiTTransformer2DModel: a label table inside every block's adaLN-Zero). Nothing to add a
+    guidance embedding to, so ``accepts_guidance`` is false."""
+
+    accepts_guidance = False
+    guidance_mlp = None
+
+    @register_to_config
+    def __init__(
+        self,
+        num_classes: int = 10,
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        guidance: str = "cfg",
+        guidance_scale: float = 3.0,
+        adaptive_guidance_threshold: float | None = None,
+        original_inference_steps: int = 50,
+        adaptive_guidance_warmup: float = 0.3,
+        int8_layers: dict[str, str] | None = None,
+        noise_schedule: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # condition index -> the denoiser's class index (the null condition, last, -> its null class);
+        # the identity for the digits, kept as a buffer so the folder has weights to save and load
+        self.register_buffer("label_map", torch.arange(num_classes + 1))
+
+    def forward(
+        self, labels: torch.Tensor, guidance_scale: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return {"class_labels": self.label_map[labels]}
+
+
 def _guidance(cond: Any, w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if w is None:
         raise ValueError("this conditioner was guidance-distilled: pass guidance_scale (B,)")

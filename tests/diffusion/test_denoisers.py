@@ -23,7 +23,7 @@ from compressor.adapters.diffusion import (
 from compressor.adapters.diffusion_schedule import NoiseSchedule, training_schedule
 from compressor.adapters.digits import DIGIT_PROMPTS
 from compressor.config import from_dict
-from compressor.errors import DataError
+from compressor.errors import DataError, PassError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.diffusers_pipeline import DiffusersPipelineExporter
 from compressor.passes.schedulers import SchedulerPass
@@ -331,3 +331,69 @@ def test_lora_consistency_on_the_flow_transformer_merges_low_rank_updates(adapte
     assert type(after) is torch.nn.Linear
     delta = after.weight - dict(teacher.unet.named_modules())[name].weight
     assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta).item() <= 2
+
+
+# ----------------------------------------------------------------- class-conditional DiT
+
+
+def tiny_dit(learned_sigma: bool = False, steps: int = 4) -> DiffusionModel:
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    from compressor.adapters.diffusion import from_dit
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2 if learned_sigma else 1,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=1,
+    )
+    train = dict(DDPMScheduler(beta_schedule="squaredcos_cap_v2").config)
+    return from_dit(dit, train, SamplingSpec(sampler="ddim", steps=steps, guidance="cfg", guidance_scale=2.0))
+
+
+def test_dit_learned_variance_channels_are_dropped_and_label_dropout_is_off() -> None:
+    model = tiny_dit(learned_sigma=True).train()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 990]), torch.tensor([1, 4, 10])
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, model(x, t, y))  # training mode, yet no random label dropout
+    full = model.unet(hidden_states=x, timestep=t, class_labels=y).sample
+    torch.testing.assert_close(out, full[:, :1])
+
+
+def test_dit_step_distillation_bakes_guidance_and_exports(tmp_path: Path, adapter, data) -> None:
+    teacher = tiny_dit()
+    assert nfe_of(teacher) == 8
+    with pytest.raises(PassError, match="no input to add a guidance-scale embedding"):
+        GuidanceDistillPass().requires(teacher, make_ctx(teacher, adapter, data))
+    cfg = from_dict(
+        ProgressiveDistillPass.Config, {"start_steps": 4, "final_steps": 2, "train_steps": 2}, "p"
+    )
+    student, _ = run_pass(ProgressiveDistillPass(cfg), teacher, adapter, data)
+    assert nfe_of(student) == 2 and student.spec.guidance == "none"
+    cfg = from_dict(ConsistencyDistillPass.Config, {"sampling_steps": 2, "train_steps": 2}, "p")
+    student, _ = run_pass(ConsistencyDistillPass(cfg), teacher, adapter, data)
+    assert nfe_of(student) == 2
+    ectx = ExportContext(target=TARGETS["cpu"], adapter=adapter, data=data, reference_model=student)
+    res = DiffusersPipelineExporter().export(student, ectx, tmp_path)
+    assert res.verification["pipeline_reload_max_abs_diff"] <= 1e-4
+    assert res.verification["onnx"]["max_abs_error"] <= 1e-3
+    reloaded = load_diffusion_model(tmp_path / "pipeline")
+    assert type(reloaded.unet).__name__ == "DiTTransformer2DModel" and reloaded.spec == student.spec
+
+
+def test_dit_teacher_folder_loads(tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    dit = tiny_dit().unet
+    dit.save_pretrained(tmp_path / "transformer")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "scheduler")
+    model = load_diffusion_model(tmp_path)
+    assert type(model.conditioner).__name__ == "LabelConditioner"
+    assert model.sample(torch.arange(2), torch.Generator().manual_seed(0))[1] == 100  # 50 DDIM x CFG
