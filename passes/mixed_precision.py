@@ -60,7 +60,7 @@ def plan_mixed_precision(
             return MixedPrecisionPlan(
                 (), {n: {"precision": quantized, "why": why} for n in names}, current, True, trace
             )
-    # quantized alone: every layer but ``n`` in float
+    # ``n`` alone compressed: every other layer in float
     sensitivity = {n: 1.0 - fidelity_with_float([m for m in names if m != n]) for n in names}
     order = sorted(names, key=lambda n: -sensitivity[n])
     rank = {n: i + 1 for i, n in enumerate(order)}
@@ -75,7 +75,7 @@ def plan_mixed_precision(
     reached = None if target is None or current is None else current >= target.mean_cosine
     per_layer: dict[str, dict[str, Any]] = {}
     for n in names:
-        alone = f"quantized alone it costs {sensitivity[n]:.2e} calibration mean cosine (rank {rank[n]})"
+        alone = f"{quantized} alone it costs {sensitivity[n]:.2e} calibration mean cosine (rank {rank[n]})"
         if n in keep:
             goal = (
                 f"toward {target.label}" if target is not None else f"the {max_float_layers} most sensitive"

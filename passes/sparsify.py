@@ -7,10 +7,19 @@ the 2 smallest; ``sparsegpt`` (Frantar & Alistarh, 2023) chooses and compensates
 the inverse Hessian of each layer's calibration inputs, calibrating one transformer
 block at a time (``compressor.passes.sequential``). The mask is kept as a ``weight_mask`` buffer on the layer so that distillation
 (recovery) and quantization keep the zeros where they are.
+
+Mixed sparsity (``max_dense_layers``, optionally with ``fidelity_budget``): after every
+selected layer is made 2:4, each layer's sensitivity is the calibration fidelity lost
+when only it is sparse; the most sensitive go back to their dense weights, one at a
+time, re-measuring, until the calibration mean cosine vs the original model is within
+the budget or ``max_dense_layers`` are dense (``compressor.passes.mixed_precision``, the
+same greedy search as the quantize pass's float layers). The manifest records every
+layer's choice and why.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +45,15 @@ class SparsifyConfig:
     pattern: Literal["2:4"] = option("2:4", help="sparsity pattern along the input dimension")
     targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to sparsify")
     ignore: tuple[str, ...] = option((), help="module-name patterns to leave dense")
+    max_dense_layers: int = option(
+        0, help="mixed sparsity: at most this many of the most sensitive layers go back to dense"
+    )
+    fidelity_budget: float | None = option(
+        None,
+        help="mixed sparsity: the allowed drop in calibration mean cosine vs the original model; sensitive "
+        "layers go back to dense until it holds (at most max_dense_layers); null = exactly max_dense_layers",
+    )
+    calibration_batches: int = option(4, help="mixed sparsity: calibration batches for the fidelity measure")
     recover: RecoverConfig | None = option(
         None, help="distill against the original model right after this pass (steps, lr, loss)"
     )
@@ -43,6 +61,20 @@ class SparsifyConfig:
     def validate(self, path: str) -> None:
         if not self.targets:
             raise RecipeError(f"{path}.targets: give at least one pattern")
+        if self.max_dense_layers < 0:
+            raise RecipeError(f"{path}.max_dense_layers: must not be negative, got {self.max_dense_layers}")
+        if self.fidelity_budget is not None:
+            if not 0.0 <= self.fidelity_budget < 1.0:
+                raise RecipeError(
+                    f"{path}.fidelity_budget: {self.fidelity_budget} is not in [0, 1) (the allowed drop in "
+                    "mean cosine, e.g. 0.02)"
+                )
+            if self.max_dense_layers == 0:
+                raise RecipeError(
+                    f"{path}.fidelity_budget: needs max_dense_layers > 0 (how many layers may stay dense)"
+                )
+        if self.calibration_batches < 1:
+            raise RecipeError(f"{path}.calibration_batches: must be at least 1")
 
 
 def mask_24_by_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -90,17 +122,76 @@ class SparsifyPass(Pass):
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
         names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
+        dense = (
+            {n: get_linear(model, n).weight.detach().clone() for n in names}
+            if self.config.max_dense_layers
+            else {}
+        )
         if self.config.method == "sparsegpt":
             self._run_sparsegpt(model, ctx, names)
-            return
-        for n in names:
-            lin = get_linear(model, n)
-            apply_mask_(lin, mask_24_by_magnitude(lin.weight))
-        ctx.record("sparsified_layers", len(names))
+        else:
+            for n in names:
+                lin = get_linear(model, n)
+                apply_mask_(lin, mask_24_by_magnitude(lin.weight))
+        self.dense_layers = self._mixed_sparsity(model, ctx, names, dense) if dense else []
+        ctx.record("sparsified_layers", len(names) - len(self.dense_layers))
+        ctx.record("dense_layers", self.dense_layers)
         ctx.record(
             "speedup_on_target",
             "2:4 sparse tensor cores" if ctx.target.sparse_24 else "none (no 2:4 hardware)",
         )
+
+    def _mixed_sparsity(
+        self, model: nn.Module, ctx: PassContext, names: list[str], dense: dict[str, torch.Tensor]
+    ) -> list[str]:
+        """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them."""
+        from compressor.passes.mixed_precision import FidelityTarget, plan_mixed_precision
+        from compressor.passes.quantize import _mean_cosine
+
+        cfg = self.config
+        adapter, cal = ctx.adapter, ctx.data.calibration[: cfg.calibration_batches]
+        sparse = {n: get_linear(model, n).weight.detach().clone() for n in names}
+        with torch.no_grad():
+            reference = torch.cat([adapter.forward(ctx.teacher, b) for b in cal])
+
+        @torch.no_grad()
+        def fidelity_with_dense(keep: Sequence[str]) -> float:
+            kept = set(keep)
+            for n in names:
+                get_linear(model, n).weight.copy_(dense[n] if n in kept else sparse[n])
+            try:
+                return _mean_cosine(torch.cat([adapter.forward(model, b) for b in cal]), reference)
+            finally:
+                for n in kept:
+                    get_linear(model, n).weight.copy_(sparse[n])
+
+        target = None
+        if cfg.fidelity_budget is not None:
+            goal = 1.0 - cfg.fidelity_budget
+            target = FidelityTarget(
+                goal, f"fidelity_budget {cfg.fidelity_budget:g} (mean cosine >= {goal:.6g})"
+            )
+        was_training = model.training
+        model.eval()
+        try:
+            plan = plan_mixed_precision(
+                names, fidelity_with_dense, cfg.max_dense_layers, target, "2:4", "dense"
+            )
+        finally:
+            model.train(was_training)
+        with torch.no_grad():
+            for n in plan.keep_float:
+                lin = get_linear(model, n)
+                lin.weight.copy_(dense[n])
+                del lin.weight_mask  # a dense layer: distillation and quantization keep it dense
+        ctx.record("per_layer", plan.per_layer)
+        if target is not None:
+            ctx.record(
+                "mixed_sparsity",
+                {"target": target.label, "reached": plan.reached,
+                 "mean_cosine_by_dense_layers": [round(c, 6) for c in plan.trace]},
+            )  # fmt: skip
+        return list(plan.keep_float)
 
     def _run_sparsegpt(self, model: nn.Module, ctx: PassContext, names: list[str]) -> None:
         from compressor.passes.sequential import compress_linears_sequentially
@@ -144,6 +235,7 @@ class SparsifyPass(Pass):
         ctx.record("magnitude_layers", rest)
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
+        dense = set(getattr(self, "dense_layers", []))
         for n in select_modules(model, self.config.targets, self.config.ignore, what="sparsify"):
-            if not is_24_sparse(get_linear(model, n).weight):
+            if n not in dense and not is_24_sparse(get_linear(model, n).weight):
                 raise PassError(f"{n}: weight is not 2:4 sparse after sparsify")

@@ -63,3 +63,55 @@ def test_sparsegpt_beats_magnitude_on_the_model(tiny_ctx) -> None:  # type: igno
         scores[method] = adapter.metrics(m, ctx.teacher, ctx.data.eval)["mean_cosine"]
     assert ctx.details["sparsegpt_layers"] == 12 and ctx.details["magnitude_layers"] == []
     assert 1 - scores["sparsegpt"] < 1 - scores["magnitude"], scores
+
+
+def _dense_encoder_layers(model: torch.nn.Module) -> list[str]:
+    return [
+        n
+        for n, m in model.named_modules()
+        if n.startswith("encoder") and isinstance(m, torch.nn.Linear) and not is_24_sparse(m.weight)
+    ]
+
+
+def test_mixed_sparsity_keeps_the_most_sensitive_layers_dense_until_the_budget_holds(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    adapter, model, ctx = tiny_ctx
+    all_sparse = copy.deepcopy(model)
+    SparsifyPass(SparsifyConfig(method="sparsegpt", targets=("encoder.*",))).run(all_sparse, ctx)
+    cos_all = adapter.metrics(all_sparse, ctx.teacher, ctx.data.calibration[:4])["mean_cosine"]
+    budget = (1 - cos_all) / 2  # half the loss of the all-2:4 model
+    p = SparsifyPass(
+        SparsifyConfig(
+            method="sparsegpt", targets=("encoder.*",), max_dense_layers=12, fidelity_budget=budget
+        )
+    )
+    p.run(model, ctx)
+    p.ensures(model, ctx)
+    dense, per_layer = ctx.details["dense_layers"], ctx.details["per_layer"]
+    assert 0 < len(dense) < 12 and sorted(dense) == sorted(_dense_encoder_layers(model))
+    for n in dense:  # dense again: the original weights, no mask for distillation to re-apply
+        lin = model.get_submodule(n)
+        assert getattr(lin, "weight_mask", None) is None
+        torch.testing.assert_close(lin.weight, ctx.teacher.get_submodule(n).weight)
+    # the kept layers are the most sensitive ones, and the manifest says so
+    ranks = sorted(per_layer[n]["rank"] for n in dense)
+    assert ranks == list(range(1, len(dense) + 1))
+    assert all(
+        per_layer[n]["precision"] == "dense" and "fidelity_budget" in per_layer[n]["why"] for n in dense
+    )
+    assert ctx.details["mixed_sparsity"]["reached"] is True
+    trace = ctx.details["mixed_sparsity"]["mean_cosine_by_dense_layers"]
+    assert trace[-1] >= 1 - budget > trace[0]
+    cos = adapter.metrics(model, ctx.teacher, ctx.data.calibration[:4])["mean_cosine"]
+    assert cos >= 1 - budget - 1e-6 and cos > cos_all
+
+
+def test_mixed_sparsity_budget_needs_dense_layers() -> None:
+    from compressor.config import from_dict
+    from compressor.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"p.fidelity_budget: needs max_dense_layers > 0"):
+        from_dict(SparsifyConfig, {"fidelity_budget": 0.01}, "p")
+    with pytest.raises(RecipeError, match=r"p.fidelity_budget: 1.5 is not in \[0, 1\)"):
+        from_dict(SparsifyConfig, {"fidelity_budget": 1.5, "max_dense_layers": 2}, "p")
