@@ -8,7 +8,8 @@ pairwise similarities).
 
 - ours, through the pipeline's own passes (``Pipeline`` + ``PassContext``, each pass
   built from its typed config exactly as a recipe builds it): 2:4 magnitude, 2:4
-  SparseGPT, 2:4 SparseGPT + distillation, INT8 SmoothQuant W8A8 (dynamic per-token
+  SparseGPT, 2:4 SparseGPT + distillation, 2:4 SparseGPT with the 8 most sensitive
+  layers dense (mixed sparsity) with and without distillation, INT8 SmoothQuant W8A8 (dynamic per-token
   activations, the GPU scheme; dynamic per-tensor, the ONNX Runtime CPU scheme; static
   per-tensor, the scheme of ModelOpt's INT8_SMOOTHQUANT_CFG and of TensorRT), INT4
   weight-only RTN / GPTQ / AWQ (group 128), FFN pruned to half + distillation, and that
@@ -257,6 +258,22 @@ def main() -> int:
             "ours",
             passes("a100", {"pass": "distill", **distill}),
             base="ours_24_sparsegpt",
+        ),
+        Method(
+            "ours_24_sparsegpt_mixed",
+            "ours: 2:4 SparseGPT, the 8 most sensitive of 36 layers dense",
+            "ours",
+            passes(
+                "a100",
+                {"pass": "sparsify", "method": "sparsegpt", "targets": ["encoder.*"], "max_dense_layers": 8},
+            ),
+        ),
+        Method(
+            "ours_24_sparsegpt_mixed_distill",
+            f"ours: 2:4 SparseGPT, 8 layers dense, + distill ({steps} steps)",
+            "ours",
+            passes("a100", {"pass": "distill", **distill}),
+            base="ours_24_sparsegpt_mixed",
         ),
         Method(
             "ours_pruned_distill",
