@@ -98,7 +98,7 @@ def check_pipeline_reload(model: Any, folder: Path, n: int) -> float:
     from compressor.adapters.diffusion_modules import StepReducedPipeline
 
     labels = torch.arange(n) % 10
-    pipe = StepReducedPipeline.from_pretrained(folder)
+    pipe = StepReducedPipeline.from_pretrained(folder, use_safetensors=True)
     got = pipe(
         class_labels=labels, generator=torch.Generator().manual_seed(0)
     ).images  # (B, H, W, C) in [0, 1]

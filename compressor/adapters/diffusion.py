@@ -91,14 +91,14 @@ def denoiser_component(denoiser: nn.Module) -> str:
 class DiffusionModel(nn.Module):
     """Denoiser + conditioner + noise schedule + sampling spec; ``sample`` counts NFE.
 
-    ``unet`` holds the denoiser whatever its kind (UNet2DModel, UNet2DConditionModel or
-    SD3Transformer2DModel; the attribute name keeps layer names such as ``unet.…`` stable
-    across kinds). ``forward`` takes the timestep the denoiser is fed (what the scheduler
+    ``unet`` holds the denoiser whatever its kind (UNet2DModel, UNet2DConditionModel,
+    SD3Transformer2DModel or DiTTransformer2DModel; the attribute name keeps layer names
+    such as ``unet.…`` stable across kinds). ``forward`` takes the timestep the denoiser is fed (what the scheduler
     yields); the passes map integer training timesteps to it with ``schedule.model_t``.
     """
 
     unet: Any
-    conditioner: Any  # a ClassConditioner or TextConditioner
+    conditioner: Any  # a ClassConditioner, LabelConditioner or TextConditioner
     schedule: NoiseSchedule
     spec: SamplingSpec
     train_config: dict[str, Any]
@@ -322,7 +322,7 @@ def encode_prompts(
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer or text_encoder))
-    enc = AutoModel.from_pretrained(str(text_encoder)).eval()
+    enc = safe_from_pretrained(AutoModel, Path(text_encoder)).eval()
     batch = tok(
         list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
@@ -331,6 +331,20 @@ def encode_prompts(
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return hidden, pooled
+
+
+def safe_from_pretrained(cls: Any, folder: Path) -> Any:
+    """``cls.from_pretrained(folder, use_safetensors=True)``: pickle checkpoints (``.bin``) can
+    run code when loaded, so a folder without safetensors weights is refused by name."""
+    try:
+        return cls.from_pretrained(str(folder), use_safetensors=True)
+    except (OSError, ValueError) as e:
+        pickles = sorted(p.name for p in Path(folder).rglob("*.bin"))
+        found = f" (found pickle checkpoints {', '.join(pickles)})" if pickles else ""
+        raise DataError(
+            f"{folder}: could not load safetensors weights{found}; pickle checkpoints can run code when "
+            f"loaded and are refused: convert them to .safetensors ({e})"
+        ) from None
 
 
 def load_diffusion_model(source: str | Path) -> DiffusionModel:
@@ -348,8 +362,8 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
     if (folder / "conditioner").is_dir():
         from compressor.adapters.diffusion_modules import StepReducedPipeline
 
-        pipe = StepReducedPipeline.from_pretrained(folder)
-        return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return,return-value]
+        pipe = safe_from_pretrained(StepReducedPipeline, folder)
+        return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return]
     sub = next((folder / n for n in ("unet", "transformer") if (folder / n).is_dir()), None)
     if sub is None or not (folder / "scheduler").is_dir():
         raise DataError(
@@ -358,7 +372,7 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
     kind = json.loads((sub / "config.json").read_text()).get("_class_name")
     if kind not in DENOISERS:
         raise DataError(f"{sub}: denoiser {kind!r} is not supported (supported: {list(DENOISERS)})")
-    denoiser = getattr(d, kind).from_pretrained(sub).eval()
+    denoiser = safe_from_pretrained(getattr(d, kind), sub).eval()
     train_config = training_schedule(dict(d.DDPMScheduler.load_config(folder / "scheduler")))
     spec = _read_sampling(folder)
     if kind == "UNet2DModel":

@@ -397,3 +397,13 @@ def test_dit_teacher_folder_loads(tmp_path: Path) -> None:
     model = load_diffusion_model(tmp_path)
     assert type(model.conditioner).__name__ == "LabelConditioner"
     assert model.sample(torch.arange(2), torch.Generator().manual_seed(0))[1] == 100  # 50 DDIM x CFG
+
+
+def test_pickle_teacher_weights_are_refused(tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    tiny_dit().unet.save_pretrained(tmp_path / "transformer", safe_serialization=False)
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    assert list((tmp_path / "transformer").glob("*.bin"))
+    with pytest.raises(DataError, match="found pickle checkpoints diffusion_pytorch_model.bin"):
+        load_diffusion_model(tmp_path)
