@@ -18,8 +18,8 @@ sampling spec with its own step count), distilled from the model they are handed
   consistency instead (Ren et al., "Hyper-SD", 2024): the map goes to the lower edge of
   the segment holding t, and the student samples with DDIM at ``segments`` steps.
 
-The math (noising, DDIM steps, the targets) is in plain functions below over the
-model's ``NoiseSchedule``, so the same passes distil epsilon-prediction (DDPM) and
+The math (noising, DDIM steps, the targets) is the model's ``NoiseSchedule``
+(``compressor.adapters.diffusion_schedule``), so the same passes distil epsilon-prediction (DDPM) and
 flow-matching (velocity) denoisers, UNets and transformers alike; the Pass classes only
 check the model, build the student and record what they did. Guidance is handled by
 the teacher's own ``guided``: a classifier-free-guided teacher is
@@ -54,31 +54,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- math
 
 
-def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sch: NoiseSchedule) -> torch.Tensor:
-    return sch.add_noise(x0, t, noise)
-
-
-def ddim_step(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    sch: NoiseSchedule,
-    clip: bool = True,
-) -> torch.Tensor:
-    """Deterministic step t -> t_prev from the model output: DDIM (eta 0, x0 clipped like
-    diffusers' DDIMScheduler) for epsilon models, the Euler step for flow models."""
-    return sch.step(x, out, t, t_prev, clip)
-
-
-def output_for_target(
-    x_t: torch.Tensor, x_target: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, sch: NoiseSchedule
-) -> torch.Tensor:
-    """The model output whose single (unclipped) step t -> t_next lands on ``x_target``
-    (Salimans & Ho, eq. 8, solved for the output)."""
-    return sch.output_for_target(x_t, x_target, t, t_next)
-
-
 def consistency_map(
     x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, edge: torch.Tensor, sch: NoiseSchedule
 ) -> torch.Tensor:
@@ -87,7 +62,7 @@ def consistency_map(
     x0, _ = sch.x0_eps(out, x, t)
     c_skip, c_out = sch.boundary_scalings(t)
     to_clean = c_skip * x + c_out * x0
-    to_edge = ddim_step(x, out, t, edge, sch, clip=False)
+    to_edge = sch.step(x, out, t, edge, clip=False)
     return torch.where((edge < 0).view(-1, 1, 1, 1), to_clean, to_edge)
 
 
@@ -276,7 +251,7 @@ def guidance_distill(
         b = x0.shape[0]
         t = torch.randint(0, teacher.num_train_timesteps, (b,), generator=g)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=g)
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
+        x = sch.add_noise(x0, t, torch.randn(x0.shape, generator=g))
         tm = sch.model_t(t)
         with torch.no_grad():
             both = teacher(
@@ -372,11 +347,11 @@ def progressive_round(
         x0, y = next(batches)
         i = torch.randint(0, steps, (x0.shape[0],), generator=g)
         t, tm, tn = t_hi[i], t_mid[i], t_lo[i]
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
+        x = sch.add_noise(x0, t, torch.randn(x0.shape, generator=g))
         with torch.no_grad():
-            xm = ddim_step(x, teacher_out(teacher, x, t, y), t, tm, sch)
-            x2 = ddim_step(xm, teacher_out(teacher, xm, tm, y), tm, tn, sch)
-            target = output_for_target(x, x2, t, tn, sch)
+            xm = sch.step(x, teacher_out(teacher, x, t, y), t, tm)
+            x2 = sch.step(xm, teacher_out(teacher, xm, tm, y), tm, tn)
+            target = sch.output_for_target(x, x2, t, tn)
         return nn.functional.mse_loss(guided_at(student, x, t, y), target)
 
     losses = fit(
@@ -495,9 +470,9 @@ def consistency_distill(
         # the lower edge of each t's segment: the largest edge strictly below t
         edge = torch.stack([edges[edges < ti].max() for ti in t])
         t_prev = torch.maximum(t - skip, edge)
-        x = add_noise(x0, t, torch.randn(x0.shape, generator=g), sch)
+        x = sch.add_noise(x0, t, torch.randn(x0.shape, generator=g))
         with torch.no_grad():
-            x_prev = ddim_step(x, teacher_out(teacher, x, t, y), t, t_prev, sch, clip=False)
+            x_prev = sch.step(x, teacher_out(teacher, x, t, y), t, t_prev, clip=False)
             at_edge = (t_prev == edge).view(-1, 1, 1, 1)
             tgt_out = guided_at(target_net, x_prev, t_prev.clamp(min=0), y)
             target = torch.where(at_edge, x_prev, consistency_map(x_prev, tgt_out, t_prev, edge, sch))

@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter
-from compressor.adapters.diffusion_schedule import (  # noqa: F401  (SCHEDULE_KEYS, make_scheduler: re-exported)
-    SCHEDULE_KEYS,
+from compressor.adapters.diffusion_schedule import (
     NoiseSchedule,
     _diffusers,
     make_scheduler,

@@ -227,7 +227,8 @@ class StepReducedPipeline(DiffusionPipeline):
 
     def to_diffusion_model(self) -> nn.Module:
         """The compiler's DiffusionModel over these components (shared, not copied)."""
-        from compressor.adapters.diffusion import SCHEDULE_KEYS, DiffusionModel, SamplingSpec
+        from compressor.adapters.diffusion import DiffusionModel, SamplingSpec
+        from compressor.adapters.diffusion_schedule import SCHEDULE_KEYS
 
         c: Any = self.conditioner.config
         spec = SamplingSpec(

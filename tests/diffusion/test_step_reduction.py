@@ -13,9 +13,6 @@ from compressor.passes.step_reduction import (
     ConsistencyDistillPass,
     GuidanceDistillPass,
     ProgressiveDistillPass,
-    add_noise,
-    ddim_step,
-    output_for_target,
 )
 from compressor.pipeline import MetricsInstrument, Pipeline
 from compressor.recipe import parse_recipe
@@ -32,8 +29,8 @@ def test_output_for_target_inverts_a_ddim_step() -> None:
     x = torch.randn(5, 1, 8, 8)
     eps = torch.randn(5, 1, 8, 8)
     t, tn = torch.tensor([999, 700, 400, 100, 30]), torch.tensor([700, 400, 100, -1, -1])
-    target = ddim_step(x, eps, t, tn, sch, clip=False)
-    torch.testing.assert_close(output_for_target(x, target, t, tn, sch), eps, atol=1e-3, rtol=1e-3)
+    target = sch.step(x, eps, t, tn, clip=False)
+    torch.testing.assert_close(sch.output_for_target(x, target, t, tn), eps, atol=1e-3, rtol=1e-3)
 
 
 def test_guidance_distill_halves_nfe_and_learns_the_cfg_combination(teacher, adapter, data) -> None:
@@ -45,7 +42,7 @@ def test_guidance_distill_halves_nfe_and_learns_the_cfg_combination(teacher, ada
     x0 = data.eval[0]["images"][:16]
     y = data.eval[0]["labels"][:16]
     t = torch.full((16,), 500)
-    x = add_noise(x0, t, torch.randn_like(x0), teacher.schedule)
+    x = teacher.schedule.add_noise(x0, t, torch.randn_like(x0))
     with torch.no_grad():
         target = teacher.guided(x, t, y)[0]
         before = (teacher(x, t, y) - target).pow(2).mean()
