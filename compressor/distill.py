@@ -94,17 +94,39 @@ class RecoverConfig:
             raise RecipeError(f"{path}.checkpoint_every: {self.checkpoint_every} is negative (0 = off)")
 
 
-def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer index matched by each student layer (identity when depths agree)."""
+# A model attribute (not saved with the model): for each of its layers, the index of the
+# layer of the original model it was cut from. ``prune`` sets it when it drops layers.
+ORIGIN_LAYERS_ATTR = "compressor_origin_layers"
+
+
+def layer_map(student_layers: int, teacher_layers: int, origin: Sequence[int] | None = None) -> list[int]:
+    """Teacher layer index matched by each student layer.
+
+    With ``origin`` (the teacher layer each student layer was cut from, as ``prune`` records
+    it) each layer matches its own origin, so a dropped layer's work goes to the kept layer
+    after it; without it (or when it does not fit these depths) the depths are spread evenly
+    (identity when they agree)."""
+    if origin is not None and len(origin) == student_layers and all(0 <= j < teacher_layers for j in origin):
+        return [int(j) for j in origin]
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
+def origin_layers(model: nn.Module) -> list[int] | None:
+    """The origin layer indices ``prune`` recorded on ``model`` (None if no layer was dropped)."""
+    origin = getattr(model, ORIGIN_LAYERS_ATTR, None)
+    return list(origin) if origin is not None else None
+
+
 def squarehead_terms(
-    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], token_mask: torch.Tensor | None
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    token_mask: torch.Tensor | None,
+    origin: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per student layer, ``||h_s - h_t||²`` and ``||h_t||²`` summed over real tokens."""
+    """Per student layer, ``||h_s - h_t||²`` and ``||h_t||²`` summed over real tokens
+    (teacher layers matched by ``layer_map``)."""
     nums, dens = [], []
-    for s, j in zip(student, layer_map(len(student), len(teacher))):
+    for s, j in zip(student, layer_map(len(student), len(teacher), origin)):
         t = teacher[j]
         m = token_mask[..., None].to(s.dtype) if token_mask is not None else torch.ones_like(s[..., :1])
         nums.append(((s - t) ** 2 * m).sum())
@@ -113,10 +135,13 @@ def squarehead_terms(
 
 
 def squarehead_loss(
-    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], token_mask: torch.Tensor | None
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    token_mask: torch.Tensor | None,
+    origin: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Mean over layers of ||h_s - h_t||² / ||h_t||² on real tokens ([B, T, D] each)."""
-    nums, dens = squarehead_terms(student, teacher, token_mask)
+    nums, dens = squarehead_terms(student, teacher, token_mask, origin)
     return torch.stack([n / d.clamp(min=1e-12) for n, d in zip(nums, dens)]).mean()
 
 
@@ -183,7 +208,7 @@ def distill_loss(
     )
     if use_hidden and s_hidden:
         loss = loss + loss_cfg.hidden_weight * squarehead_loss(
-            s_hidden, t_hidden, batch.get("attention_mask")
+            s_hidden, t_hidden, batch.get("attention_mask"), origin_layers(student)
         )
     return loss
 
@@ -289,9 +314,11 @@ def _sharded_loss(
     adapter: ModelAdapter,
     shard: Batch,
     loss_cfg: DistillLossConfig,
+    origin: Sequence[int] | None,
 ) -> torch.Tensor:
     """This rank's share of the global-batch loss: summed over ranks it is ``distill_loss``
-    on the whole global batch (every mean's denominator is all-reduced first)."""
+    on the whole global batch (every mean's denominator is all-reduced first); ``origin``
+    as in ``layer_map``."""
     import torch.distributed as dist
 
     use_hidden = loss_cfg.hidden_weight > 0
@@ -303,7 +330,7 @@ def _sharded_loss(
     nums: list[torch.Tensor] = []
     dens: list[torch.Tensor] = []
     if use_hidden and s_hidden:
-        nums, dens = squarehead_terms(s_hidden, t_hidden, shard.get("attention_mask"))
+        nums, dens = squarehead_terms(s_hidden, t_hidden, shard.get("attention_mask"), origin)
     counts = [torch.tensor(float(out_count), device=out_sum.device), *[d.detach() for d in dens]]
     totals = torch.stack([c.double() for c in counts])  # on the student's device (NCCL needs it)
     dist.all_reduce(totals)  # [1 + layers]: global example count, global ||h_t||² per layer
@@ -392,7 +419,9 @@ def distill_(
             else:
                 import torch.distributed as dist
 
-                local = _sharded_loss(ddp, teacher, adapter, shard_batch(batch, rank, world), cfg.loss)
+                local = _sharded_loss(
+                    ddp, teacher, adapter, shard_batch(batch, rank, world), cfg.loss, origin_layers(student)
+                )
                 backward = local * world  # DDP averages gradients over ranks; the loss is their sum
                 logged = local.detach().clone()
                 dist.all_reduce(logged)

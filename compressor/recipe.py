@@ -57,7 +57,12 @@ class DataSpec:
     train_samples: int = option(2048, help="texts used for distillation (recovery)")
     eval_samples: int = option(512, help="held-out texts used for fidelity")
     max_length: int = option(128, help="token length the texts are truncated to")
-    batch_size: int = option(32, help="batch size for calibration and evaluation")
+    batch_size: int = option(32, help="batch size for calibration, distillation and evaluation")
+    group_by_length: bool = option(
+        True,
+        help="distillation batches hold texts of similar token length (batch order shuffled by the seed), "
+        "so steps are not spent on padding; false batches the texts in their sampled order",
+    )
 
     def validate(self, path: str) -> None:
         for name in ("calibration_samples", "eval_samples", "max_length", "batch_size"):

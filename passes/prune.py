@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from compressor.config import option
-from compressor.distill import RecoverConfig
+from compressor.distill import ORIGIN_LAYERS_ATTR, RecoverConfig, origin_layers
 from compressor.errors import PassError, PlanError, RecipeError
 from compressor.passes.importance import (
     ImportanceScores,
@@ -174,6 +174,15 @@ def prune_structured_(anatomy: Anatomy, scores: ImportanceScores, plan: PrunePla
     return kept
 
 
+def record_origin_layers_(model: nn.Module, kept_layers: Sequence[int], layers_before: int) -> None:
+    """Note on ``model`` which original layer each remaining one came from (composing with an
+    earlier prune), so distillation matches every layer's hidden state to its own origin."""
+    before = origin_layers(model)
+    if before is None or len(before) != layers_before:
+        before = list(range(layers_before))
+    setattr(model, ORIGIN_LAYERS_ATTR, [before[k] for k in kept_layers])
+
+
 def check_anatomy(anatomy: Anatomy) -> list[str]:
     """Mismatches between the config's widths and the tensors (empty when consistent)."""
     problems = []
@@ -234,7 +243,10 @@ class StructuredPrunePass(Pass):
         elif cfg.importance == "random":
             rnd = random_importance(anatomy, ctx.seed)
             scores = ImportanceScores(rnd.heads, rnd.ffn, scores.layers)
+        layers_before = anatomy.num_layers
         kept = prune_structured_(anatomy, scores, plan)
+        if "layers" in kept:
+            record_origin_layers_(model, kept["layers"], layers_before)
         after = count_parameters(model)
         ctx.record("kept", kept)
         ctx.record("widths", {"heads": plan.heads, "ffn": plan.ffn, "layers": plan.layers})

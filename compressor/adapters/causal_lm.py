@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup, token_cases
-from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, weight_stats
+from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, train_text_groups, weight_stats
 from compressor.errors import DataError, RecipeError
 
 
@@ -141,13 +141,16 @@ class CausalLMAdapter(ModelAdapter):
         if not parts["calibration"] or not parts["eval"]:
             raise DataError("the stdlib docstring corpus is empty on this Python install")
         bs, n = spec.batch_size, spec.max_length
-        batched = {
-            k: [self.tokenize(v[i : i + bs], n) for i in range(0, len(v), bs)] for k, v in parts.items()
-        }
+
+        def batched(texts: list[str]) -> list[Batch]:
+            return [self.tokenize(texts[i : i + bs], n) for i in range(0, len(texts), bs)]
+
         return DataSplits(
-            calibration=batched["calibration"],
-            train=batched["train"],
-            eval=batched["eval"],
+            calibration=batched(parts["calibration"]),
+            train=[
+                self.tokenize(g, n) for g in train_text_groups(self.tokenizer, parts["train"], spec, seed)
+            ],
+            eval=batched(parts["eval"]),
             info={"corpus": spec.corpus, **{k: len(v) for k, v in parts.items()}},
         )
 

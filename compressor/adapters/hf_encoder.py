@@ -103,6 +103,18 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int, pad_to
     )
 
 
+def train_text_groups(tokenizer: Any, texts: list[str], spec: Any, seed: int) -> list[list[str]]:
+    """The distillation texts in batches of ``spec.batch_size``: of similar token length
+    (``spec.group_by_length``, see ``compressor.data.length_grouped``) or in sampled order."""
+    from compressor.data import length_grouped
+
+    bs = spec.batch_size
+    if not spec.group_by_length or not texts:
+        return [texts[i : i + bs] for i in range(0, len(texts), bs)]
+    enc = tokenizer(texts, truncation=True, max_length=spec.max_length)
+    return length_grouped(texts, [len(ids) for ids in enc["input_ids"]], bs, seed)
+
+
 def weight_stats(model: nn.Module) -> dict[str, float]:
     """Parameters, bytes of weights as deployed, and sparsity of the Linear weights."""
     params = sum(p.numel() for p in model.parameters())
@@ -265,7 +277,10 @@ class HFEncoderAdapter(ModelAdapter):
             raise DataError("the stdlib docstring corpus is empty on this Python install")
         return DataSplits(
             calibration=self.batches(cal, spec.batch_size, spec.max_length),
-            train=self.batches(train, spec.batch_size, spec.max_length),
+            train=[
+                self.tokenize(g, spec.max_length)
+                for g in train_text_groups(self.tokenizer, train, spec, seed)
+            ],
             eval=self.batches(ev, spec.batch_size, spec.max_length),
             info={"corpus": spec.corpus, "calibration": len(cal), "train": len(train), "eval": len(ev)},
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.config import from_dict
+from compressor.distill import layer_map, origin_layers, squarehead_loss
 from compressor.errors import PassError, PlanError, RecipeError
 from compressor.passes.importance import activation_importance, random_importance
 from compressor.passes.prune import (
@@ -193,6 +195,35 @@ def test_layer_importance_drops_the_identity_like_layer() -> None:
     assert int(torch.argmin(scores.layers)) == 2
     kept = prune_structured_(anatomy, scores, PrunePlan(4, 128, 3))
     assert kept["layers"] == [0, 1, 3]
+
+
+def test_distillation_matches_kept_layers_to_their_origin() -> None:
+    """After depth pruning, each kept layer's hidden state is compared with the teacher's at
+    the layer it was cut from (composed over two prunes), not at evenly spread depths."""
+    teacher = tiny_llama(layers=4)
+    with torch.no_grad():  # layer 0 barely changes its input: it is the one dropped
+        teacher.model.layers[0].self_attn.o_proj.weight.mul_(1e-3)
+        teacher.model.layers[0].mlp.down_proj.weight.mul_(1e-3)
+    student = copy.deepcopy(teacher)
+    batches = token_batches(2)
+    StructuredPrunePass(StructuredPruneConfig(layers=3)).run(student, _ctx(student, batches))
+    assert origin_layers(student) == [1, 2, 3] and layer_map(3, 4, [1, 2, 3]) == [1, 2, 3]
+
+    def hidden(model: torch.nn.Module) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(model(**batches[0], output_hidden_states=True).hidden_states[1:])
+
+    mask = batches[0]["attention_mask"]
+    by_origin = float(squarehead_loss(hidden(student), hidden(teacher), mask, origin_layers(student)))
+    evenly = float(squarehead_loss(hidden(student), hidden(teacher), mask))  # teacher layers 0, 2, 3
+    assert by_origin < 1e-4 < evenly, (by_origin, evenly)
+
+    StructuredPrunePass(StructuredPruneConfig(layers=2, layer_importance="random")).run(
+        student, _ctx(student, batches)
+    )
+    origin = origin_layers(student)
+    assert origin is not None and len(origin) == 2 and set(origin) <= {1, 2, 3} and origin == sorted(origin)
+    assert layer_map(2, 4, [0, 7]) == [1, 3]  # an origin that does not fit: evenly spread
 
 
 def test_check_refuses_impossible_widths() -> None:
