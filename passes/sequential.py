@@ -136,6 +136,25 @@ def sequential_calibrate(
     return stats
 
 
+def feed_linear_inputs(
+    root: nn.Module, sinks: dict[str, Callable[[torch.Tensor], None]], run: Callable[[], None]
+) -> None:
+    """While ``run()`` runs, hand every input of the layer named ``name`` under ``root`` to
+    ``sinks[name]`` (the hooks are removed afterwards, also on error)."""
+    handles = []
+    for name, sink in sinks.items():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], sink: Callable[[torch.Tensor], None] = sink) -> None:
+            sink(args[0])
+
+        handles.append(root.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def block_hessians(
     block: nn.Module, inputs: Sequence[BlockInput], linears: Sequence[str] | None = None
@@ -146,22 +165,16 @@ def block_hessians(
         linears if linears is not None else [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     )
     accs: dict[str, HessianAccumulator] = {}
-    handles = []
     for name in names:
         lin = block.get_submodule(name)
         assert isinstance(lin, nn.Linear), f"{name} is not a Linear"
         accs[name] = HessianAccumulator(lin.in_features, lin.weight.device)
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], acc: HessianAccumulator = accs[name]) -> None:
-            acc.add_batch(args[0])
-
-        handles.append(lin.register_forward_pre_hook(hook))
-    try:
+    def run() -> None:
         for b in inputs:
             block(*b.args, **b.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    feed_linear_inputs(block, {name: acc.add_batch for name, acc in accs.items()}, run)
     return accs
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from compressor.modules import get_linear, set_module
 from compressor.passes.awq import InputStats, awq_search_clip, awq_search_scales_from_stats
 from compressor.passes.int4 import QuantizedWeight, quantize_rtn
+from compressor.passes.sequential import feed_linear_inputs
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +127,10 @@ def _collect_input_stats(
 ) -> dict[str, InputStats]:
     """``InputStats`` of the input of each unit's first Linear over what ``run`` feeds."""
     stats: dict[str, InputStats] = {}
-    handles = []
     for u in units:
         lin = get_linear(model, u.linears[0])
-        stats[u.linears[0]] = st = InputStats(lin.in_features, lin.weight.device)
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], st: InputStats = st) -> None:
-            st.add(args[0])
-
-        handles.append(lin.register_forward_pre_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
+        stats[u.linears[0]] = InputStats(lin.in_features, lin.weight.device)
+    feed_linear_inputs(model, {name: st.add for name, st in stats.items()}, run)
     return stats
 
 
