@@ -107,6 +107,11 @@ def main() -> int:
         action="store_true",
         help="distillation batches in sampled order instead of grouped by length (data.group_by_length)",
     )
+    ap.add_argument(
+        "--wide-train",
+        action="store_true",
+        help="distillation texts from every stdlib library file (data.wide_train), not only the listed modules",
+    )
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -140,6 +145,7 @@ def main() -> int:
         max_length=args.max_length,
         batch_size=args.batch,
         group_by_length=not args.mixed_batches,
+        wide_train=args.wide_train,
     )
     data = adapter.make_data(spec, seed=0)
     reference = adapter.embed(teacher, data.eval)

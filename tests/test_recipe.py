@@ -78,6 +78,14 @@ def test_minilm_recipes_plan_against_the_real_model(name: str) -> None:
         (_recipe(exports=[{"format": "onnx", "opset": 11}]), r"exports\[0\]\.opset: 11 is too old"),
         (_recipe(exports=[{"format": "tflite"}]), r"exports\[0\]\.format: unknown export format 'tflite'"),
         (_recipe(data={"batch_size": 0}), r"data\.batch_size: must be at least 1"),
+        (
+            _recipe(data={"corpus": "sklearn-digits", "wide_train": True}),
+            r"data\.wide_train: only the stdlib-docstrings corpus",
+        ),
+        (
+            _recipe(passes=[{"pass": "distill", "teacher_cache_mb": -1}]),
+            r"passes\[0\]\.teacher_cache_mb: -1 is negative",
+        ),
         (_recipe(extra=1), r"extra: unknown key; allowed top-level keys"),
         (
             _recipe(evaluation={"bench": {"threads": "two"}}),

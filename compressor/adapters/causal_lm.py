@@ -126,7 +126,7 @@ class CausalLMAdapter(ModelAdapter):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def make_data(self, spec: Any, seed: int) -> DataSplits:
-        from compressor.data import sample, stdlib_docstring_splits
+        from compressor.data import sample, stdlib_docstring_splits, train_texts
 
         if spec.corpus != "stdlib-docstrings":
             raise RecipeError(
@@ -135,7 +135,7 @@ class CausalLMAdapter(ModelAdapter):
         splits = stdlib_docstring_splits()
         parts = {
             "calibration": sample(splits.calibration, spec.calibration_samples, seed),
-            "train": sample(splits.train, spec.train_samples, seed),
+            "train": sample(train_texts(spec.wide_train), spec.train_samples, seed),
             "eval": sample(splits.eval, spec.eval_samples, seed),
         }
         if not parts["calibration"] or not parts["eval"]:

@@ -267,11 +267,11 @@ class HFEncoderAdapter(ModelAdapter):
         ]
 
     def make_data(self, spec: Any, seed: int) -> DataSplits:
-        from compressor.data import sample, stdlib_docstring_splits
+        from compressor.data import sample, stdlib_docstring_splits, train_texts
 
         splits = stdlib_docstring_splits()
         cal = sample(splits.calibration, spec.calibration_samples, seed)
-        train = sample(splits.train, spec.train_samples, seed)
+        train = sample(train_texts(spec.wide_train), spec.train_samples, seed)
         ev = sample(splits.eval, spec.eval_samples, seed)
         if not cal or not ev:
             raise DataError("the stdlib docstring corpus is empty on this Python install")
