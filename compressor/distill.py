@@ -80,6 +80,12 @@ class RecoverConfig:
         help="write a resumable checkpoint to the work dir every N steps and resume from it "
         "on the next run (0 = off; `compressor compile --work-dir DIR` keeps it across runs)",
     )
+    teacher_cache_mb: int = option(
+        4096,
+        help="keep the frozen teacher's outputs (and hidden states) of each training batch, up to this "
+        "many MiB on the teacher's device, so later epochs skip the teacher's forward; batches past "
+        "the budget are recomputed each step (0 = off; the losses are the same either way)",
+    )
 
     def validate(self, path: str) -> None:
         if self.steps < 1:
@@ -92,6 +98,8 @@ class RecoverConfig:
             raise RecipeError(f"{path}: warmup_steps, grad_clip and weight_decay must not be negative")
         if self.checkpoint_every < 0:
             raise RecipeError(f"{path}.checkpoint_every: {self.checkpoint_every} is negative (0 = off)")
+        if self.teacher_cache_mb < 0:
+            raise RecipeError(f"{path}.teacher_cache_mb: {self.teacher_cache_mb} is negative (0 = off)")
 
 
 # A model attribute (not saved with the model): for each of its layers, the index of the
@@ -194,12 +202,53 @@ def _teacher_outputs(
         return adapter.forward(teacher, batch), []
 
 
+TeacherOutputs = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+class TeacherCache:
+    """The frozen teacher's outputs per training batch, kept while they fit ``budget_bytes``.
+
+    Recovery cycles over a few hundred batches for many epochs, and the teacher (in eval mode,
+    no dropout) gives the same outputs for the same batch every time, so its forward is needed
+    once per batch, not once per step: for a student half the teacher's size that forward is
+    about 40 % of a step. Batches that do not fit are recomputed every time they come round.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.forwards = 0  # teacher forwards run (a measure for tests and logs)
+        self._store: dict[int, TeacherOutputs] = {}
+
+    def get(
+        self, key: int, teacher: nn.Module, adapter: ModelAdapter, batch: Batch, use_hidden: bool
+    ) -> TeacherOutputs:
+        hit = self._store.get(key)
+        if hit is not None:
+            return hit
+        out = _teacher_outputs(teacher, adapter, batch, use_hidden)
+        self.forwards += 1
+        size = sum(t.numel() * t.element_size() for t in (out[0], *out[1]))
+        if self.used_bytes + size <= self.budget_bytes:
+            self._store[key] = out
+            self.used_bytes += size
+        return out
+
+
 def distill_loss(
-    student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, batch: Batch, loss_cfg: DistillLossConfig
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: ModelAdapter,
+    batch: Batch,
+    loss_cfg: DistillLossConfig,
+    teacher_outputs: TeacherOutputs | None = None,
 ) -> torch.Tensor:
-    """The training objective on one batch (gradients flow into ``student`` when enabled)."""
+    """The training objective on one batch (gradients flow into ``student`` when enabled);
+    ``teacher_outputs``: the teacher's outputs on ``batch`` when already known."""
     use_hidden = loss_cfg.hidden_weight > 0
-    t_out, t_hidden = _teacher_outputs(teacher, adapter, batch, use_hidden)
+    if teacher_outputs is None:
+        teacher_outputs = _teacher_outputs(teacher, adapter, batch, use_hidden)
+    t_out, t_hidden = teacher_outputs
     s_out, s_hidden = (
         adapter.forward_with_hidden(student, batch) if use_hidden else (adapter.forward(student, batch), [])
     )
@@ -315,14 +364,17 @@ def _sharded_loss(
     shard: Batch,
     loss_cfg: DistillLossConfig,
     origin: Sequence[int] | None,
+    teacher_outputs: TeacherOutputs | None = None,
 ) -> torch.Tensor:
     """This rank's share of the global-batch loss: summed over ranks it is ``distill_loss``
     on the whole global batch (every mean's denominator is all-reduced first); ``origin``
-    as in ``layer_map``."""
+    as in ``layer_map``; ``teacher_outputs``: the teacher's on ``shard`` when already known."""
     import torch.distributed as dist
 
     use_hidden = loss_cfg.hidden_weight > 0
-    t_out, t_hidden = _teacher_outputs(teacher, adapter, shard, use_hidden)
+    if teacher_outputs is None:
+        teacher_outputs = _teacher_outputs(teacher, adapter, shard, use_hidden)
+    t_out, t_hidden = teacher_outputs
     s_out, s_hidden = ddp_student(shard)
     out_sum, out_count = output_loss_terms(
         loss_cfg.output, s_out, t_out, loss_cfg.temperature, shard.get("attention_mask")
@@ -405,22 +457,25 @@ def distill_(
 
     use_hidden = cfg.loss.hidden_weight > 0
     ddp = _wrap_ddp(student, adapter, use_hidden) if world > 1 and start < cfg.steps else None
+    cache = TeacherCache(cfg.teacher_cache_mb * 2**20)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", leave=False)
     for step in range(start, cfg.steps):
-        batch = batches[step % len(batches)]
+        index = step % len(batches)
+        batch = batches[index] if ddp is None else shard_batch(batches[index], rank, world)
+        t_outputs = cache.get(index, teacher, adapter, batch, use_hidden)
         with torch.enable_grad():
             if ddp is None:
-                loss = distill_loss(student, teacher, adapter, batch, cfg.loss)
+                loss = distill_loss(student, teacher, adapter, batch, cfg.loss, t_outputs)
                 backward, logged = loss, loss.detach()
             else:
                 import torch.distributed as dist
 
                 local = _sharded_loss(
-                    ddp, teacher, adapter, shard_batch(batch, rank, world), cfg.loss, origin_layers(student)
+                    ddp, teacher, adapter, batch, cfg.loss, origin_layers(student), t_outputs
                 )
                 backward = local * world  # DDP averages gradients over ranks; the loss is their sum
                 logged = local.detach().clone()
@@ -445,6 +500,12 @@ def distill_(
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     if bar is not None:
         bar.close()
+    log.info(
+        "distill: %d teacher forwards for %d steps (%.0f MiB of teacher outputs cached)",
+        cache.forwards,
+        cfg.steps - start,
+        cache.used_bytes / 2**20,
+    )
     for p in student.parameters():
         p.grad = None
     return losses

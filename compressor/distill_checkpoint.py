@@ -57,10 +57,10 @@ def _hash_tensor(h: Any, name: str, t: torch.Tensor, values: bool) -> None:
 
 
 def fingerprint(cfg: RecoverConfig, student: nn.Module, batches: Sequence[Batch]) -> dict[str, str]:
-    """Hashes of what makes a distillation run this run: its config (``checkpoint_every``
-    aside: how often to save does not change the training), the student's structure,
-    its starting weights, and the data."""
-    config = {k: v for k, v in to_dict(cfg).items() if k != "checkpoint_every"}
+    """Hashes of what makes a distillation run this run: its config (``checkpoint_every`` and
+    ``teacher_cache_mb`` aside: how often to save and what to cache do not change the
+    training), the student's structure, its starting weights, and the data."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in ("checkpoint_every", "teacher_cache_mb")}
     structure, start, data = hashlib.sha256(), hashlib.blake2b(), hashlib.blake2b()
     for name, module in student.named_modules():
         structure.update(f"{name}:{type(module).__qualname__};".encode())

@@ -236,3 +236,23 @@ def test_compile_with_work_dir_resumes_an_interrupted_distill(tiny_bert_dir, tmp
     resumed = compile_("b", "work")
     assert len(calls) == 2  # steps 3 and 4 only
     assert resumed == reference  # loss_first / loss_last / loss_tail_mean of the uninterrupted run
+
+
+def test_teacher_cache_gives_the_same_run_with_one_teacher_forward_per_batch(setup) -> None:  # type: ignore[no-untyped-def]
+    adapter, student0, teacher, batches = setup
+    calls: list[int] = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    runs = {}
+    try:
+        for mb in (0, 64):
+            calls.clear()
+            s = copy.deepcopy(student0)
+            cfg = dataclasses.replace(CFG, checkpoint_every=0, teacher_cache_mb=mb)
+            runs[mb] = (s, distill_(s, teacher, adapter, batches, cfg), len(calls))
+    finally:
+        hook.remove()
+    (plain, plain_losses, plain_calls), (cached, cached_losses, cached_calls) = runs[0], runs[64]
+    assert plain_calls == CFG.steps and cached_calls == len(batches) < CFG.steps
+    assert cached_losses == plain_losses  # bit for bit: the teacher is deterministic in eval mode
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.equal(a, b), name
