@@ -5,8 +5,9 @@ quantized (the rest in float), the one-layer-at-a-time measure of sensitivity li
 (e.g. Dong et al., "HAWQ", 2019, rank layers by it before assigning precisions). The
 most sensitive layers stay in float, one at a time, re-measuring the fidelity of the
 model with every other layer quantized, until it reaches the target (a recipe's
-``fidelity_budget`` as ``1 - budget``, or ``target_mean_cosine``) or ``max_float_layers``
-are kept. Without a target the ``max_float_layers`` most sensitive layers stay in float.
+``fidelity_budget``: the drop this pass may cause, below the fidelity of the model as the
+pass received it, so after pruning the budget is not spent on what pruning lost; or an
+absolute ``target_mean_cosine``) or ``max_float_layers`` are kept. Without a target the ``max_float_layers`` most sensitive layers stay in float.
 
 The plan says, for every layer, its precision, its sensitivity and rank, and why; a
 target that ``max_float_layers`` could not reach is reported as missed (``reached``
@@ -26,6 +27,14 @@ class FidelityTarget:
 
     mean_cosine: float
     label: str  # "fidelity_budget 0.003 (mean cosine >= 0.997)"
+
+
+def budget_target(budget: float, before: float = 1.0) -> FidelityTarget:
+    """``fidelity_budget``: at most ``budget`` below ``before``, the calibration mean cosine of
+    the model as the pass received it (1 for the original model)."""
+    goal = before - budget
+    where = "" if before > 1.0 - 1e-6 else f", {before:.6g} before this pass"
+    return FidelityTarget(goal, f"fidelity_budget {budget:g} (mean cosine >= {goal:.6g}{where})")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from compressor.errors import DataError, PassError, PlanError, RecipeError
 from compressor.kernels.fp8_linear import Fp8Linear
 from compressor.kernels.int8_linear import Int8Linear, static_input_scale
 from compressor.modules import get_linear, select_modules, set_module
-from compressor.passes.mixed_precision import FidelityTarget, plan_mixed_precision
+from compressor.passes.mixed_precision import FidelityTarget, budget_target, plan_mixed_precision
 from compressor.passes.smoothquant import fold_input_scale_, smoothquant_scales
 from compressor.pipeline import Pass, PassContext, ensure_finite, register_pass
 from compressor.targets import Target
@@ -94,8 +94,9 @@ class QuantizeConfig:
     max_float_layers: int = option(0, help="at most this many of the most sensitive layers stay in float")
     fidelity_budget: float | None = option(
         None,
-        help="int8 mixed precision: the allowed drop in calibration mean cosine vs the original model "
-        "(0.003 = mean cosine >= 0.997); the most sensitive layers stay in float until it holds, at most "
+        help="int8 mixed precision: the drop in calibration mean cosine (vs the original model) this pass "
+        "may cause, from the model it receives (0.003 on the original = mean cosine >= 0.997; after a "
+        "prune at 0.95, >= 0.947); the most sensitive layers stay in float until it holds, at most "
         "max_float_layers of them",
     )
     target_mean_cosine: float | None = option(
@@ -139,13 +140,11 @@ class QuantizeConfig:
         if self.group_size not in (32, 64, 128):
             raise RecipeError(f"{path}.group_size: {self.group_size} is not one of 32, 64, 128")
 
-    def fidelity_target(self) -> FidelityTarget | None:
-        """The calibration mean cosine mixed precision aims for, in the recipe's words."""
+    def fidelity_target(self, before: float = 1.0) -> FidelityTarget | None:
+        """The calibration mean cosine mixed precision aims for, in the recipe's words; ``before``:
+        that of the model the pass received (a budget is a drop from it)."""
         if self.fidelity_budget is not None:
-            goal = 1.0 - self.fidelity_budget
-            return FidelityTarget(
-                goal, f"fidelity_budget {self.fidelity_budget:g} (mean cosine >= {goal:.6g})"
-            )
+            return budget_target(self.fidelity_budget, before)
         if self.target_mean_cosine is not None:
             return FidelityTarget(self.target_mean_cosine, f"target_mean_cosine {self.target_mean_cosine:g}")
         return None
@@ -375,7 +374,12 @@ class QuantizePass(Pass):
             quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
             return fidelity(m.eval())
 
-        target = cfg.fidelity_target()
+        target = None
+        if cfg.fidelity_target() is not None:
+            was_training = model.training
+            before = fidelity(model.eval())
+            model.train(was_training)
+            target = cfg.fidelity_target(before)
         found = plan_mixed_precision(names, fidelity_with_float, cfg.max_float_layers, target)
         ctx.record("per_layer", found.per_layer)
         if target is not None:

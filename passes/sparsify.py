@@ -50,8 +50,9 @@ class SparsifyConfig:
     )
     fidelity_budget: float | None = option(
         None,
-        help="mixed sparsity: the allowed drop in calibration mean cosine vs the original model; sensitive "
-        "layers go back to dense until it holds (at most max_dense_layers); null = exactly max_dense_layers",
+        help="mixed sparsity: the drop in calibration mean cosine (vs the original model) this pass may "
+        "cause, from the model it receives; sensitive layers go back to dense until it holds (at most "
+        "max_dense_layers); null = exactly max_dense_layers",
     )
     calibration_batches: int = option(4, help="mixed sparsity: calibration batches for the fidelity measure")
     recover: RecoverConfig | None = option(
@@ -145,7 +146,7 @@ class SparsifyPass(Pass):
         self, model: nn.Module, ctx: PassContext, names: list[str], dense: dict[str, torch.Tensor]
     ) -> list[str]:
         """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them."""
-        from compressor.passes.mixed_precision import FidelityTarget, plan_mixed_precision
+        from compressor.passes.mixed_precision import budget_target, plan_mixed_precision
         from compressor.passes.quantize import _mean_cosine
 
         cfg = self.config
@@ -165,15 +166,12 @@ class SparsifyPass(Pass):
                 for n in kept:
                     get_linear(model, n).weight.copy_(sparse[n])
 
-        target = None
-        if cfg.fidelity_budget is not None:
-            goal = 1.0 - cfg.fidelity_budget
-            target = FidelityTarget(
-                goal, f"fidelity_budget {cfg.fidelity_budget:g} (mean cosine >= {goal:.6g})"
-            )
         was_training = model.training
         model.eval()
         try:
+            target = None
+            if cfg.fidelity_budget is not None:  # a drop from the model as it came in (all layers dense)
+                target = budget_target(cfg.fidelity_budget, fidelity_with_dense(names))
             plan = plan_mixed_precision(
                 names, fidelity_with_dense, cfg.max_dense_layers, target, "2:4", "dense"
             )

@@ -260,6 +260,31 @@ def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny
             assert x["precision"] == "int8" and f"meets fidelity_budget {budget:g}" in x["why"], x
 
 
+def test_fidelity_budget_is_a_drop_from_the_model_the_pass_receives(tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """After a prune has cost fidelity, the budget bounds what int8 adds, not the total: keeping
+    layers in float cannot win back what pruning lost, so it must not be spent on it."""
+    from compressor.compile import compile_recipe
+    from compressor.recipe import parse_recipe
+
+    budget = _budget_recipe(tiny_bert_dir, fidelity_budget=0.003, max_float_layers=4)
+    recipe = parse_recipe(
+        {**budget.to_dict(), "passes": [{"pass": "prune", "ffn": 0.25}, *budget.to_dict()["passes"]]},
+        "r.yaml",
+    )
+    manifest = compile_recipe(recipe, tmp_path / "b")
+    pruned = next(r for r in manifest["passes"] if r["pass"] == "prune")
+    d = _quantize_record(manifest)["details"]
+    goal = d["mixed_precision"]["target_mean_cosine"]
+    before = goal + 0.003  # the pruned float model's calibration mean cosine
+    assert before < 0.99, before  # pruning really lost fidelity: an absolute 0.997 would be out of reach
+    assert "before this pass" in d["mixed_precision"]["target"]
+    assert d["mixed_precision"]["reached"] is True
+    assert d["calibration_mean_cosine"] >= goal - 1e-6
+    trace = d["mixed_precision"]["mean_cosine_by_float_layers"]
+    assert len(d["float_layers"]) == len(trace) - 1 < 4  # not every float layer spent for nothing
+    assert pruned["metrics"]["mean_cosine"] < 0.99
+
+
 def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     from compressor.compile import compile_recipe
 
