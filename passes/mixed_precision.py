@@ -7,7 +7,8 @@ most sensitive layers stay in float, one at a time, re-measuring the fidelity of
 model with every other layer quantized, until it reaches the target (a recipe's
 ``fidelity_budget``: the drop this pass may cause, below the fidelity of the model as the
 pass received it, so after pruning the budget is not spent on what pruning lost; or an
-absolute ``target_mean_cosine``) or ``max_float_layers`` are kept. Without a target the ``max_float_layers`` most sensitive layers stay in float.
+absolute ``target_mean_cosine``) or ``max_float_layers`` are kept. Without a target the
+``max_float_layers`` most sensitive layers stay in float.
 
 The plan says, for every layer, its precision, its sensitivity and rank, and why; a
 target that ``max_float_layers`` could not reach is reported as missed (``reached``
