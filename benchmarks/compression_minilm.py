@@ -85,11 +85,10 @@ def versions() -> dict[str, str]:
 
 def main() -> int:
     from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
-    from compressor.bench import latency_stats, time_side_by_side
+    from compressor.bench import time_onnx_against_fp32
     from compressor.config import from_dict
-    from compressor.data import sample, stdlib_docstring_splits
     from compressor.exporters.base import ExportContext
-    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, export_onnx, ort_session
+    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter
     from compressor.passes import PASSES
     from compressor.pipeline import PassContext, Pipeline
     from compressor.recipe import DataSpec
@@ -418,19 +417,10 @@ def main() -> int:
 
     # Latency: every ONNX model, plus ORT fp32 of the plain transformers export, side by side.
     try:
-        example = adapter.tokenize(sample(stdlib_docstring_splits().eval, 2, 0), 16)
-        plain = adapter.export_spec(copy.deepcopy(teacher), example, fused=False)
-        onnx_files = {"ort_fp32_plain": work / "plain.onnx", **onnx_files}
-        export_onnx(plain.module, plain, onnx_files["ort_fp32_plain"], 17)
-        sessions = {k: ort_session(p, args.threads) for k, p in onnx_files.items()}
-        feed_t = adapter.tokenize(
-            sample(stdlib_docstring_splits().eval, args.batch, 1), args.max_length, pad_to_max=True
-        )
-        feed = {k: v.numpy() for k, v in feed_t.items()}
-        runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-        log.info("timing %d ONNX models side by side", len(runs))
-        times = time_side_by_side(runs, args.warmup, args.repeats)
-        stats = {k: latency_stats(t, args.batch) for k, t in times.items()}
+        stats = time_onnx_against_fp32(
+            adapter, teacher, onnx_files, work, args.batch, args.max_length, args.threads, args.warmup,
+            args.repeats, baseline="ort_fp32_plain",
+        )  # fmt: skip
         base_ms = stats["ort_fp32_plain"]["median_ms"]
         result["latency_ort_fp32_plain"] = stats["ort_fp32_plain"]
         for k, s in stats.items():

@@ -55,11 +55,10 @@ def cpu_flags() -> list[str]:
 
 def main() -> int:
     from compressor.adapters.hf_encoder import HFEncoderAdapter
-    from compressor.bench import latency_stats, time_side_by_side
+    from compressor.bench import time_onnx_against_fp32
     from compressor.config import from_dict
-    from compressor.data import sample, stdlib_docstring_splits
     from compressor.exporters.base import ExportContext
-    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter, export_onnx, ort_session
+    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter
     from compressor.passes import PASSES
     from compressor.pipeline import PassContext, Pipeline
     from compressor.recipe import DataSpec
@@ -126,20 +125,9 @@ def main() -> int:
         }
         log.info("%s: %s", key, rows[key])
 
-    example = adapter.tokenize(sample(stdlib_docstring_splits().eval, 2, 0), 16)
-    plain = adapter.export_spec(copy.deepcopy(teacher), example, fused=False)
-    files = {"ort_fp32": work / "plain.onnx", **files}
-    export_onnx(plain.module, plain, files["ort_fp32"], 17)
-    sessions = {k: ort_session(p, args.threads) for k, p in files.items()}
-    feed_t = adapter.tokenize(
-        sample(stdlib_docstring_splits().eval, args.batch, 1), args.seq_len, pad_to_max=True
+    stats = time_onnx_against_fp32(
+        adapter, teacher, files, work, args.batch, args.seq_len, args.threads, args.warmup, args.repeats
     )
-    feed = {k: v.numpy() for k, v in feed_t.items()}
-    runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-    log.info("timing %d ONNX models side by side", len(runs))
-    stats = {
-        k: latency_stats(t, args.batch) for k, t in time_side_by_side(runs, args.warmup, args.repeats).items()
-    }
     base = stats["ort_fp32"]["median_ms"]
     for key, row in rows.items():
         row["median_ms"] = stats[key]["median_ms"]

@@ -74,6 +74,40 @@ def time_side_by_side(
     return times
 
 
+def time_onnx_against_fp32(
+    adapter: Any,
+    original: nn.Module,
+    files: Mapping[str, Path],
+    work: Path,
+    batch: int,
+    seq_len: int,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    baseline: str = "ort_fp32",
+) -> dict[str, dict[str, float]]:
+    """``latency_stats`` of each ONNX file in ``files`` and of ``baseline``, ORT fp32 of
+    ``original``'s plain transformers export (written into ``work``), timed side by side on
+    ``batch`` held-out sentences padded to ``seq_len`` (an encoder ``adapter``)."""
+    from compressor.data import sample, stdlib_docstring_splits
+    from compressor.exporters.onnx import export_onnx, ort_session
+
+    held_out = stdlib_docstring_splits().eval
+    plain = adapter.export_spec(
+        copy.deepcopy(original), adapter.tokenize(sample(held_out, 2, 0), 16), fused=False
+    )
+    export_onnx(plain.module, plain, work / "plain.onnx", 17)
+    paths = {baseline: work / "plain.onnx", **files}
+    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
+    feed = {
+        k: v.numpy()
+        for k, v in adapter.tokenize(sample(held_out, batch, 1), seq_len, pad_to_max=True).items()
+    }
+    runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+    log.info("timing %d ONNX models side by side", len(runs))
+    return {k: latency_stats(t, batch) for k, t in time_side_by_side(runs, warmup, repeats).items()}
+
+
 @dataclass
 class BenchConfig:
     engines: tuple[str, ...] | None = None  # None: every engine the bundle has (and the baseline)

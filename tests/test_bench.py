@@ -153,3 +153,33 @@ def test_engine_selection_puts_the_baseline_first() -> None:
     assert _engine_names(none, arts, cpu) == (["torch_original", "ort"], None)
     with pytest.raises(CompressorError, match="baseline 'ort' is not one of"):
         _engine_names(BenchConfig(baseline="ort"), arts, cpu)
+
+
+def test_onnx_files_are_timed_beside_ort_fp32_of_the_original(aoti_bundle, tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The benchmarks' shared helper: every file and the fp32 baseline timed in one rotation,
+    and the baseline is the original model (its outputs are the original's, not the bundle's)."""
+    import numpy as np
+    import torch
+
+    from compressor.adapters.hf_encoder import HFEncoderAdapter
+    from compressor.bench import time_onnx_against_fp32
+    from compressor.exporters.onnx import ort_session
+
+    out, _, _ = aoti_bundle
+    adapter = HFEncoderAdapter()
+    original = adapter.load(str(tiny_bert_dir))
+    stats = time_onnx_against_fp32(
+        adapter, original, {"int8": out / "model.onnx"}, tmp_path, batch=3, seq_len=16, threads=1, warmup=1,
+        repeats=4, baseline="fp32",
+    )  # fmt: skip
+    assert list(stats) == ["fp32", "int8"]
+    for s in stats.values():
+        assert 0 < s["median_ms"] <= s["p99_ms"]
+        assert s["throughput_per_s"] == pytest.approx(3 * 1000 / s["median_ms"], rel=0.01)
+    batch = adapter.tokenize(["a held-out sentence", "and another one"], 16)
+    sess = ort_session(tmp_path / "plain.onnx", 1)
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {k: batch[k].numpy() for k in names})[0]
+    with torch.no_grad():
+        want = adapter.forward(original, batch).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
