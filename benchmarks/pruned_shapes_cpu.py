@@ -162,7 +162,7 @@ def main() -> int:
         f"`{result['command']}` on {result['date_utc']}; CPU flags {', '.join(result['machine']['flags'])}; "
         f"onnxruntime {ort.__version__}, {args.threads} threads, {args.batch}x{args.seq_len}, median of "
         f"{args.repeats} rotated runs; ORT fp32 (transformers' export) {base:.1f} ms. Fidelity: one-shot "
-        "(pruned + int8, no distillation) vs the original on 256 held-out texts.",
+        f"(pruned + int8, no distillation) vs the original on {spec.eval_samples} held-out texts.",
         "",
         "| layers | FFN | params | median ms | vs ORT fp32 | one-shot mean cos | min cos |",
         "|---|---|---|---|---|---|---|",

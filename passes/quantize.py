@@ -374,12 +374,12 @@ class QuantizePass(Pass):
             quantize_linears_(m, chosen, scheme, groups, stats, alpha, cfg.fold_only)
             return fidelity(m.eval())
 
-        target = None
-        if cfg.fidelity_target() is not None:
+        before = 1.0
+        if cfg.fidelity_budget is not None:  # a budget is a drop from the model this pass received
             was_training = model.training
             before = fidelity(model.eval())
             model.train(was_training)
-            target = cfg.fidelity_target(before)
+        target = cfg.fidelity_target(before)
         found = plan_mixed_precision(names, fidelity_with_float, cfg.max_float_layers, target)
         ctx.record("per_layer", found.per_layer)
         if target is not None:
