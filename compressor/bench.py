@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.bundle import read_manifest
-from compressor.engines import BASELINES, ENGINE_ARTIFACTS, Engine, EngineUnavailable
+from compressor.bundle import check_bundle, check_paths
+from compressor.engines import BASELINES, CODE_ENGINES, ENGINE_ARTIFACTS, Engine, EngineUnavailable
 from compressor.errors import CompressorError
+from compressor.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class BenchConfig:
     fidelity: bool = True
     fidelity_texts: int = 0  # 0: the recipe's eval_samples
     runner: Path | None = None  # compressor-run; None: built into the user cache on first use
+    trust: bool = False  # the user vouches for the bundle: its code-bearing engines may load
 
 
 def _engine_names(
@@ -156,6 +158,7 @@ def _load_engine(
     adapter: Any,
     spec: Any,
     tmp: Path,
+    trust: Trust,
 ) -> Engine:
     from compressor.engines import (
         aoti_engine,
@@ -178,7 +181,7 @@ def _load_engine(
     if name == "torch_original":
         return torch_original_engine(original, adapter.forward, spec.input_names, device)
     art = ENGINE_ARTIFACTS[name]
-    if art not in artifacts:
+    if art is None or art not in artifacts:
         raise EngineUnavailable(f"{name}: the bundle has no artifacts.{art} (add the export to the recipe)")
     path = bundle / artifacts[art]
     names = spec.input_names
@@ -186,7 +189,9 @@ def _load_engine(
         return ort_engine(name, "bundle, ONNX Runtime", path, cfg.threads, device)
     if name == "ort_qdq":
         return ort_engine(name, "bundle Q/DQ ONNX, ONNX Runtime", path, cfg.threads, device)
-    captured_on = manifest.get("verification", {}).get(art, {}).get("device", "cpu")
+    if name in CODE_ENGINES and not trust.trusted:  # bench_bundle skips these; never load one anyway
+        raise CompressorError(f"{name}: {trust.refusal(CODE_ENGINES[name])}")
+    captured_on = _captured_on(manifest, art)
     if name in ("torch_eager", "torch_compile"):
         return exported_program_engine(path, names, device, captured_on, compiled=name == "torch_compile")
     if name == "aoti":
@@ -199,19 +204,70 @@ def _load_engine(
     return tensorrt_engine(path, names, device)
 
 
-def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]:
+def _captured_on(manifest: Mapping[str, Any], art: str) -> str:
+    """The device the exporter captured ``art`` on (its verification record), default cpu."""
+    verification = manifest.get("verification")
+    record = verification.get(art) if isinstance(verification, dict) else None
+    device = record.get("device", "cpu") if isinstance(record, dict) else "cpu"
+    if device not in ("cpu", "cuda") and not (isinstance(device, str) and device.startswith("cuda:")):
+        raise CompressorError(f"manifest.json: verification.{art}.device: {device!r} is not cpu or cuda")
+    return str(device)
+
+
+def _manifest_recipe(manifest: Mapping[str, Any], bundle: Path) -> Any:
+    """The recipe the bundle was compiled from (bench loads its original model), or one line."""
+    from compressor.recipe import parse_recipe
+
+    raw = manifest.get("recipe")
+    where = f"{bundle}/manifest.json: recipe"
+    if not isinstance(raw, dict):
+        got = "missing" if raw is None else f"a JSON {type(raw).__name__}"
+        raise CompressorError(
+            f"{where}: {got}, not the recipe object bench needs to load the original model; recompile the bundle"
+        )
+    return parse_recipe(raw, where)
+
+
+def _refused_code_engines(names: list[str], cfg: BenchConfig, trust: Trust) -> dict[str, str]:
+    """The engines that would load code from an untrusted bundle, with the reason; an error
+    when the user named one with ``--engines``."""
+    if trust.trusted:
+        return {}
+    refused = {n: trust.refusal(CODE_ENGINES[n]) for n in names if n in CODE_ENGINES}
+    if cfg.engines is not None and refused:
+        name, why = next(iter(refused.items()))
+        raise CompressorError(f"bench: --engines {name}: {why}")
+    return refused
+
+
+def bench_bundle(
+    bundle: Path, cfg: BenchConfig | None = None, own_manifest: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Time the bundle on each engine (and the baseline), batch by batch, and score each
     engine's outputs against the original model. Engines that cannot run are listed with
-    the reason when they were picked automatically, and are an error when asked for."""
+    the reason when they were picked automatically, and are an error when asked for.
+
+    The bundle's paths and hashes are checked first (``check_bundle``), and engines that load
+    code from it run only on a trusted bundle (``compressor.trust``: signed by this machine's
+    key, or ``cfg.trust``); on an untrusted one they are skipped with the reason.
+    ``own_manifest`` is for the compile benching the bundle it is writing (not yet hashed or
+    signed): its paths are still checked, and it is trusted as this process's own work."""
     from compressor.adapters import make_adapter
     from compressor.adapters.hf_encoder import HFEncoderAdapter
     from compressor.data import sample, stdlib_docstring_splits
-    from compressor.recipe import parse_recipe
+    from compressor.trust import Signature, decide_trust
 
     cfg = cfg or BenchConfig()
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    recipe = parse_recipe(manifest["recipe"], f"{bundle}/manifest.json:recipe")
+    if own_manifest is None:
+        checked = check_bundle(bundle)  # before any artifact is opened
+        manifest = checked.manifest
+        trust = decide_trust(bundle, checked.manifest_bytes, explicit=cfg.trust)
+    else:
+        manifest = own_manifest
+        check_paths(bundle, manifest)
+        trust = Trust(True, "written by this compile", Signature("own", "not signed yet: being written"))
+    recipe = _manifest_recipe(manifest, bundle)
     adapter = make_adapter(recipe.model.adapter, recipe.model.source)
     if not isinstance(adapter, HFEncoderAdapter):
         raise CompressorError(
@@ -221,6 +277,7 @@ def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CompressorError("bench: --device cuda asked for and torch sees no CUDA GPU")
     names, baseline = _engine_names(cfg, manifest.get("artifacts", {}), device)
+    refused = _refused_code_engines(names, cfg, trust)
     original = adapter.load(recipe.model.source)
     held_out = stdlib_docstring_splits().eval
     example = adapter.tokenize(sample(held_out, 2, 0), 16)
@@ -228,16 +285,21 @@ def bench_bundle(bundle: Path, cfg: BenchConfig | None = None) -> dict[str, Any]
     engines: dict[str, Engine] = {}
     status: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {"device": str(device), "threads": cfg.threads, "seq_len": cfg.seq_len}
+    result["trust"] = trust.to_dict()
     threads_before = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)  # the torch engines get the thread count ORT gets
     try:
         with tempfile.TemporaryDirectory(prefix="compressor-bench-") as tmp:
             for name in names:
+                if name in refused:
+                    status[name] = {"status": "skipped", "reason": f"skipped: {refused[name]}"}
+                    log.info("not loading %s: %s", name, refused[name])
+                    continue
                 t0 = time.perf_counter()
                 try:
                     engines[name] = _load_engine(
-                        name, bundle, manifest, cfg, device, original, adapter, spec, Path(tmp)
+                        name, bundle, manifest, cfg, device, original, adapter, spec, Path(tmp), trust
                     )
                 except EngineUnavailable as e:
                     if cfg.engines is not None:

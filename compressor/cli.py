@@ -1,12 +1,8 @@
 """`compressor`: the command line. The CLI owns the terminal; the library only logs.
 
-compressor compile [--recipe NAME|FILE] [--target T] [--model PATH] [--out DIR] [--work-dir DIR]
-compressor bench BUNDLE [--engines all|ort,aoti,...] [--batch 1,8,32] [--seq-len 128] [--threads 2]
-                [--device cpu|cuda] [--out DIR]
-compressor targets
-compressor passes [--verbose]
-compressor recipe validate FILE|NAME [--target T]
-compressor recipe list
+`compressor --help` lists every command with its synopsis, built from the parser itself
+(``build_parser``), so a new command cannot be missing from it; `compressor COMMAND --help`
+gives each command's options.
 """
 
 from __future__ import annotations
@@ -15,13 +11,26 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 
 from compressor.errors import CompressorError
 
-DEFAULT_RECIPE = "minilm-cpu-int8"
+DEFAULT_RECIPE = "minilm-cpu-int8"  # target cpu (and no --target)
+DEFAULT_GPU_RECIPE = "minilm-gpu-int8"  # --target a100 | h100 | orin: Q/DQ ONNX, TensorRT script, Triton
+
+
+def default_recipe(target: str | None) -> str:
+    """The shipped recipe `compile` runs without --recipe: what ``target`` deploys."""
+    if target is None:
+        return DEFAULT_RECIPE
+    from compressor.targets import get_target
+
+    return DEFAULT_GPU_RECIPE if get_target(target).device == "cuda" else DEFAULT_RECIPE
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -37,7 +46,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from compressor.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe or default_recipe(getattr(args, "target", None)))
     if getattr(args, "target", None):
         recipe = recipe.with_target(args.target)
     if getattr(args, "model", None):
@@ -46,9 +55,12 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _print_bench(result: dict) -> None:  # type: ignore[type-arg]
-    from compressor.report import bench_table, fidelity_table, skipped_engines, text_table
+    from compressor.report import bench_table, fidelity_table, percentile_note, skipped_engines, text_table
 
     print(text_table(bench_table(result)))
+    note = percentile_note(result)
+    if note:
+        print(f"note: {note}")
     print("\nfidelity of each engine vs the original model (held-out texts):")
     print(text_table(fidelity_table(result)))
     for line in skipped_engines(result):
@@ -57,7 +69,7 @@ def _print_bench(result: dict) -> None:  # type: ignore[type-arg]
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from compressor.compile import compile_recipe
-    from compressor.report import bench_summary, pass_table, text_table
+    from compressor.progress import tqdm_progress
     from compressor.targets import get_target
 
     recipe = _load(args)
@@ -76,25 +88,40 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     work_dir = Path(args.work_dir) if args.work_dir else None
     manifest = compile_recipe(
-        recipe, out, overwrite=args.overwrite, progress=True, on_stage=stage, work_dir=work_dir
+        recipe, out, overwrite=args.overwrite, progress=tqdm_progress, on_stage=stage, work_dir=work_dir
     )
-    print(f"\nbundle: {out}  ({recipe.name}, target {recipe.target})\n")
+    _print_compile_summary(manifest, out, recipe.name)
+    return 0
+
+
+def _print_compile_summary(manifest: dict, out: Path, recipe_name: str) -> None:  # type: ignore[type-arg]
+    """The pass table, what was and was not measured, and the benchmark labelled with the
+    hardware it ran on (never a CPU figure presented as a GPU target's)."""
+    from compressor.report import bench_summary, measurement_notes, pass_table, text_table
+
+    target = manifest.get("target", {})
+    name = target.get("name", "?")
+    print(f"\nbundle: {out}  ({recipe_name}, target {name})")
+    print(f"files: {', '.join(sorted(manifest.get('artifacts', {}).values()))}\n")
     print(text_table(pass_table(manifest["passes"])))
-    if manifest.get("benchmark"):
-        b = manifest["benchmark"]
-        print(f"\nbenchmark ({bench_summary(b)}):")
+    print("(wall s: each pass and the measuring after it; measure s: that measuring's share)\n")
+    for line in measurement_notes(manifest):
+        print(line)
+    b = manifest.get("benchmark")
+    if b:
+        if target.get("device") == "cuda" and not str(b.get("device", "cpu")).startswith("cuda"):
+            print(f"\nbenchmark: CPU (ONNX Runtime) on this host, not the {name} ({bench_summary(b)}):")
+        else:
+            print(f"\nbenchmark ({bench_summary(b)}):")
         _print_bench(b)
     print(f"\nmanifest: {out / 'manifest.json'}   report: {out / 'report.md'}")
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from compressor.bench import BenchConfig, bench_bundle
-    from compressor.bundle import verify_bundle
     from compressor.report import render_bench_html, render_bench_markdown
 
     bundle = Path(args.bundle)
-    verify_bundle(bundle)  # the hashes first: some engines load pickled constants or shared libraries
     engines = (
         None if args.engines == "all" else tuple(e.strip() for e in args.engines.split(",") if e.strip())
     )
@@ -109,9 +136,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         baseline=None if args.no_baseline else args.baseline,
         fidelity_texts=args.fidelity_texts,
         runner=Path(args.runner) if args.runner else None,
+        trust=args.trust,
     )
-    result = bench_bundle(bundle, cfg)
+    result = bench_bundle(bundle, cfg)  # paths and hashes first, then only what the trust allows
     _print_bench(result)
+    if not result["trust"]["trusted"]:
+        why = result["trust"]["why"]
+        print(f"\nnot trusted: {why}: no engine loaded code from it (pass --trust if you trust its author)")
     out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-bench"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{bundle.name}: engines on {result['device']}"
@@ -125,6 +156,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from compressor.report import text_table
+    from compressor.trust import describe_bundle, key_path
+
+    bundle = Path(args.bundle)
+    trust, rows, n_files, source = describe_bundle(bundle)  # a path or hash problem raises: exit 2
+    print(f"bundle: {bundle}")
+    print(f"paths and hashes: ok ({n_files} files, {len(rows)} artifacts, every one inside the bundle)")
+    print(f"signature: {trust.signature.detail}; this machine's key: {key_path()}")
+    if trust.trusted:
+        print("trusted: compressor bench loads every artifact below")
+    else:
+        print(f"not trusted: {trust.why}: compressor bench loads only its ONNX (data); bench --trust")
+        print("  loads its code-bearing artifacts too: only for a bundle from an author you trust")
+    print(f"original model (bench loads its safetensors for the baseline and fidelity): {source}")
+    table = [["artifact", "path", "kind", "engines", "bench loads it"]]
+    table += [[r["artifact"], r["path"], r["kind"], r["engines"], r["loads"]] for r in rows]
+    print(text_table(table))
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from compressor.targets import format_targets_table
 
@@ -132,16 +184,50 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_passes(args: argparse.Namespace) -> int:
+def _nested_config(tp: object) -> type | None:
+    """The dataclass a config field holds (``RecoverConfig | None`` -> RecoverConfig), else None."""
+    import dataclasses
+    import typing
+
+    candidates = [tp, *typing.get_args(tp)]
+    for c in candidates:
+        if isinstance(c, type) and dataclasses.is_dataclass(c):
+            return c
+    return None
+
+
+def option_lines(cls: type, indent: str = "    ") -> list[str]:
+    """Every option of config class ``cls`` with its help; options that are blocks of options
+    themselves (``recover:``, ``loss:``) list theirs below them, one level further in."""
+    import typing
+
     from compressor.config import describe_fields
+
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for field, tp, default, help_ in describe_fields(cls):
+        nested = _nested_config(hints[field])
+        if nested is not None:
+            shown = "null (off)" if default == "None" else "{...}"
+            lines.append(f"{indent}{field}: block ({nested.__name__}) = {shown}")
+            lines.append(f"{indent}    {help_}")
+            lines += option_lines(nested, indent + "    ")
+        else:
+            lines.append(f"{indent}{field}: {tp} = {default}")
+            lines.append(f"{indent}    {help_}")
+    return lines
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
     from compressor.passes import PASSES
 
+    width = max(len(n) for n in PASSES) + 2
     for name in sorted(PASSES):
         cls = PASSES[name]
-        print(f"{name:12s} {cls.description}")
+        print(f"{name:<{width}}{cls.description}")
         if args.verbose:
-            for field, tp, default, help_ in describe_fields(cls.Config):
-                print(f"    {field}: {tp} = {default}\n        {help_}")
+            for line in option_lines(cls.Config):
+                print(line)
     return 0
 
 
@@ -170,12 +256,14 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    try:
-        from compressor.kernels.arch_report import build_arch_report, format_arch_report
-    except ImportError as e:
+    from compressor.kernels.triton_support import HAS_TRITON, KERNELS_EXTRA
+
+    if not HAS_TRITON:
         raise CompressorError(
-            f"kernels: the Triton kernels are not available here ({e}); pip install triton"
-        ) from None
+            f"kernels: building the Triton kernels needs triton, the optional kernels extra: {KERNELS_EXTRA}"
+        )
+    from compressor.kernels.arch_report import build_arch_report, format_arch_report
+
     try:
         rows = build_arch_report([a.strip() for a in args.arch.split(",") if a.strip()])
     except ValueError as e:
@@ -184,9 +272,22 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0 if all(r.get("ok", True) for r in rows) else 1
 
 
+def command_synopses(sub: argparse._SubParsersAction) -> str:  # type: ignore[type-arg]
+    """One synopsis per subcommand (its usage line without ``usage:`` and ``-h``), from the
+    parsers themselves (their one-line helps follow under "positional arguments")."""
+    lines = []
+    for parser in sub.choices.values():
+        usage = " ".join(parser.format_usage().split()).removeprefix("usage: ").replace(" [-h]", "")
+        lines.append(f"  {usage}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="compressor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="compressor",
+        description="An inference-optimized model compression compiler: recipe -> passes -> exporters -> "
+        "a verified bundle.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,13 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="run a recipe and write a verified bundle")
     c.add_argument(
         "--recipe",
-        default=DEFAULT_RECIPE,
-        help=f"shipped recipe name or YAML path (default {DEFAULT_RECIPE})",
+        default=None,
+        help=f"shipped recipe name or YAML path (default: {DEFAULT_RECIPE} for target cpu, "
+        f"{DEFAULT_GPU_RECIPE} for a100, h100, orin)",
     )
     c.add_argument("--target", help="override the recipe's target (cpu, a100, h100, orin)")
     c.add_argument("--model", help="override the recipe's model source (a Hugging Face model folder)")
     c.add_argument("--out", help="bundle directory (default out/RECIPE-TARGET)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the bundle at --out: only a folder compressor wrote that holds nothing its manifest "
+        "does not list (never a file, a link, another folder, the current or home directory, the model "
+        "or the work dir)",
+    )
     c.add_argument("--no-bench", action="store_true", help="skip the benchmark after export")
     c.add_argument(
         "--work-dir",
@@ -235,7 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runner", help="compressor-run executable (default: built into ~/.cache on first use)")
     b.add_argument("--out", help="folder for bench.json, bench.md, report.html (default BUNDLE-bench)")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument(
+        "--trust",
+        action="store_true",
+        help="load the bundle's code-bearing artifacts (pickled ExportedProgram, AOTInductor library, "
+        "TensorRT plan) though it is not signed by this machine's key: only for bundles from authors "
+        "you trust",
+    )
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser(
+        "verify", help="check a bundle's paths, hashes and signature, and list what bench would load"
+    )
+    v.add_argument("bundle")
+    v.set_defaults(func=cmd_verify)
 
     sub.add_parser("targets", help="print the target records").set_defaults(func=cmd_targets)
 
@@ -254,7 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="build every Triton kernel per GPU arch and report tensor-core use")
     k.add_argument("--arch", default="sm_80,sm_87,sm_90")
     k.set_defaults(func=cmd_kernels)
+    p.description = f"{p.description}\n\ncommands:\n{command_synopses(sub)}"
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every ``with`` block cleans up."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,14 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "onnxruntime", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(args.func(args))
     except CompressorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated: no bundle was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: no bundle was written", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from compressor.bundle import BundleWriter, read_manifest
 from compressor.errors import PassError
 from compressor.exporters import EXPORTERS
 from compressor.exporters.base import ExportContext
+from compressor.output_paths import Protected, check_work_dir, kept_work_dir, temp_work_dir
 from compressor.passes import PASSES
 from compressor.pipeline import Pass, PassContext, Pipeline
+from compressor.progress import ProgressSetting
 from compressor.recipe import Recipe
 from compressor.report import render_html, render_markdown
 from compressor.targets import get_target
@@ -54,7 +56,7 @@ def compile_recipe(
     recipe: Recipe,
     out_dir: Path,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     on_stage: Callable[[str], None] | None = None,
     adapter: ModelAdapter | None = None,
     work_dir: Path | None = None,
@@ -77,18 +79,28 @@ def compile_recipe(
     if worker is not None:  # torchrun rank > 0: same passes, bundle thrown away
         out_dir, overwrite = Path(worker.name) / "bundle", True
     torch.manual_seed(recipe.seed)
-    stage(f"planning {recipe.name} for target {recipe.target}")
-    target, adapter, model, passes, exporters = plan(recipe, adapter)
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    stage("building calibration / training / held-out data")
-    data = adapter.make_data(recipe.data, recipe.seed)
-    pipeline = Pipeline(passes, on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"))
+    if work_dir is not None:
+        check_work_dir(work_dir, out_dir)
+    # The output paths are checked (and --out locked) before the model loads: no work is lost
+    # to a refusal, and nothing is written for a path that is refused.
     with (
-        _work_dir(work_dir) as work,
-        BundleWriter(out_dir, overwrite) as bundle,
+        BundleWriter(out_dir, overwrite, _protected(recipe, work_dir), report=stage) as bundle,
+        _work_dir(work_dir, report=stage) as work,
     ):
+        stage(f"planning {recipe.name} for target {recipe.target}")
+        target, adapter, model, passes, exporters = plan(recipe, adapter)
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        stage("building calibration / training / held-out data")
+        data = adapter.make_data(recipe.data, recipe.seed)
+        pipeline = Pipeline(
+            passes,
+            on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"),
+            on_measure_start=lambda p: stage(
+                f"measuring {'the original model' if p is None else 'after ' + p.name} on the held-out data"
+            ),
+        )
         ctx = PassContext(
             target=target,
             adapter=adapter,
@@ -127,9 +139,20 @@ def compile_recipe(
         from compressor.adapters.hf_encoder import HFEncoderAdapter
 
         timed = isinstance(adapter, HFEncoderAdapter)  # bench knows how to feed sentence encoders
+        # The benchmark after export times ONNX Runtime on this machine's CPU: the target's own
+        # figure only when the target is the CPU. For a GPU target it would be a number about the
+        # wrong hardware, so it is skipped and the manifest says where to time the bundle instead.
+        skipped = None
+        if recipe.evaluation.run_bench and timed and target.device != "cpu":
+            skipped = (
+                f"target {target.name} is a GPU and this compile times ONNX Runtime on this host's CPU; "
+                f"time the bundle on the {target.name}: compressor bench BUNDLE --device cuda"
+            )
+            bundle.manifest["benchmark_skipped"] = skipped
         if (
             recipe.evaluation.run_bench
             and timed
+            and skipped is None
             and worker is None
             and "onnx" in bundle.manifest["artifacts"]
         ):
@@ -139,7 +162,7 @@ def compile_recipe(
             stage(f"benchmark: batch {list(b.batch_sizes)} x {b.seq_len}, {b.threads} threads, vs ORT fp32")
             bundle.write_text("manifest.json", _json(bundle.manifest))  # bench reads the recipe from it
             cfg = BenchConfig(("ort",), b.batch_sizes, b.seq_len, b.threads, b.warmup, b.repeats)
-            bundle.manifest["benchmark"] = bench_bundle(bundle.path, cfg)
+            bundle.manifest["benchmark"] = bench_bundle(bundle.path, cfg, own_manifest=bundle.manifest)
         bundle.write_text("report.md", render_markdown(bundle.manifest))
         bundle.write_text("report.html", render_html(bundle.manifest))
     manifest = read_manifest(out_dir)
@@ -148,12 +171,20 @@ def compile_recipe(
     return manifest
 
 
-def _work_dir(path: Path | None) -> contextlib.AbstractContextManager[str]:
-    """The passes' scratch dir: ``path`` (created, kept) or a temporary one (removed)."""
+def _work_dir(path: Path | None, report: Callable[[str], None]) -> contextlib.AbstractContextManager[Path]:
+    """The passes' scratch dir: ``path`` (created, kept) or a marked temporary one (removed);
+    a temporary one that a killed compile left is removed first."""
     if path is None:
-        return tempfile.TemporaryDirectory(prefix="compressor-work-")
-    path.mkdir(parents=True, exist_ok=True)
-    return contextlib.nullcontext(str(path))
+        return temp_work_dir(report)
+    return kept_work_dir(Path(path))
+
+
+def _protected(recipe: Recipe, work_dir: Path | None) -> list[Protected]:
+    """What ``--overwrite`` must never replace besides the root, home and current directory."""
+    out = [Protected("the model's source folder", Path(recipe.model.source), inside_too=True)]
+    if work_dir is not None:
+        out.append(Protected("the work dir", Path(work_dir)))
+    return [p for p in out if os.path.lexists(p.path)]
 
 
 def _json(obj: Any) -> str:

@@ -41,6 +41,7 @@ from compressor.adapters.base import Batch, ModelAdapter
 from compressor.config import option
 from compressor.distill_checkpoint import DistillCheckpoint
 from compressor.errors import DataError, RecipeError
+from compressor.progress import ProgressSetting, open_progress
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ def distill_(
     adapter: ModelAdapter,
     batches: Sequence[Batch],
     cfg: RecoverConfig,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     work_dir: Path | str | None = None,
 ) -> list[float]:
     """Train ``student`` in place against the frozen ``teacher``; returns the loss per step.
@@ -458,11 +459,7 @@ def distill_(
     use_hidden = cfg.loss.hidden_weight > 0
     ddp = _wrap_ddp(student, adapter, use_hidden) if world > 1 and start < cfg.steps else None
     cache = TeacherCache(cfg.teacher_cache_mb * 2**20)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", leave=False)
+    bar = open_progress(progress if rank == 0 else False, "distill", cfg.steps, "step", initial=start)
     for step in range(start, cfg.steps):
         index = step % len(batches)
         batch = batches[index] if ddp is None else shard_batch(batches[index], rank, world)
@@ -495,11 +492,9 @@ def distill_(
         done = step + 1
         if ckpt is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             ckpt.save(student, opt, done, losses)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix_str(f"loss={losses[-1]:.4g}")
+    bar.close()
     log.info(
         "distill: %d teacher forwards for %d steps (%.0f MiB of teacher outputs cached)",
         cache.forwards,

@@ -17,6 +17,10 @@ raises :class:`EngineUnavailable` with the reason, and the benchmark reports it.
 | ``aoti`` | ``artifacts.aoti`` | the AOTInductor package in this Python process |
 | ``native`` | ``artifacts.aoti`` | ``compressor-run`` (C++, libtorch): timed by itself |
 | ``tensorrt`` | ``artifacts.tensorrt_plan`` | the TensorRT plan (where ``tensorrt`` imports and a GPU is present) |
+
+The engines in :data:`CODE_ENGINES` execute code from the bundle as they load it (an
+unpickled ExportedProgram, a shared library, TensorRT plugins): ``compressor bench`` loads
+them only from a trusted bundle (``compressor.trust``); the ONNX engines load data.
 """
 
 from __future__ import annotations
@@ -52,6 +56,23 @@ ENGINE_ARTIFACTS = {
     "tensorrt": "tensorrt_plan",
 }
 BASELINES = ("ort_fp32", "torch_original")
+# Engines that execute code from the bundle as they load it (unpickling, dlopen, TensorRT
+# plugins): run only on a trusted bundle (compressor.trust). The others load ONNX, data.
+CODE_ENGINES = {
+    "torch_eager": "it loads pickled code",
+    "torch_compile": "it loads pickled code",
+    "aoti": "it loads a shared library",
+    "native": "it loads a shared library",
+    "tensorrt": "a TensorRT plan can carry plugin code",
+}
+# What loading each artifact means (``compressor verify``); artifacts not here no engine loads.
+ARTIFACT_KINDS = {
+    "onnx": "data (ONNX graph)",
+    "onnx_qdq": "data (ONNX graph)",
+    "torch_export": "code (pickled ExportedProgram)",
+    "aoti": "code (AOTInductor shared library)",
+    "tensorrt_plan": "code (TensorRT plan, may carry plugins)",
+}
 
 
 class EngineUnavailable(CompressorError):

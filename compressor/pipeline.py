@@ -5,12 +5,16 @@ before any work starts (FP8 on an A100, a pattern that matches no layer), ``requ
 checks the model it is handed, ``run`` changes the model (module replacement, not
 graph surgery), and ``ensures`` checks the pass's own invariant afterwards (every
 selected weight is 2:4; every quantized layer has finite scales). Instruments watch
-each pass: the built-in one records wall time and the adapter's metrics (fidelity vs
-the teacher, parameters, weight bytes, sparsity) after every pass.
+each pass: the built-in one records the adapter's metrics (fidelity vs the teacher,
+parameters, weight bytes, sparsity) after every pass. A result's ``wall_s`` is the whole
+time the pass cost the compile, the measuring after it included; ``measure_s`` is that
+measuring's share. Long work inside a pass reports through ``PassContext.progress_bar``
+(the caller decides what a bar is: ``compressor.progress``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -24,6 +28,7 @@ from torch import nn
 
 from compressor.config import to_dict
 from compressor.errors import PassError
+from compressor.progress import Progress, ProgressSetting, progress_bar
 
 if TYPE_CHECKING:
     from compressor.adapters.base import DataSplits, ModelAdapter
@@ -47,8 +52,15 @@ class PassContext:
     seed: int = 0
     work_dir: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    progress: bool = False
+    progress: ProgressSetting = False  # False, True (tqdm) or the caller's bar factory
     details: dict[str, Any] = field(default_factory=dict)
+
+    def progress_bar(
+        self, desc: str, total: int | None = None, unit: str = "step"
+    ) -> contextlib.AbstractContextManager[Progress]:
+        """A bar for a step of this pass that can take more than a few seconds (a no-op bar
+        when the caller asked for no progress)."""
+        return progress_bar(self.progress, desc, total, unit)
 
     def record(self, key: str, value: Any) -> None:
         """Store a detail of the running pass (e.g. per-layer decisions) in its result."""
@@ -93,15 +105,17 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 class PassResult:
     name: str
     config: dict[str, Any]
-    wall_s: float
+    wall_s: float  # the pass and the measuring after it
     metrics: dict[str, float]
     details: dict[str, Any]
+    measure_s: float = 0.0  # the measuring's share of wall_s
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pass": self.name,
             "config": self.config,
             "wall_s": round(self.wall_s, 3),
+            "measure_s": round(self.measure_s, 3),
             "metrics": self.metrics,
             "details": self.details,
         }
@@ -131,10 +145,12 @@ class Pipeline:
         passes: Sequence[Pass],
         instruments: Sequence[PassInstrument] | None = None,
         on_pass_start: Callable[[int, Pass], None] | None = None,
+        on_measure_start: Callable[[Pass | None], None] | None = None,
     ) -> None:
         self.passes = list(passes)
         self.instruments = list(instruments) if instruments is not None else [MetricsInstrument()]
         self.on_pass_start = on_pass_start
+        self.on_measure_start = on_measure_start  # the measuring can take minutes (diffusion sampling)
         self.results: list[PassResult] = []
 
     def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
@@ -143,6 +159,10 @@ class Pipeline:
             p.check(model, target, adapter)
 
     def _measure(self, p: Pass | None, model: nn.Module, ctx: PassContext, wall: float) -> PassResult:
+        """Run the instruments on ``model``; the result's ``wall_s`` is ``wall`` plus this measuring."""
+        if self.on_measure_start and self.instruments:
+            self.on_measure_start(p)
+        start = time.perf_counter()
         result = PassResult(
             name=p.name if p else "original",
             config=to_dict(p.config) if p else {},
@@ -152,6 +172,8 @@ class Pipeline:
         )
         for inst in self.instruments:
             inst.after_pass(p, model, ctx, result)
+        result.measure_s = time.perf_counter() - start
+        result.wall_s = wall + result.measure_s
         return result
 
     @staticmethod
@@ -189,7 +211,13 @@ class Pipeline:
             wall = time.perf_counter() - start
             result = self._measure(p, model, ctx, wall)
             self.results.append(result)
-            log.info("pass %s done in %.1fs: %s", p.name, wall, result.metrics)
+            log.info(
+                "pass %s done in %.1fs (measuring %.1fs): %s",
+                p.name,
+                result.wall_s,
+                result.measure_s,
+                result.metrics,
+            )
         return model
 
 

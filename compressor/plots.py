@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 WIDTH, HEIGHT = 640, 380
-LEFT, RIGHT, TOP, BOTTOM = 70, 190, 20, 50  # the right margin holds the legend
+LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50  # the top margin holds the title, the right one the legend
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
@@ -56,6 +56,9 @@ def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}' "
         "font-family='sans-serif' font-size='11'>",
         f"<title>{html.escape(title)}</title>",
+        # the visible title (<title> is only a tooltip)
+        f"<text class='chart-title' x='{w / 2}' y='20' text-anchor='middle' font-size='14' "
+        f"font-weight='bold'>{html.escape(title)}</text>",
         f"<rect x='{LEFT}' y='{TOP}' width='{w - LEFT - RIGHT}' height='{h - TOP - BOTTOM}' "
         "fill='none' stroke='#444'/>",
         f"<text x='{(LEFT + w - RIGHT) / 2}' y='{h - 10}' text-anchor='middle'>{html.escape(xlabel)}</text>",
@@ -98,7 +101,9 @@ def _legend(i: int, name: str, color: str) -> str:
 def line_chart(
     series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str
 ) -> str:
-    """Log-log lines, one per series (positive values only)."""
+    """Log-log lines, one per series (positive values only), under a visible ``title``."""
+    if not title.strip():
+        raise ValueError("line_chart: every chart needs a title")
     points = [p for pts in series.values() for p in pts if p[0] > 0 and p[1] > 0]
     if not points:
         return ""
@@ -121,7 +126,9 @@ def line_chart(
 
 
 def scatter_chart(points: Mapping[str, tuple[float, float]], title: str, xlabel: str, ylabel: str) -> str:
-    """One labelled point per entry, linear axes padded around the data."""
+    """One labelled point per entry, linear axes padded around the data, under a visible ``title``."""
+    if not title.strip():
+        raise ValueError("scatter_chart: every chart needs a title")
     if not points:
         return ""
     xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]

@@ -17,6 +17,11 @@ Each pass entry is ``pass: NAME`` plus that pass's own options; the options are
 checked against the pass's config dataclass, so a misspelt key fails with its path
 (``passes[0].bitz: unknown key; allowed keys here: ...``). Shipped recipes live in
 ``compressor/recipes/`` and are found by name.
+
+A recipe file is untrusted input and is read within bounds: at most ``MAX_RECIPE_BYTES``,
+UTF-8, one YAML document whose node tree, with every alias expanded, holds at most
+``MAX_RECIPE_NODES`` nodes (a 1 KB "billion laughs" file expands to billions), no
+recursive aliases and no duplicate keys (YAML would silently keep the last one).
 """
 
 from __future__ import annotations
@@ -30,8 +35,13 @@ from typing import Any, Literal
 
 import yaml
 
-from compressor.config import from_dict, option, to_dict
+from compressor.config import from_dict, option, show, show_key, to_dict
 from compressor.errors import RecipeError
+
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: shipped recipes are about 1 KB
+MAX_RECIPE_NODES = 100_000  # YAML nodes after alias expansion; a real recipe has a few hundred
+MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,9 @@ class DataSpec:
         help="real data shipped on every machine: Python standard library docstrings (text), "
         "or scikit-learn's 8x8 digits (images, for the diffusers adapter)",
     )
-    calibration_samples: int = option(256, help="texts used to calibrate quantization and importance scores")
+    calibration_samples: int = option(
+        256, help="texts used to calibrate quantization and importance scores", le=100_000
+    )
     train_samples: int = option(2048, help="texts used for distillation (recovery)")
     wide_train: bool = option(
         False,
@@ -61,9 +73,9 @@ class DataSpec:
         "standard library, not only the listed modules (train-split paragraphs only; calibration and "
         "held-out texts unchanged): 6,304 instead of 3,548 on Python 3.11",
     )
-    eval_samples: int = option(512, help="held-out texts used for fidelity")
-    max_length: int = option(128, help="token length the texts are truncated to")
-    batch_size: int = option(32, help="batch size for calibration, distillation and evaluation")
+    eval_samples: int = option(512, help="held-out texts used for fidelity", le=100_000)
+    max_length: int = option(128, help="token length the texts are truncated to", le=131_072)
+    batch_size: int = option(32, help="batch size for calibration, distillation and evaluation", le=65_536)
     group_by_length: bool = option(
         True,
         help="distillation batches hold texts of similar token length (batch order shuffled by the seed), "
@@ -82,17 +94,22 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class BenchSpec:
-    batch_sizes: tuple[int, ...] = option((1, 32), help="batch sizes timed by `compressor bench`")
-    seq_len: int = option(128, help="sequence length of the timed inputs")
-    threads: int = option(2, help="intra-op threads for ONNX Runtime")
-    warmup: int = option(3, help="untimed runs before timing")
-    repeats: int = option(20, help="timed runs per setting")
+    batch_sizes: tuple[int, ...] = option(
+        (1, 32), help="batch sizes timed by `compressor bench`", ge=1, le=65_536, max_items=32
+    )
+    seq_len: int = option(128, help="sequence length of the timed inputs", ge=1, le=131_072)
+    threads: int = option(2, help="intra-op threads for ONNX Runtime", ge=1, le=1024)
+    warmup: int = option(3, help="untimed runs before timing", le=100_000)
+    repeats: int = option(20, help="timed runs per setting", ge=1, le=100_000)
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
     min_mean_cosine: float | None = option(
-        None, help="fail the compile when the final model's mean cosine vs the teacher is below this"
+        None,
+        help="fail the compile when the final model's mean cosine vs the teacher is below this",
+        ge=0.0,
+        le=1.0,
     )
     bench: BenchSpec = option(BenchSpec(), help="settings for the benchmark run after export")
     run_bench: bool = option(True, help="time the exported bundle at the end of the compile")
@@ -143,6 +160,16 @@ class Recipe:
         return dataclasses.replace(self, model=dataclasses.replace(self.model, source=source))
 
 
+def _is_folder_name(name: str) -> bool:
+    """Whether ``name`` can name the bundle folder out/NAME-TARGET: no path separators, no
+    leading dot (so no ".."), no control characters."""
+    return (
+        0 < len(name) <= 100
+        and not name.startswith(".")
+        and not any(c in "/\\" or not c.isprintable() for c in name)
+    )
+
+
 _TOP_KEYS = ("name", "description", "model", "target", "seed", "data", "passes", "exports", "evaluation")
 
 
@@ -157,9 +184,9 @@ def _parse_entries(items: Any, key: str, name_key: str, registry: Mapping[str, A
         if not isinstance(item, Mapping) or name_key not in item:
             raise RecipeError(f"{path}: each entry needs a '{name_key}:' key naming the {what}")
         name = item[name_key]
-        if name not in registry:
+        if not isinstance(name, str) or name not in registry:
             raise RecipeError(
-                f"{path}.{name_key}: unknown {what} {name!r}; known: {', '.join(sorted(registry))}"
+                f"{path}.{name_key}: unknown {what} {show(name)}; known: {', '.join(sorted(registry))}"
             )
         options = {k: v for k, v in item.items() if k != name_key}
         out.append((name, from_dict(registry[name].Config, options, path)))
@@ -177,21 +204,33 @@ def parse_recipe(data: Any, source: str = "<memory>") -> Recipe:
             raise RecipeError("the recipe must be a mapping with keys " + ", ".join(_TOP_KEYS))
         unknown = [k for k in data if k not in _TOP_KEYS]
         if unknown:
-            raise RecipeError(f"{unknown[0]}: unknown key; allowed top-level keys: {', '.join(_TOP_KEYS)}")
+            raise RecipeError(
+                f"{show_key(unknown[0])}: unknown key; allowed top-level keys: {', '.join(_TOP_KEYS)}"
+            )
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str):
-            raise RecipeError(f"name: expected a string, got {name!r}")
+            raise RecipeError(f"name: expected a string, got {show(name)}")
+        if "name" in data and not _is_folder_name(name):
+            raise RecipeError(
+                f"name: {show(name)} cannot name a bundle folder; use 1 to 100 characters without '/', "
+                "'\\' or control characters, not starting with '.'"
+            )
         target = data.get("target", "cpu")
-        if target not in TARGETS:
-            raise RecipeError(f"target: unknown target {target!r}; known: {', '.join(TARGETS)}")
+        if not isinstance(target, str) or target not in TARGETS:
+            raise RecipeError(f"target: unknown target {show(target)}; known: {', '.join(TARGETS)}")
         seed = data.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RecipeError(f"seed: expected an integer, got {seed!r}")
+            raise RecipeError(f"seed: expected an integer, got {show(seed)}")
+        if not 0 <= seed <= MAX_SEED:
+            raise RecipeError(f"seed: {show(seed)} is out of range (allowed: 0 to {MAX_SEED:,})")
+        description = data.get("description", "")
+        if not isinstance(description, (str, int, float)) and description is not None:
+            raise RecipeError(f"description: expected a string, got {type(description).__name__}")
         passes = _parse_entries(data.get("passes"), "passes", "pass", PASSES, "pass")
         exports = _parse_entries(data.get("exports"), "exports", "format", EXPORTERS, "export format")
         return Recipe(
             name=name,
-            description=str(data.get("description", "")),
+            description="" if description is None else str(description),
             model=from_dict(ModelSpec, data.get("model"), "model"),
             target=target,
             seed=seed,
@@ -215,13 +254,115 @@ def shipped_recipes() -> dict[str, str]:
     }
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader; ``load_yaml`` checks the composed node tree before constructing."""
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse a node tree that expands (aliases followed) past ``MAX_RECIPE_NODES`` nodes, nests
+    past ``MAX_RECIPE_DEPTH``, refers to itself, or repeats a key in a mapping.
+
+    Aliases share nodes, so the expanded size is counted once per distinct node (memoised),
+    never by expanding: a billion-laughs file is refused in microseconds."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise RecipeError(f"{source}: {_where(node)}a recursive YAML alias (a node that contains itself)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{source}: {_where(node)}nested deeper than {MAX_RECIPE_DEPTH} levels")
+        total = 1
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            active.add(key)
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                seen: set[tuple[str, str]] = set()
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                        if (k.tag, k.value) in seen:
+                            raise RecipeError(
+                                f"{source}: {_where(k)}duplicate key {show(k.value)}; each key may appear once"
+                            )
+                        seen.add((k.tag, k.value))
+                    children += (k, v)
+            else:
+                children = list(node.value)
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_RECIPE_NODES:
+                    raise RecipeError(
+                        f"{source}: the recipe expands to more than {MAX_RECIPE_NODES:,} YAML nodes "
+                        "(aliases included); a recipe needs a few hundred"
+                    )
+            active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
+def _where(node: yaml.Node) -> str:
+    mark = node.start_mark
+    return f"line {mark.line + 1}: " if mark is not None else ""
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """One YAML document, safely and within bounds (see the module docstring)."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise RecipeError(f"{source}: not valid YAML: {where}{what}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested deeper than {MAX_RECIPE_DEPTH} levels") from None
+    except ValueError as e:  # e.g. an integer past Python's 4,300-digit limit
+        raise RecipeError(f"{source}: not a usable YAML value: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        loader.dispose()
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file: a regular file of at most ``MAX_RECIPE_BYTES``, in UTF-8."""
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file")
+    if not path.is_file():
+        raise RecipeError(f"{path}: not a regular file; name a recipe YAML file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a short YAML file"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as UTF-8"
+        ) from None
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name (``minilm-cpu-int8``) or a YAML file by path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        text, source = read_recipe_text(path), str(path)
+        base = path.resolve().parent
     else:
         shipped = shipped_recipes()
         if str(name_or_path) not in shipped:
@@ -230,11 +371,23 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                 f"({', '.join(sorted(shipped))})"
             )
         text, source = shipped[str(name_or_path)], f"{name_or_path}.yaml"
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from None
-    return parse_recipe(data, source)
+        base = SHIPPED_BASE
+    return _resolve_model_source(parse_recipe(load_yaml(text, source), source), base)
+
+
+# A shipped recipe's relative model.source names a folder of the project checkout (the one
+# holding compressor/ and benchmarks/): benchmarks/.cache/digits-teacher is where
+# benchmarks/train_digits_teacher.py writes, wherever the command runs.
+SHIPPED_BASE = Path(__file__).resolve().parent.parent
+
+
+def _resolve_model_source(recipe: Recipe, base: Path) -> Recipe:
+    """A relative ``model.source`` resolved against ``base`` (the recipe file's folder; the
+    checkout for shipped recipes), not the current directory; ``default`` stays as it is."""
+    src = recipe.model.source
+    if src == "default" or Path(src).is_absolute():
+        return recipe
+    return recipe.with_model(str((base / src).resolve()))
 
 
 def dump_recipe(recipe: Recipe) -> str:

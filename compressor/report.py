@@ -24,12 +24,16 @@ def _fmt(key: str, fmt: str | None, value: Any) -> str:
 
 
 def pass_table(passes: list[dict[str, Any]]) -> list[list[str]]:
-    header = ["pass", "wall s"] + [label for _, label, _ in _METRIC_COLUMNS]
+    """One row per pass: ``wall s`` is all the time the pass cost (the measuring after it
+    included) and ``measure s`` that measuring's share (``-`` in manifests from before it was kept)."""
+    header = ["pass", "wall s", "measure s"] + [label for _, label, _ in _METRIC_COLUMNS]
     rows = [header]
     for p in passes:
         m = p.get("metrics", {})
+        measure = p.get("measure_s")
         rows.append(
-            [p["pass"], f"{p.get('wall_s', 0):.1f}"] + [_fmt(k, f, m.get(k)) for k, _, f in _METRIC_COLUMNS]
+            [p["pass"], f"{p.get('wall_s', 0):.1f}", "-" if measure is None else f"{measure:.1f}"]
+            + [_fmt(k, f, m.get(k)) for k, _, f in _METRIC_COLUMNS]
         )
     return rows
 
@@ -42,10 +46,22 @@ def _timed_engines(bench: dict[str, Any]) -> list[str]:
     return [n for n, s in bench.get("engines", {}).items() if s.get("status") == "ok"]
 
 
+# A percentile q is an observed value only when some timed run lies above it: p90 needs at
+# least 10 runs and p99 at least 100; from fewer it is the slowest run relabelled.
+_TAIL_MIN_RUNS = {"p90_ms": 10, "p99_ms": 100}
+
+
+def _tail(s: dict[str, Any], key: str) -> str:
+    runs = int(s.get("repeats", 0))
+    return f"{s[key]:.2f}" if runs >= _TAIL_MIN_RUNS[key] else "-"
+
+
 def bench_table(bench: dict[str, Any]) -> list[list[str]]:
+    """One row per (shape, engine); ``runs`` is how many timed runs each percentile came from,
+    and p90 / p99 show ``-`` where there are too few runs for them to mean anything."""
     base = bench.get("baseline")
     speed_key = f"speedup_vs_{base}"
-    header = ["batch x len", "engine", "median ms", "p90 ms", "p99 ms", "items/s"]
+    header = ["batch x len", "engine", "runs", "median ms", "p90 ms", "p99 ms", "items/s"]
     rows = [header + ([f"speedup vs {base}"] if base else [])]
     for r in bench.get("latency", []):
         for name in _timed_engines(bench):
@@ -55,13 +71,34 @@ def bench_table(bench: dict[str, Any]) -> list[list[str]]:
             row = [
                 f"{r['batch']} x {r['seq_len']}",
                 name,
+                str(s.get("repeats", "?")),
                 f"{s['median_ms']:.2f}",
-                f"{s['p90_ms']:.2f}",
-                f"{s['p99_ms']:.2f}",
+                _tail(s, "p90_ms"),
+                _tail(s, "p99_ms"),
                 f"{s['throughput_per_s']:.1f}",
             ]
             rows.append(row + ([f"{s[speed_key]:.2f}x"] if base else []))
     return rows
+
+
+def percentile_note(bench: dict[str, Any]) -> str | None:
+    """A line saying which tail percentiles were left out for too few timed runs, or None."""
+    runs = [
+        int(s.get("repeats", 0))
+        for r in bench.get("latency", [])
+        for n, s in r["engines"].items()
+        if n in _timed_engines(bench)
+    ]
+    if not runs:
+        return None
+    fewest = min(runs)
+    missing = [k.removesuffix("_ms") for k, need in _TAIL_MIN_RUNS.items() if fewest < need]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} shown as '-': {fewest} timed runs per row; p90 needs at least "
+        f"{_TAIL_MIN_RUNS['p90_ms']} and p99 at least {_TAIL_MIN_RUNS['p99_ms']} (bench --repeats)"
+    )
 
 
 def fidelity_table(bench: dict[str, Any]) -> list[list[str]]:
@@ -91,8 +128,14 @@ def bench_charts(bench: dict[str, Any]) -> list[str]:
     series = {
         n: [(r["batch"], r["engines"][n]["median_ms"]) for r in latency if n in r["engines"]] for n in names
     }
+    where = f"{bench.get('device', 'cpu')}, {bench.get('threads', 0)} threads"
     charts = [
-        line_chart(series, "latency vs batch", f"batch (x {bench.get('seq_len', '')} tokens)", "median ms")
+        line_chart(
+            series,
+            f"median latency vs batch size ({where})",
+            f"batch (x {bench.get('seq_len', '')} tokens)",
+            "median ms",
+        )
     ]
     base = bench.get("baseline")
     if base and latency:
@@ -108,12 +151,69 @@ def bench_charts(bench: dict[str, Any]) -> list[str]:
         charts.append(
             scatter_chart(
                 points,
-                "fidelity vs speed",
+                f"fidelity vs speed at batch {last['batch']} ({where})",
                 f"speedup vs {base} at batch {last['batch']}",
                 "mean cosine vs the original model",
             )
         )
     return [c for c in charts if c]
+
+
+_ORT_CHECKED = {
+    "onnx": "the ONNX (ONNX Runtime flavour)",
+    "onnx_qdq": "the Q/DQ ONNX",
+    "triton_repository": "the Triton repository's model file",
+}
+
+
+def measurement_notes(manifest: dict[str, Any]) -> list[str]:
+    """What this compile measured and what it did not, in words: the fidelity checks that ran
+    here, the benchmark (and whose hardware it ran on), and the engines left to the target."""
+    target = manifest.get("target", {})
+    name = target.get("name", "?")
+    on_gpu = target.get("device") == "cuda"
+    final = (manifest.get("passes") or [{}])[-1].get("metrics", {})
+    notes = []
+    if "mean_cosine" in final:
+        notes.append(
+            f"measured here: the compressed model (torch, CPU) vs the original on the held-out data: "
+            f"mean cosine {final['mean_cosine']:.5f}"
+        )
+    for key, v in manifest.get("verification", {}).items():
+        if key in _ORT_CHECKED and isinstance(v, dict) and "min_cosine" in v:
+            notes.append(
+                f"measured here: {_ORT_CHECKED[key]} in ONNX Runtime on this host's CPU vs the torch model: "
+                f"min cosine {v['min_cosine']:.5f} over {v.get('cases', '?')} input shapes"
+            )
+    bench = manifest.get("benchmark")
+    if bench and on_gpu and not str(bench.get("device", "cpu")).startswith("cuda"):
+        notes.append(
+            f"timed here: CPU (ONNX Runtime) on this host, not the {name}: these numbers say nothing "
+            f"about speed on the {name}"
+        )
+    elif bench:
+        notes.append(f"timed here: {bench_summary(bench)} (the benchmark below)")
+    elif manifest.get("benchmark_skipped"):
+        notes.append(f"not timed: {manifest['benchmark_skipped']}")
+    trt = manifest.get("verification", {}).get("tensorrt_build")
+    if isinstance(trt, dict):
+        script = trt.get("script", f"build_engine_{name}.sh")
+        if trt.get("engine_built"):
+            notes.append(
+                f"built here: the TensorRT engine {trt.get('plan')} (not timed: compressor bench --device cuda)"
+            )
+        else:
+            why = trt.get("not_built_because", "no TensorRT here")
+            notes.append(
+                f"not built or timed here: the TensorRT engine {trt.get('plan', '')} ({why}); it is built on "
+                f"the {name} by the bundle's {script}, then timed there with trtexec or compressor bench"
+            )
+    timed_on_target = bench and str(bench.get("device", "")).startswith("cuda")
+    if on_gpu and not timed_on_target and not manifest.get("benchmark_skipped"):
+        notes.append(
+            f"not measured: latency and throughput on the {name}; run `compressor bench BUNDLE --device cuda` there"
+        )
+    return notes
 
 
 def bench_summary(bench: dict[str, Any]) -> str:
@@ -122,7 +222,11 @@ def bench_summary(bench: dict[str, Any]) -> str:
 
 def render_bench_markdown(bench: dict[str, Any], title: str) -> str:
     parts = [f"# {title}", "", f"Benchmark ({bench_summary(bench)}).", ""]
-    parts += [markdown_table(bench_table(bench)), "", "## Fidelity vs the original model", ""]
+    parts += [markdown_table(bench_table(bench)), ""]
+    note = percentile_note(bench)
+    if note:
+        parts += [f"Note: {note}.", ""]
+    parts += ["## Fidelity vs the original model", ""]
     parts.append(markdown_table(fidelity_table(bench)))
     skipped = skipped_engines(bench)
     if skipped:
@@ -148,12 +252,17 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         "",
         markdown_table(pass_table(manifest["passes"])),
     ]
+    notes = measurement_notes(manifest)
+    if notes:
+        parts += ["", "## What was measured", ""] + [f"- {n}" for n in notes]
     bench = manifest.get("benchmark")
     if bench:
         parts += ["", f"## Benchmark ({bench_summary(bench)})", ""]
+        parts += [markdown_table(bench_table(bench)), ""]
+        note = percentile_note(bench)
+        if note:
+            parts += [f"Note: {note}.", ""]
         parts += [
-            markdown_table(bench_table(bench)),
-            "",
             "Fidelity of each engine vs the original model:",
             "",
         ]
@@ -167,13 +276,25 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_CSS = (
+    "body{font-family:sans-serif;margin:1.5em}"
+    "table{border-collapse:collapse;margin:0.5em 0 1em}"
+    "td,th{padding:2px 8px;text-align:right}"
+    "th{border-bottom:1px solid #888}"
+    "tr:nth-child(even){background:#f3f3f3}"
+    "p.note{color:#555}"
+)
+
+
 def _html_page(title: str, body: list[str]) -> str:
+    # Plain concatenation, no str.format / f-string around the CSS: its braces are literal.
     t = html.escape(title)
     return "".join(
         [
             "<!doctype html><html><head><meta charset='utf-8'>",
-            f"<title>{t}</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;"
-            "text-align:right}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}"
+            f"<title>{t}</title>",
+            "<style>",
+            _CSS,
             "</style>",
             f"</head><body><h1>{t}</h1>",
             *body,
@@ -184,6 +305,9 @@ def _html_page(title: str, body: list[str]) -> str:
 
 def _bench_html(bench: dict[str, Any]) -> list[str]:
     parts = [f"<p>{html.escape(bench_summary(bench))}</p>", _html_table(bench_table(bench))]
+    note = percentile_note(bench)
+    if note:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
     parts += ["<h3>Fidelity vs the original model</h3>", _html_table(fidelity_table(bench))]
     skipped = skipped_engines(bench)
     if skipped:
@@ -199,6 +323,9 @@ def render_bench_html(bench: dict[str, Any], title: str) -> str:
 def render_html(manifest: dict[str, Any]) -> str:
     title = f"{manifest.get('name', 'bundle')}: {manifest.get('target', {}).get('name', '')}"
     body = ["<h2>Passes</h2>", _html_table(pass_table(manifest["passes"]))]
+    notes = measurement_notes(manifest)
+    if notes:
+        body += ["<h2>What was measured</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
     if manifest.get("benchmark"):
         body += ["<h2>Benchmark</h2>", *_bench_html(manifest["benchmark"])]
     return _html_page(title, body)

@@ -62,7 +62,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,10 +71,9 @@ from compressor.adapters.causal_lm import CausalLMAdapter
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
+from compressor.kernels.int4_format import unpack_w4a16
+from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
-
-if TYPE_CHECKING:  # the int4 modules import triton, which a CPU-only install does not have
-    from compressor.kernels.int4_linear import Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +260,6 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     int8_names, int4_names = set(), set()
     for name, m in model.named_modules():
         if _is_int4(m):
-            from compressor.kernels.w4a16 import unpack_w4a16  # imports triton: only with int4 layers
-
             # symmetric: our unsigned codes c (zero point 8) are compressed-tensors' signed c - 8,
             # rows = output channels, packed 8 a word by the library
             int4_names.add(name)

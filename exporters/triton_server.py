@@ -7,13 +7,20 @@ Layout (Triton's own, https://docs.nvidia.com/deeplearning/triton-inference-serv
         config.pbtxt      # ModelConfig in protobuf text format
         1/model.onnx      # a hard link to (or copy of) the bundle's verified ONNX
 
-The repository serves the ONNX that the ``onnx`` export wrote earlier in the same
-recipe, through Triton's ``onnxruntime`` backend: that export must come first (the
-export refuses otherwise and no bundle is written). ``config.pbtxt`` is written here
+The repository serves an ONNX that an ``onnx`` or ``onnx_qdq`` export wrote earlier in
+the same recipe, through Triton's ``onnxruntime`` backend: that export must come first
+(the export refuses otherwise and no bundle is written). Which one, unless ``onnx_file``
+names it: on a GPU target the Q/DQ ONNX (``model.qdq.onnx``, what a GPU deploys: explicit
+int8 that ONNX Runtime's CUDA / TensorRT providers run) when the recipe writes one, else
+the ONNX Runtime flavour; on the CPU the ONNX Runtime flavour (its fused int8 ops are the
+CPU's fast path), else the Q/DQ one. ``config.pbtxt`` is written here
 as text, without ``tritonclient``: the inputs and outputs (names, data types, dims with
 -1 for dynamic axes) are read from the ONNX graph itself, so the config cannot drift
 from the model; the first axis is Triton's batch axis (``max_batch_size`` > 0) and
-``dynamic_batching`` lets the server merge requests up to the preferred sizes.
+``dynamic_batching`` lets the server merge requests up to the preferred sizes. Those
+sizes are serving batches: ``max_batch_size`` and ``preferred_batch_size`` come from the
+batch sizes the recipe benchmarks (``evaluation.bench.batch_sizes``), never from the
+exports' verification shapes (odd sizes like 3 exist only to catch shape bugs).
 
 GPU targets get ``instance_group { kind: KIND_GPU }`` and still serve the ONNX through
 ONNX Runtime: where the bundle also carries a TensorRT build script, TensorRT plans are
@@ -74,15 +81,18 @@ _TRITON_TYPES: dict[int, str] = {
 class TritonRepositoryConfig:
     model_name: str = option("model", help="the model's name in the repository (its folder and config name)")
     onnx_file: str = option(
-        "model.onnx", help="the bundle's ONNX to serve, written by an `onnx` export earlier in the recipe"
+        "",
+        help="the bundle's ONNX to serve, written by an `onnx` or `onnx_qdq` export earlier in the recipe; "
+        "empty = picked: on a GPU target the onnx_qdq file when the recipe writes one, else the onnx file "
+        "(on the cpu target the onnx file first)",
     )
     max_batch_size: int = option(
         0,
-        help="largest batch Triton forms; 0 = the largest batch size the recipe benchmarks or verifies "
-        "(evaluation.bench.batch_sizes, the onnx export's verify_batch_sizes)",
+        help="largest batch Triton forms; 0 = the largest batch size the recipe benchmarks "
+        "(evaluation.bench.batch_sizes)",
     )
     preferred_batch_sizes: tuple[int, ...] = option(
-        (), help="dynamic batching's preferred sizes; empty = those recipe batch sizes above 1"
+        (), help="dynamic batching's preferred sizes; empty = the recipe's bench batch sizes above 1"
     )
     max_queue_delay_microseconds: int = option(
         100, help="how long the dynamic batcher waits to fill a preferred batch"
@@ -95,7 +105,7 @@ class TritonRepositoryConfig:
                 f"{path}.model_name: {self.model_name!r} is not a usable model name "
                 "(letters, digits, '_', '.', '-'; not starting with '.' or '-')"
             )
-        if "/" in self.onnx_file or not self.onnx_file.endswith(".onnx"):
+        if self.onnx_file and ("/" in self.onnx_file or not self.onnx_file.endswith(".onnx")):
             raise RecipeError(
                 f"{path}.onnx_file: {self.onnx_file!r} must be a plain file name ending in .onnx"
             )
@@ -118,35 +128,62 @@ class TritonRepositoryConfig:
 
 
 def recipe_batch_sizes(recipe: Any | None) -> tuple[int, ...]:
-    """The batch sizes ``recipe`` benchmarks or verifies (bench + every export's verify sizes), sorted.
-
-    Without a recipe: those of a recipe with default settings (bench 1, 32; onnx verify 1, 3, 8)."""
+    """The serving batch sizes of ``recipe``: those it benchmarks (``evaluation.bench.batch_sizes``),
+    sorted. The exports' ``verify_batch_sizes`` are left out: they are test shapes (1, 3, 8
+    by default), not batches anyone serves. Without a recipe: a default recipe's (1, 32)."""
     if recipe is None:
-        from compressor.exporters.onnx import OnnxExportConfig
         from compressor.recipe import BenchSpec
 
-        return tuple(sorted({*BenchSpec().batch_sizes, *OnnxExportConfig().verify_batch_sizes}))
-    sizes = set(recipe.evaluation.bench.batch_sizes)
-    for e in recipe.exports:
-        sizes.update(getattr(e.config, "verify_batch_sizes", ()))
-    return tuple(sorted(sizes))
+        return tuple(sorted(set(BenchSpec().batch_sizes)))
+    return tuple(sorted(set(recipe.evaluation.bench.batch_sizes)))
+
+
+def _onnx_exports(exports: Sequence[Any]) -> dict[str, list[str]]:
+    """The files the ``onnx`` and ``onnx_qdq`` exports among ``exports`` write, per format."""
+    found: dict[str, list[str]] = {"onnx": [], "onnx_qdq": []}
+    for e in exports:
+        if e.format in found:
+            found[e.format].append(e.config.file)
+    return found
+
+
+def pick_onnx(cfg: TritonRepositoryConfig, written: dict[str, list[str]], device: str) -> str | None:
+    """The ONNX file to serve: ``cfg.onnx_file`` when set, else (on ``device`` "cuda") the first
+    Q/DQ file, then the first ONNX Runtime file, or the other way round on the CPU; None if none."""
+    if cfg.onnx_file:
+        return cfg.onnx_file
+    order = ("onnx_qdq", "onnx") if device == "cuda" else ("onnx", "onnx_qdq")
+    for fmt in order:
+        if written.get(fmt):
+            return written[fmt][0]
+    return None
 
 
 def check_recipe_exports(recipe: Any) -> None:
-    """Refuse a recipe whose ``triton_repository`` export has no ``onnx`` export before it."""
-    seen_onnx: set[str] = set()
+    """Refuse a recipe whose ``triton_repository`` export serves an ONNX no export before it writes."""
+    from compressor.targets import get_target
+
+    device = get_target(recipe.target).device
     for i, e in enumerate(recipe.exports):
-        if e.format in ("onnx", "onnx_qdq"):
-            seen_onnx.add(e.config.file)
-        elif e.format == TritonRepositoryExporter.name and e.config.onnx_file not in seen_onnx:
+        if e.format != TritonRepositoryExporter.name:
+            continue
+        written = _onnx_exports(recipe.exports[:i])
+        served = pick_onnx(e.config, written, device)
+        if served is None:
             raise RecipeError(
-                f"{recipe.source}: exports[{i}] (triton_repository) serves {e.config.onnx_file}, which no "
+                f"{recipe.source}: exports[{i}] (triton_repository) serves model.onnx, which no `onnx` "
+                "export before it writes (nor a Q/DQ ONNX from `onnx_qdq`); add `- format: onnx` (or "
+                "onnx_qdq) earlier in exports"
+            )
+        if served not in written["onnx"] + written["onnx_qdq"]:
+            raise RecipeError(
+                f"{recipe.source}: exports[{i}] (triton_repository) serves {served}, which no "
                 "`onnx` export before it writes; add `- format: onnx` earlier in exports"
             )
 
 
 def batching(cfg: TritonRepositoryConfig, recipe_sizes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
-    """(max_batch_size, preferred_batch_sizes) from the config, else from the recipe's sizes."""
+    """(max_batch_size, preferred_batch_sizes) from the config, else from the recipe's serving sizes."""
     sizes = tuple(sorted(set(recipe_sizes))) or recipe_batch_sizes(None)
     max_batch = cfg.max_batch_size or max(sizes)
     preferred = cfg.preferred_batch_sizes or tuple(b for b in sizes if 1 < b <= max_batch)
@@ -248,7 +285,7 @@ class TritonRepositoryExporter(Exporter):
     name = "triton_repository"
     description = (
         "Triton Inference Server model repository (onnxruntime backend, dynamic batching) for the "
-        "bundle's ONNX; needs an `onnx` export earlier in the recipe"
+        "bundle's ONNX (the Q/DQ one on GPU targets); needs an `onnx` or `onnx_qdq` export before it"
     )
     Config = TritonRepositoryConfig
 
@@ -266,14 +303,28 @@ class TritonRepositoryExporter(Exporter):
         import onnx
 
         cfg = self.config
-        onnx_path = out_dir / cfg.onnx_file
-        if not onnx_path.is_file():
+        recipe = getattr(ctx, "recipe", None)
+        if recipe is not None:
+            index = next(
+                (i for i, e in enumerate(recipe.exports) if e.format == self.name and e.config == cfg),
+                len(recipe.exports),
+            )
+            written = _onnx_exports(recipe.exports[:index])
+        else:  # called from Python without a recipe: what the bundle folder holds
+            from compressor.exporters.onnx_qdq import QDQ_FILE
+
+            written = {
+                "onnx": ["model.onnx"] if (out_dir / "model.onnx").is_file() else [],
+                "onnx_qdq": [QDQ_FILE] if (out_dir / QDQ_FILE).is_file() else [],
+            }
+        served = pick_onnx(cfg, written, ctx.target.device)
+        onnx_path = out_dir / (served or cfg.onnx_file or "model.onnx")
+        if served is None or not onnx_path.is_file():
             raise RecipeError(
-                f"exports: triton_repository serves {cfg.onnx_file!r}, which this recipe did not write: "
+                f"exports: triton_repository serves {onnx_path.name!r}, which this recipe did not write: "
                 "add `- format: onnx` before `- format: triton_repository` in exports"
             )
-        # ExportContext carries no recipe yet; where a compiler sets one, its batch sizes are used.
-        max_batch, preferred = batching(cfg, recipe_batch_sizes(getattr(ctx, "recipe", None)))
+        max_batch, preferred = batching(cfg, recipe_batch_sizes(recipe))
         proto = onnx.load(str(onnx_path), load_external_data=False)
         inputs, outputs = onnx_io(proto, batched=max_batch > 0)
         kind = "KIND_GPU" if ctx.target.device == "cuda" else "KIND_CPU"
@@ -306,7 +357,15 @@ class TritonRepositoryExporter(Exporter):
             if not any((out_dir / FOLDER).iterdir()):
                 (out_dir / FOLDER).rmdir()
             raise
-        report.update({"model_name": cfg.model_name, "max_batch_size": max_batch, "instance_kind": kind})
+        report.update(
+            {
+                "model_name": cfg.model_name,
+                "serves": onnx_path.name,
+                "max_batch_size": max_batch,
+                "preferred_batch_sizes": list(preferred),
+                "instance_kind": kind,
+            }
+        )
         log.info("wrote %s (max_batch_size %d, %s)", model_dir, max_batch, kind)
         return ExportResult(
             artifacts={"triton_repository": FOLDER}, verification={"triton_repository": report}

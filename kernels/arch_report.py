@@ -26,6 +26,10 @@ import sys
 import time
 from typing import Any
 
+from triton import compile as triton_compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 from compressor.kernels.spec import KernelSpec
 
 KERNEL_MODULES: tuple[str, ...] = (
@@ -60,10 +64,6 @@ def tensor_core_instructions(ptx: str) -> list[str]:
 
 def build_one(spec: KernelSpec, cc: int) -> dict[str, Any]:
     """Compile ``spec`` for ``sm_<cc>`` and classify its PTX."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     row: dict[str, Any] = {"kernel": spec.name, "arch": f"sm_{cc}", "instructions": []}
     if cc < spec.min_cc:
         return {**row, "status": f"n/a (needs sm_{spec.min_cc}+)", "ok": True}

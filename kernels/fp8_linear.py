@@ -1,15 +1,15 @@
 """Fp8Linear: FP8 (E4M3) weights and activations, the Hopper tensor-core format.
 
 Math. Weights are E4M3 with a float32 scale per output channel or per tensor,
-``W ≈ fp8(W / sw) · sw`` with ``sw = max|W| / 448`` (``compressor.passes.fp8``);
+``W ≈ fp8(W / sw) · sw`` with ``sw = max|W| / 448`` (``compressor.kernels.fp8_format``);
 activations are quantized on the fly to E4M3 with one dynamic scale per tensor,
 ``sx = max|x| / 448``. The product accumulates in fp32: ``y = (Xq · sx)(Wq · sw)ᵀ + b``.
 
 Paths. This is the reference path (any device torch can cast float8 on): it runs the
 E4M3 rounding exactly through ``torch.float8_e4m3fn`` and trains the float master
 weight through a straight-through estimator with the scales fixed, like Int8Linear.
-FP8 GEMMs run only on sm_89+ GPUs (target ``h100``): there, at inference, the layer runs
-the Triton FP8 GEMM (``compressor.kernels.fp8_gemm``); the TensorRT Q/DQ export is a
+FP8 GEMMs run only on sm_89+ GPUs (target ``h100``): there, at inference and with Triton
+installed (``HAS_TRITON``), the layer runs the Triton FP8 GEMM (``compressor.kernels.fp8_gemm``); the TensorRT Q/DQ export is a
 separate piece (engines issue).
 """
 
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from compressor.kernels.fp8_format import FP8_DTYPE, FP8_E4M3_MAX, fp8_scale
+from compressor.kernels.triton_support import HAS_TRITON
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """E4M3 quantize-dequantize with a straight-through gradient."""
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(x.dtype) * scale
+    q = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE).to(x.dtype) * scale
     return x + (q - x).detach()
 
 
@@ -53,8 +53,6 @@ class Fp8Linear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, granularity: Literal["per_tensor", "per_channel"] = "per_channel"
     ) -> Fp8Linear:
-        from compressor.passes.fp8 import fp8_scale  # the weight math lives with the passes
-
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity)
         w = linear.weight.detach().float()
         mask = getattr(linear, "weight_mask", None)
@@ -69,16 +67,21 @@ class Fp8Linear(nn.Module):
 
     def fp8_weight(self) -> torch.Tensor:
         """The E4M3 weights [N, K] the GPU runs (scale them by ``weight_scale``)."""
-        return (self.weight.detach() / self.weight_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return (self.weight.detach() / self.weight_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError("Fp8Linear has no ONNX Runtime lowering; FP8 engines are built by TensorRT")
-        if x.is_cuda and not self.training and torch.cuda.get_device_capability(x.device) >= (8, 9):
-            from compressor.kernels.fp8_gemm import fp8_linear  # the Triton FP8 GEMM
+        if (
+            HAS_TRITON
+            and x.is_cuda
+            and not self.training
+            and torch.cuda.get_device_capability(x.device) >= (8, 9)
+        ):
+            from compressor.kernels.fp8_gemm import fp8_linear  # the Triton FP8 GEMM (imports triton)
 
             return fp8_linear(x, self.fp8_weight(), self.weight_scale, self.bias, "per_tensor", x.dtype)
-        sx = (x.detach().abs().amax() / FP8_MAX).clamp(min=1e-12)
+        sx = (x.detach().abs().amax() / FP8_E4M3_MAX).clamp(min=1e-12)
         xq = fake_quant_fp8(x, sx)
         wq = fake_quant_fp8(self.weight, self.weight_scale.to(self.weight.dtype))
         return F.linear(xq, wq, self.bias)

@@ -2,15 +2,14 @@
 
 Math. ``y = x @ W + b`` with ``W[k, n] = (c[k, n] - zeros[g, n]) * scales[g, n]``,
 ``g = k // group_size``, 4-bit unsigned codes ``c``: the GPTQ / AWQ / RTN weight format of
-``compressor.passes.int4`` packed for the W4A16 kernel (layout in
-``compressor.kernels.w4a16``: int32 ``[K/8, N]`` codes, fp32 ``[K/group, N]`` scales,
-uint8 ``[K/group, N]`` zeros). Weights take 4 bits plus 5 bytes per group of
+``compressor.kernels.int4_format`` packed for the W4A16 kernel (int32 ``[K/8, N]`` codes,
+fp32 ``[K/group, N]`` scales, uint8 ``[K/group, N]`` zeros). Weights take 4 bits plus 5 bytes per group of
 ``group_size`` (scale and zero), about 4.3 bits a weight at group 128.
 
-Paths. On CUDA the forward runs the Triton kernel (``compressor::w4a16_linear``),
-which dequantizes in registers and never materialises the float weight; split-K for
-decode shapes. Elsewhere the forward is the reference: dequantize to float, then
-``F.linear``. ``use_kernel=True`` also sends CPU tensors to the kernel when
+Paths. On CUDA with Triton installed (``HAS_TRITON``) the forward runs the Triton kernel
+(``compressor::w4a16_linear``), which dequantizes in registers and never materialises the
+float weight; split-K for decode shapes. Elsewhere (and without Triton) the forward is the
+reference: dequantize to float, then ``F.linear``. ``use_kernel=True`` also sends CPU tensors to the kernel when
 ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CPU-only CI exercises the
 kernel path. The layer is inference-only: no float master weight, buffers only.
 
@@ -32,8 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.w4a16 import dequantize_w4a16, pack_w4a16, unpack_w4a16, w4a16_linear
-from compressor.passes.int4 import QuantizedWeight, quantize_rtn
+from compressor.kernels.int4_format import (
+    QuantizedWeight,
+    dequantize_w4a16,
+    pack_w4a16,
+    quantize_rtn,
+    unpack_w4a16,
+)
+from compressor.kernels.triton_support import HAS_TRITON, KERNELS_EXTRA
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +178,10 @@ class Int4Linear(nn.Module):
         return dequantize_w4a16(self.packed, self.scales, self.zeros, self.group_size).t()
 
     def _kernel_path(self, x: torch.Tensor) -> bool:
+        if not HAS_TRITON:
+            if x.is_cuda or self.use_kernel:
+                logger.debug("Int4Linear: Triton is not installed (%s); torch reference", KERNELS_EXTRA)
+            return False
         if x.is_cuda:
             return True
         if self.use_kernel and os.environ.get("TRITON_INTERPRET") != "1":
@@ -212,6 +221,8 @@ class Int4Linear(nn.Module):
                 self.group_size,
             )
         if self._kernel_path(x):
+            from compressor.kernels.w4a16 import w4a16_linear  # imports triton
+
             return w4a16_linear(x, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         w = self.dequantized_weight().to(x.dtype)  # (N, K)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -16,6 +16,8 @@ Layout. ``a`` is row-major [M, K] (activations, one row per token); ``b`` is the
 so no transposed copy is made. Tiles are BLOCK_M × BLOCK_N, walked in GROUP_M-row
 super-groups so neighbouring programs share ``b`` tiles in L2 (Triton tutorial 03).
 
+The torch reference is ``compressor.kernels.reference.scaled_gemm_ref``.
+
 Tensor cores: int8 ``tl.dot`` with an int32 accumulator lowers to ``mma.sync ...
 s8.s8.s32`` on sm_80 / sm_87 and ``wgmma`` on sm_90; fp8 operands need sm_89+.
 ``compressor kernels`` builds every specialisation per architecture and checks this.
@@ -27,39 +29,13 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from compressor.kernels.reference import ACTIVATIONS
 from compressor.kernels.spec import KernelSpec
 
-ACTIVATIONS: dict[str, int] = {"none": 0, "gelu": 1, "silu": 2}
 OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def scaled_gemm_ref(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    act: str = "none",
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The torch reference: exact integer accumulation for int8, fp32 for fp8."""
-    if a.dtype == torch.int8:
-        # float64 holds every int8·int8 sum below 2^53 exactly: an integer GEMM on any device
-        acc = (a.double() @ b.double().t()).float()
-    else:
-        acc = a.float() @ b.float().t()
-    y = acc * a_scale.float()[:, None] * b_scale.float()[None, :]
-    if bias is not None:
-        y = y + bias.float()
-    if act == "gelu":
-        y = F.gelu(y)
-    elif act == "silu":
-        y = F.silu(y)
-    return y.to(out_dtype)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ layout).
 
 Storage. The module holds exactly what the GPU runs: ``values`` and ``meta`` in
 CUTLASS's layout, built by the Triton compression kernel on CUDA (torch's bit-identical
-reference on CPU), and the bias in fp32. Float weights are compressed in fp16 unless
+reference on CPU, or wherever Triton is not installed), and the bias in fp32. Float weights are compressed in fp16 unless
 they already are fp16 / bf16: CUTLASS runs float32 as TF32 with a 1:2 pattern, which a
 2:4-pruned weight does not have (pass ``dtype=torch.float32`` for a 1:2 weight).
 
@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels.sparse24 import (
+from compressor.kernels.sparse24_format import (
     FORMATS,
     check_compressible,
-    sparse24_compress,
     sparse24_compress_ref,
     sparse24_decompress,
 )
+from compressor.kernels.triton_support import HAS_TRITON
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,15 @@ WEIGHT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.f
 
 
 def compress_24(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, meta) of a 2:4 weight: the Triton kernel on CUDA, torch's reference on CPU.
+    """(values, meta) of a 2:4 weight: the Triton kernel on CUDA when Triton is installed,
+    torch's reference otherwise.
 
     Both give the same bits; on CPU the reference is used because the Triton interpreter
     is far slower than torch's vectorised version for full-size weights.
     """
-    if dense.is_cuda:
+    if dense.is_cuda and HAS_TRITON:
+        from compressor.kernels.sparse24 import sparse24_compress  # imports triton
+
         return sparse24_compress(dense)
     return sparse24_compress_ref(dense)
 

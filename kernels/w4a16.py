@@ -5,19 +5,12 @@ Math. With ``g = k // group_size`` and unsigned 4-bit codes ``c[k, n]`` in ``[0,
     W[k, n] = (c[k, n] - zeros[g, n]) * scales[g, n]          (K x N, the transposed Linear weight)
     y[m, n] = sum_k x[m, k] * W[k, n] + bias[n]                (fp32 accumulation)
 
-This is the GPTQ / AWQ / ONNX ``MatMulNBits`` weight format (``compressor.passes.int4``)
-with the codes offset to unsigned: a symmetric weight (int8 codes in ``[-8, 7]``,
-zero 0) becomes codes ``q + 8`` with zero point 8, so one kernel serves both.
-
-Layout (what ``pack_w4a16`` produces; everything K-major so a BLOCK_K x BLOCK_N tile of
-any of them is a set of contiguous rows):
-
-- ``packed``: int32 ``[K // 8, N]``; ``packed[j, n]`` holds the codes of
-  ``W[8j + i, n]`` for ``i = 0..7`` in bits ``4i .. 4i+3`` (low nibble first). A
-  weight tile of BLOCK_K rows is BLOCK_K / 8 rows of int32, 4 bits per weight in HBM,
-  which is the point: decode GEMMs are bound by reading the weight.
-- ``scales``: float32 ``[K // group_size, N]``.
-- ``zeros``: uint8 ``[K // group_size, N]``, values in ``[0, 15]``.
+This is the GPTQ / AWQ / ONNX ``MatMulNBits`` weight format with the codes offset to
+unsigned, so one kernel serves symmetric and asymmetric weights. The layout
+(``pack_w4a16``: int32 ``[K // 8, N]`` codes, fp32 and uint8 ``[K // group_size, N]``
+scales and zeros) and the packing live in ``compressor.kernels.int4_format``; the torch
+reference is ``compressor.kernels.reference.w4a16_gemm_ref``. A weight tile of BLOCK_K
+rows is BLOCK_K / 8 rows of int32.
 
 Kernel. Each program owns a BLOCK_M x BLOCK_N tile of ``y`` and walks K in steps of
 BLOCK_K: it loads the activation tile, loads the packed words (each int32 row is
@@ -41,85 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from compressor.kernels.int4_format import PACK_FACTOR
 from compressor.kernels.scaled_gemm import grouped_tile
 from compressor.kernels.spec import KernelSpec
-from compressor.passes.int4 import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
-PACK_FACTOR = 8  # int4 codes per int32 word
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# --------------------------------------------------------------------------- layout
-
-
-def pack_w4a16(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed int32 [K/8, N], scales fp32 [G, N], zeros uint8 [G, N])`` from a 4-bit
-    ``QuantizedWeight`` (q is (out=N, in=K)); symmetric codes are offset to unsigned
-    with zero point 8. The result dequantizes exactly to ``qw.dequantize().t()``."""
-    if qw.bits != 4:
-        raise ValueError(f"pack_w4a16 needs 4-bit weights, got bits={qw.bits}")
-    n, k = qw.q.shape
-    if k % PACK_FACTOR:
-        raise ValueError(f"in_features={k} must be a multiple of {PACK_FACTOR} to pack int4 into int32")
-    q = qw.q.to(torch.int32)
-    zeros = qw.zeros.to(torch.int32)
-    if qw.q.dtype == torch.int8:  # symmetric [-8, 7] -> [0, 15]
-        q = q + 8
-        zeros = zeros + 8
-    if q.min() < 0 or q.max() > 15:
-        raise ValueError(f"codes span [{int(q.min())}, {int(q.max())}], which does not fit in 4 bits")
-    if zeros.min() < 0 or zeros.max() > 15:
-        raise ValueError(f"zero points span [{int(zeros.min())}, {int(zeros.max())}], outside [0, 15]")
-    codes = q.t().reshape(k // PACK_FACTOR, PACK_FACTOR, n)  # (K/8, 8, N)
-    shifts = (4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=q.device)).view(1, -1, 1)
-    # int32 wraps: a code >= 8 in the top nibble makes the word negative, which is fine
-    # because unpacking shifts then masks with 0xF.
-    packed = (codes << shifts).sum(dim=1, dtype=torch.int64)  # (K/8, N), disjoint bits
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    scales = qw.scales.to(torch.float32).t().contiguous()  # (G, N)
-    return packed.contiguous(), scales, zeros.to(torch.uint8).t().contiguous()
-
-
-def unpack_w4a16(packed: torch.Tensor) -> torch.Tensor:
-    """Unsigned codes int32 ``[K, N]`` from ``packed`` int32 ``[K/8, N]``."""
-    shifts = (4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=packed.device)).view(1, -1, 1)
-    codes = (packed.to(torch.int32)[:, None, :] >> shifts) & 0xF  # (K/8, 8, N)
-    return codes.reshape(-1, packed.shape[1])
-
-
-def dequantize_w4a16(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """float32 ``W`` ``[K, N]``: ``(codes - zeros[g]) * scales[g]`` with ``g = k // group_size``."""
-    codes = unpack_w4a16(packed).to(torch.float32)  # (K, N)
-    z = zeros.to(torch.float32).repeat_interleave(group_size, dim=0)  # (K, N)
-    s = scales.to(torch.float32).repeat_interleave(group_size, dim=0)  # (K, N)
-    return (codes - z) * s
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def w4a16_gemm_ref(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """What the kernel computes: ``x [M, K] @ dequant(W) [K, N] (+ bias)`` in x's dtype.
-
-    Like the kernel, the dequantized weight is rounded to x's dtype before the product
-    and the product accumulates in fp32.
-    """
-    w = dequantize_w4a16(packed, scales, zeros, group_size).to(x.dtype)  # (K, N)
-    y = x.to(torch.float32) @ w.to(torch.float32)  # (M, N)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- configs

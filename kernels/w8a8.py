@@ -15,7 +15,7 @@ and activation in its epilogue.
 Dispatch. ``w8a8_linear`` is a ``torch.library.triton_op`` (``compressor::w8a8_linear``)
 so ``torch.compile`` and ``torch.export`` see one opaque op whose Triton kernels they
 can trace through. ``Int8Linear`` calls it on CUDA at inference; on the CPU (and on
-request) the pure-torch reference ``w8a8_linear_ref`` runs. Tests run the Triton path
+request) the pure-torch reference ``compressor.kernels.reference.w8a8_linear_ref`` runs. Tests run the Triton path
 on the CPU under ``TRITON_INTERPRET=1``.
 """
 
@@ -27,22 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.scaled_gemm import ACTIVATIONS, launch_scaled_gemm, scaled_gemm_ref
+from compressor.kernels.reference import check_w8a8_linear
+from compressor.kernels.scaled_gemm import launch_scaled_gemm
 from compressor.kernels.spec import KernelSpec
-
-_EPS = 1e-8
-
-
-def quantize_per_token_ref(
-    x: torch.Tensor, smooth: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes [M, K] and fp32 scales [M] of ``x / smooth`` (computed in fp32)."""
-    xf = x.float()
-    if smooth is not None:
-        xf = xf / smooth.float()
-    scale = (xf.abs().amax(dim=-1) / 127.0).clamp(min=_EPS)
-    q = torch.clamp(torch.round(xf / scale[:, None]), -127, 127).to(torch.int8)
-    return q, scale
 
 
 @triton.jit
@@ -123,17 +110,6 @@ def quantize_per_token(
     return q, scale
 
 
-def _check_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, act: str) -> None:
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"w8a8: qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
-    if x.shape[-1] != qweight.shape[1]:
-        raise ValueError(f"w8a8: x has K={x.shape[-1]} features but qweight is [N, K={qweight.shape[1]}]")
-    if weight_scale.numel() != qweight.shape[0]:
-        raise ValueError(f"w8a8: weight_scale has {weight_scale.numel()} entries for N={qweight.shape[0]}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"w8a8: act {act!r} is not one of {', '.join(ACTIVATIONS)}")
-
-
 @torch.library.triton_op("compressor::w8a8_linear", mutates_args=())
 def _w8a8_linear_op(
     x: torch.Tensor,
@@ -167,26 +143,9 @@ def w8a8_linear(
 ) -> torch.Tensor:
     """``act(quant(x / smooth) @ qweightᵀ · scales + bias)`` for ``x`` [..., K] by the Triton
     kernels; the output dtype defaults to ``x``'s."""
-    _check_linear(x, qweight, weight_scale, act)
+    check_w8a8_linear(x, qweight, weight_scale, act)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     return torch.ops.compressor.w8a8_linear(x, qweight, weight_scale, bias, smooth, act, out_dtype)
-
-
-def w8a8_linear_ref(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    smooth: torch.Tensor | None = None,
-    act: str = "none",
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The pure-torch reference of ``w8a8_linear`` (exact integer GEMM)."""
-    _check_linear(x, qweight, weight_scale, act)
-    x2 = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_per_token_ref(x2, smooth)
-    y = scaled_gemm_ref(q, qweight, scale, weight_scale.reshape(-1), bias, act, out_dtype or x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def arch_specs() -> list[KernelSpec]:

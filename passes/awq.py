@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor.passes.int4 import fake_quantize_rtn
+from compressor.kernels.int4_format import fake_quantize_rtn
 
 DEFAULT_GRID = 20  # α in {0, 1/20, ..., 1}
 CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))  # 1.0 ... 0.5

@@ -7,7 +7,7 @@ factor of ``H⁻¹`` (``H = 2XᵀX`` of the calibration inputs), is spread over 
 not yet quantized, in lazy blocks. Options: bits (4 or 8), group size, symmetric or
 asymmetric, act-order (visit columns by decreasing ``diag H``).
 
-The result is a ``QuantizedWeight`` in exactly the RTN format of ``passes/int4.py``.
+The result is a ``QuantizedWeight`` in exactly the RTN format of ``kernels/int4_format.py``.
 With act-order, group parameters are fixed up front from the original weight in the
 original column order ("static groups"), so no ``g_idx`` permutation is needed at
 inference and the format stays identical.
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from compressor.passes.hessian import damped_inverse_cholesky
-from compressor.passes.int4 import (
+from compressor.kernels.int4_format import (
     QuantizedWeight,
     compute_group_qparams,
     compute_qparams,
     qrange,
     quantize_with_qparams,
 )
+from compressor.passes.hessian import damped_inverse_cholesky
 
 
 @torch.no_grad()

@@ -92,7 +92,7 @@ class StructuredPruneConfig:
         None, help="transformer layers to keep: a count or a fraction (0, 1]; null keeps all"
     )
     ffn_multiple_of: int = option(
-        1, help="round the FFN width to a multiple of this (e.g. 64 for tensor-core friendly GEMMs)"
+        1, help="round the FFN width to a multiple of this (e.g. 64 for tensor-core friendly GEMMs)", ge=1
     )
     importance: UnitMethod = option(
         "activation",
@@ -104,7 +104,7 @@ class StructuredPruneConfig:
         help="how layers are scored: 'cosine' (1 - cos(input, output), ShortGPT block importance), "
         "'relative_change' (||out - in|| / ||in||) or 'random'",
     )
-    calibration_batches: int = option(8, help="calibration batches used to score units")
+    calibration_batches: int = option(8, help="calibration batches used to score units", ge=1, le=10_000)
     recover: RecoverConfig | None = option(
         None, help="distill against the original model right after this pass (steps, lr, loss)"
     )

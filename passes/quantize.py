@@ -38,6 +38,7 @@ from compressor.config import option
 from compressor.distill import RecoverConfig
 from compressor.errors import DataError, PassError, PlanError, RecipeError
 from compressor.kernels.fp8_linear import Fp8Linear
+from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear, static_input_scale
 from compressor.modules import get_linear, select_modules, set_module
 from compressor.passes.mixed_precision import FidelityTarget, budget_target, plan_mixed_precision
@@ -76,17 +77,25 @@ class QuantizeConfig:
     fp8_weights: Literal["per_channel", "per_tensor"] = option(
         "per_channel", help="fp8: one weight scale per output channel or per tensor"
     )
-    targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to quantize")
-    ignore: tuple[str, ...] = option((), help="module-name patterns to leave in float")
+    targets: tuple[str, ...] = option(
+        ("*",), help="module-name patterns of the Linear layers to quantize", patterns=True
+    )
+    ignore: tuple[str, ...] = option((), help="module-name patterns to leave in float", patterns=True)
     activations: Literal["auto", "dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = option(
         "auto",
         help="activation scales: per token (GPU kernels) or per tensor (ONNX Runtime); auto picks by target; "
         "static_per_tensor = one scale per layer calibrated on the calibration data (TensorRT Q/DQ)",
     )
     smoothquant: bool = option(False, help="migrate activation outliers into the weights (SmoothQuant)")
-    alpha: float | None = option(None, help="SmoothQuant migration strength in [0, 1]; null = calibrate")
+    alpha: float | None = option(
+        None, help="SmoothQuant migration strength in [0, 1]; null = calibrate", ge=0.0, le=1.0
+    )
     alpha_grid: tuple[float, ...] = option(
-        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), help="alphas tried when calibrating SmoothQuant"
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        help="alphas tried when calibrating SmoothQuant",
+        ge=0.0,
+        le=1.0,
+        max_items=101,
     )
     fold_only: bool = option(
         False, help="smooth only where the divisor folds into a norm (no run-time Mul; none in post-LN BERT)"
@@ -103,8 +112,12 @@ class QuantizeConfig:
         None,
         help="the same goal as an absolute calibration mean cosine (fidelity_budget 0.003 = target 0.997); "
         "set one of the two",
+        ge=0.0,
+        le=1.0,
     )
-    calibration_batches: int = option(4, help="calibration batches used for statistics and sensitivity")
+    calibration_batches: int = option(
+        4, help="calibration batches used for statistics and sensitivity", ge=1, le=10_000
+    )
     recover: RecoverConfig | None = option(
         None, help="distill against the original model right after this pass (steps, lr, loss)"
     )
@@ -301,6 +314,19 @@ class QuantizePass(Pass):
         with torch.no_grad():
             reference = torch.cat([adapter.forward(ctx.teacher, b) for b in cal])
 
+        # Each calibration evaluation runs the whole model on the calibration batches: with
+        # SmoothQuant's alpha search and mixed precision that is dozens of them (minutes on a CPU).
+        searching = cfg.smoothquant and cfg.alpha is None
+        evals = (len(cfg.alpha_grid) if searching else 0) + 1
+        if cfg.max_float_layers > 0:
+            evals += 2 + len(names) + cfg.max_float_layers  # at most: some may be skipped
+        with ctx.progress_bar("quantize: calibration evals", evals, "eval") as bar:
+            return self._run_int8(model, ctx, names, scheme, cal, groups, reference, bar)
+
+    def _run_int8(self, model, ctx, names, scheme, cal, groups, reference, bar) -> nn.Module:  # type: ignore[no-untyped-def]
+        cfg = self.config
+        adapter = ctx.adapter
+
         def build(alpha: float | None, keep_float: Sequence[str]) -> nn.Module:
             m = copy.deepcopy(model)
             chosen = [n for n in names if n not in set(keep_float)]
@@ -309,7 +335,9 @@ class QuantizePass(Pass):
 
         @torch.no_grad()
         def fidelity(m: nn.Module) -> float:
-            return _mean_cosine(torch.cat([adapter.forward(m, b) for b in cal]), reference)
+            score = _mean_cosine(torch.cat([adapter.forward(m, b) for b in cal]), reference)
+            bar.update(1)
+            return score
 
         need_stats = cfg.smoothquant or scheme == "static_per_tensor"
         stats = activation_absmax(model, names, adapter.forward, cal) if need_stats else None
@@ -404,8 +432,6 @@ class QuantizePass(Pass):
 
     def ensures(self, model: nn.Module, ctx: PassContext) -> None:
         found = 0
-        from compressor.kernels.int4_linear import Int4Linear
-
         for n, m in model.named_modules():
             if isinstance(m, Int4Linear):
                 found += 1

@@ -33,7 +33,7 @@ class SchedulerConfig:
     solver: Literal["dpmsolver++", "unipc", "ddim"] = option(
         "dpmsolver++", help="the diffusers scheduler: DPM-Solver++(2M), UniPC (order 2) or DDIM"
     )
-    steps: int = option(8, help="sampling steps")
+    steps: int = option(8, help="sampling steps (1 to 1000)")
     version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:

@@ -40,11 +40,15 @@ class SparsifyConfig:
     method: Literal["magnitude", "sparsegpt"] = option(
         "magnitude", help="magnitude, or sparsegpt (Hessian-compensated, one block at a time)"
     )
-    blocksize: int = option(128, help="sparsegpt: columns processed per block")
-    percdamp: float = option(0.01, help="sparsegpt: Hessian dampening, as a fraction of its mean diagonal")
+    blocksize: int = option(128, help="sparsegpt: columns processed per block", ge=1, le=65_536)
+    percdamp: float = option(
+        0.01, help="sparsegpt: Hessian dampening, as a fraction of its mean diagonal", ge=0.0, le=1.0
+    )
     pattern: Literal["2:4"] = option("2:4", help="sparsity pattern along the input dimension")
-    targets: tuple[str, ...] = option(("*",), help="module-name patterns of the Linear layers to sparsify")
-    ignore: tuple[str, ...] = option((), help="module-name patterns to leave dense")
+    targets: tuple[str, ...] = option(
+        ("*",), help="module-name patterns of the Linear layers to sparsify", patterns=True
+    )
+    ignore: tuple[str, ...] = option((), help="module-name patterns to leave dense", patterns=True)
     max_dense_layers: int = option(
         0, help="mixed sparsity: at most this many of the most sensitive layers go back to dense"
     )
@@ -54,7 +58,9 @@ class SparsifyConfig:
         "cause, from the model it receives; sensitive layers go back to dense until it holds (at most "
         "max_dense_layers); null = exactly max_dense_layers",
     )
-    calibration_batches: int = option(4, help="mixed sparsity: calibration batches for the fidelity measure")
+    calibration_batches: int = option(
+        4, help="mixed sparsity: calibration batches for the fidelity measure", ge=1, le=10_000
+    )
     recover: RecoverConfig | None = option(
         None, help="distill against the original model right after this pass (steps, lr, loss)"
     )
@@ -110,7 +116,10 @@ def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
 @register_pass
 class SparsifyPass(Pass):
     name = "sparsify"
-    description = "2:4 semi-structured sparsity by magnitude over the selected Linear layers"
+    description = (
+        "2:4 semi-structured sparsity over the selected Linear layers, by magnitude or SparseGPT "
+        "(Hessian-compensated, block by block); optional mixed sparsity"
+    )
     Config = SparsifyConfig
 
     def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
@@ -148,6 +157,7 @@ class SparsifyPass(Pass):
         """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them."""
         from compressor.passes.mixed_precision import budget_target, plan_mixed_precision
         from compressor.passes.quantize import _mean_cosine
+        from compressor.progress import open_progress
 
         cfg = self.config
         adapter, cal = ctx.adapter, ctx.data.calibration[: cfg.calibration_batches]
@@ -165,9 +175,12 @@ class SparsifyPass(Pass):
             finally:
                 for n in kept:
                     get_linear(model, n).weight.copy_(sparse[n])
+                bar.update(1)
 
         was_training = model.training
         model.eval()
+        evals = 2 + len(names) + cfg.max_dense_layers  # at most: the greedy search may stop early
+        bar = open_progress(ctx.progress, "sparsify: mixed sparsity evals", evals, "eval")
         try:
             target = None
             if cfg.fidelity_budget is not None:  # a drop from the model as it came in (all layers dense)
@@ -176,6 +189,7 @@ class SparsifyPass(Pass):
                 names, fidelity_with_dense, cfg.max_dense_layers, target, "2:4", "dense"
             )
         finally:
+            bar.close()
             model.train(was_training)
         with torch.no_grad():
             for n in plan.keep_float:
@@ -216,15 +230,17 @@ class SparsifyPass(Pass):
             linear.weight.copy_(w)
             apply_mask_(linear, keep.to(linear.weight.dtype))
             done.append(chosen[id(linear)])
+            bar.update(1)
 
-        compress_linears_sequentially(
-            model,
-            list(blocks),
-            ctx.data.calibration,
-            ctx.adapter.forward,
-            compress,
-            lambda _n, m: id(m) in chosen,
-        )
+        with ctx.progress_bar("sparsify: sparsegpt layers", len(names), "layer") as bar:
+            compress_linears_sequentially(
+                model,
+                list(blocks),
+                ctx.data.calibration,
+                ctx.adapter.forward,
+                compress,
+                lambda _n, m: id(m) in chosen,
+            )
         rest = [n for n in names if n not in set(done)]  # selected layers outside the blocks
         for n in rest:
             lin = get_linear(model, n)

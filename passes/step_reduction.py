@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from compressor.adapters.base import DataSplits
     from compressor.adapters.diffusion import DiffusionModel
     from compressor.adapters.diffusion_schedule import NoiseSchedule
+    from compressor.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,11 @@ def fit(
     what: str,
     on_step: Any = None,
     lora_rank: int = 0,
+    bar: Progress | None = None,
 ) -> list[float]:
     """Adam on ``loss_fn(step)``; returns the loss curve, raises on a non-finite loss.
+
+    ``bar`` (from ``PassContext.progress_bar``) advances one tick per optimizer step.
 
     With ``lora_rank > 0`` only LoRA adapters on ``student.unet`` (and any new conditioner
     layers) train, and are merged back afterwards so the student is a plain denoiser.
@@ -159,6 +163,9 @@ def fit(
         if on_step is not None:
             on_step(step)
         losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss={losses[-1]:.4g}")
     if lora_rank > 0:
         merge_lora_(student)
         student.requires_grad_(True)
@@ -199,12 +206,14 @@ class TrainOptions:
 @dataclass(frozen=True)
 class GuidanceDistillConfig(TrainOptions):
     train_steps: int = option(400, help="optimizer steps")
-    batch_size: int = option(64, help="real images per step")
-    lr: float = option(2e-4, help="AdamW learning rate")
-    guidance_min: float = option(1.0, help="lowest guidance scale w sampled during training")
-    guidance_max: float = option(4.0, help="highest guidance scale w sampled during training")
+    batch_size: int = option(64, help="real images per step", le=65_536)
+    lr: float = option(2e-4, help="AdamW learning rate", gt=0.0, le=1.0)
+    guidance_min: float = option(1.0, help="lowest guidance scale w sampled during training", le=100.0)
+    guidance_max: float = option(4.0, help="highest guidance scale w sampled during training", le=100.0)
     lora_rank: int = option(
-        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+        0,
+        help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after",
+        le=4096,
     )
     version: int = option(1, help="config schema version")
 
@@ -227,7 +236,11 @@ def accept_class_vector_(unet: nn.Module) -> None:
 
 
 def guidance_distill(
-    model: DiffusionModel, data: DataSplits, cfg: GuidanceDistillConfig, seed: int
+    model: DiffusionModel,
+    data: DataSplits,
+    cfg: GuidanceDistillConfig,
+    seed: int,
+    bar: Progress | None = None,
 ) -> tuple[DiffusionModel, list[float]]:
     """Meng et al. stage one: eps_student(x, t, c, w) ~ eps_u + w (eps_c - eps_u), w ~ U[min, max]."""
     from compressor.adapters.digits import NULL_LABEL
@@ -261,7 +274,9 @@ def guidance_distill(
             target = out_u + w.view(-1, 1, 1, 1) * (out_c - out_u)
         return nn.functional.mse_loss(student(x, tm, y, w), target)
 
-    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "guidance_distill", lora_rank=cfg.lora_rank)
+    losses = fit(
+        student, loss_fn, cfg.train_steps, cfg.lr, "guidance_distill", lora_rank=cfg.lora_rank, bar=bar
+    )
     return student.eval().requires_grad_(False), losses
 
 
@@ -286,7 +301,8 @@ class GuidanceDistillPass(Pass):
             )
 
     def run(self, model: Any, ctx: PassContext) -> nn.Module:
-        student, losses = guidance_distill(model, ctx.data, self.config, ctx.seed)
+        with ctx.progress_bar(self.name, self.config.train_steps) as bar:
+            student, losses = guidance_distill(model, ctx.data, self.config, ctx.seed, bar)
         ctx.record("loss", _summary(losses))
         return student
 
@@ -297,15 +313,17 @@ class GuidanceDistillPass(Pass):
 
 @dataclass(frozen=True)
 class ProgressiveDistillConfig(TrainOptions):
-    final_steps: int = option(4, help="sampling steps of the final student")
+    final_steps: int = option(4, help="sampling steps of the final student", le=1000)
     start_steps: int | None = option(
-        None, help="DDIM steps of the first teacher; null = the steps the model already samples with"
+        None, help="DDIM steps of the first teacher; null = the steps the model already samples with", le=1000
     )
     train_steps: int = option(200, help="optimizer steps per halving round")
-    batch_size: int = option(64, help="real images per step")
-    lr: float = option(2e-4, help="AdamW learning rate")
+    batch_size: int = option(64, help="real images per step", le=65_536)
+    lr: float = option(2e-4, help="AdamW learning rate", gt=0.0, le=1.0)
     lora_rank: int = option(
-        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+        0,
+        help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after",
+        le=4096,
     )
     version: int = option(1, help="config schema version")
 
@@ -325,7 +343,12 @@ def _check_halvings(start: int, final: int, what: str) -> int:
 
 
 def progressive_round(
-    teacher: DiffusionModel, data: DataSplits, steps: int, cfg: ProgressiveDistillConfig, seed: int
+    teacher: DiffusionModel,
+    data: DataSplits,
+    steps: int,
+    cfg: ProgressiveDistillConfig,
+    seed: int,
+    bar: Progress | None = None,
 ) -> tuple[DiffusionModel, list[float]]:
     """One round: the student's DDIM step t_i -> t_{i+1} on the ``steps`` grid matches two
     teacher DDIM steps on the 2x grid (t_i -> midpoint -> t_{i+1}); loss in the model's
@@ -361,6 +384,7 @@ def progressive_round(
         cfg.lr,
         f"progressive_distill ({2 * steps}->{steps})",
         lora_rank=cfg.lora_rank,
+        bar=bar,
     )
     return student.eval().requires_grad_(False), losses
 
@@ -387,7 +411,8 @@ class ProgressiveDistillPass(Pass):
         rounds = []
         while steps > self.config.final_steps:
             steps //= 2
-            model, losses = progressive_round(model, ctx.data, steps, self.config, ctx.seed + steps)
+            with ctx.progress_bar(f"{self.name} {2 * steps}->{steps} steps", self.config.train_steps) as bar:
+                model, losses = progressive_round(model, ctx.data, steps, self.config, ctx.seed + steps, bar)
             rounds.append({"steps": steps, **_summary(losses)})
             log.info("progressive_distill: %d-step student, loss %s", steps, rounds[-1])
         ctx.record("rounds", rounds)
@@ -403,22 +428,30 @@ class ProgressiveDistillPass(Pass):
 
 @dataclass(frozen=True)
 class ConsistencyDistillConfig(TrainOptions):
-    sampling_steps: int = option(4, help="steps the student samples with (1, 2, 4 ... up to the solver grid)")
+    sampling_steps: int = option(
+        4, help="steps the student samples with (1, 2, 4 ... up to the solver grid)", le=1000
+    )
     original_inference_steps: int = option(
-        50, help="the skipping-step solver grid: one teacher DDIM step skips num_train_timesteps / this"
+        50,
+        help="the skipping-step solver grid: one teacher DDIM step skips num_train_timesteps / this",
+        ge=1,
+        le=1000,
     )
     segments: int = option(
         1,
         help="1 = LCM consistency to the clean image; >1 = Hyper-SD trajectory segments (samples with DDIM)",
+        le=1000,
     )
-    ema_decay: float = option(0.95, help="EMA decay of the target network (LCM uses 0.95)")
+    ema_decay: float = option(0.95, help="EMA decay of the target network (LCM uses 0.95)", le=1.0)
     loss: Literal["l2", "huber"] = option("huber", help="distance between online and target outputs")
-    huber_c: float = option(0.001, help="pseudo-Huber constant")
+    huber_c: float = option(0.001, help="pseudo-Huber constant", gt=0.0, le=1.0)
     train_steps: int = option(600, help="optimizer steps")
-    batch_size: int = option(64, help="real images per step")
-    lr: float = option(1e-4, help="AdamW learning rate")
+    batch_size: int = option(64, help="real images per step", le=65_536)
+    lr: float = option(1e-4, help="AdamW learning rate", gt=0.0, le=1.0)
     lora_rank: int = option(
-        0, help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after"
+        0,
+        help="0 = fine-tune the whole denoiser; r > 0 = train rank-r LoRA adapters (peft), merged after",
+        le=4096,
     )
     version: int = option(1, help="config schema version")
 
@@ -439,7 +472,11 @@ class ConsistencyDistillConfig(TrainOptions):
 
 
 def consistency_distill(
-    model: DiffusionModel, data: DataSplits, cfg: ConsistencyDistillConfig, seed: int
+    model: DiffusionModel,
+    data: DataSplits,
+    cfg: ConsistencyDistillConfig,
+    seed: int,
+    bar: Progress | None = None,
 ) -> tuple[DiffusionModel, list[float]]:
     """LCM: || f_theta(x_{t}, t) - f_ema(DDIM_teacher(x_t, t -> t - k), t - k) ||, t on the skip grid."""
     teacher = model.eval()
@@ -488,7 +525,9 @@ def consistency_distill(
             for pt, ps in zip(target_net.parameters(), student.parameters()):
                 pt.lerp_(ps, 1.0 - cfg.ema_decay)
 
-    losses = fit(student, loss_fn, cfg.train_steps, cfg.lr, "consistency_distill", ema_update, cfg.lora_rank)
+    losses = fit(
+        student, loss_fn, cfg.train_steps, cfg.lr, "consistency_distill", ema_update, cfg.lora_rank, bar
+    )
     return student.eval().requires_grad_(False), losses
 
 
@@ -511,7 +550,8 @@ class ConsistencyDistillPass(Pass):
         self.check(model, ctx.target, ctx.adapter)
 
     def run(self, model: Any, ctx: PassContext) -> nn.Module:
-        student, losses = consistency_distill(model, ctx.data, self.config, ctx.seed)
+        with ctx.progress_bar(self.name, self.config.train_steps) as bar:
+            student, losses = consistency_distill(model, ctx.data, self.config, ctx.seed, bar)
         ctx.record("loss", _summary(losses))
         return student
 

@@ -1,6 +1,6 @@
 """INT4 weight-only quantization into ``Int4Linear``: RTN, GPTQ or AWQ (+ RTN).
 
-- ``rtn``: group-wise round to nearest, data-free (``compressor.passes.int4``).
+- ``rtn``: group-wise round to nearest, data-free (``compressor.kernels.int4_format``).
 - ``gptq``: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
   Pre-trained Transformers" (ICLR 2023): columns quantized one at a time, the error
   compensated on the rest through the inverse Hessian of the layer's calibration
@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.kernels.int4_format import QuantizedWeight, quantize_rtn
+from compressor.kernels.int4_linear import Int4Linear
 from compressor.modules import get_linear, set_module
 from compressor.passes.awq import InputStats, awq_search_clip, awq_search_scales_from_stats
-from compressor.passes.int4 import QuantizedWeight, quantize_rtn
 from compressor.passes.sequential import feed_linear_inputs
 
 log = logging.getLogger(__name__)
@@ -264,8 +265,6 @@ def quantize_int4_(
     awq_clip: bool = True,
 ) -> dict[str, str]:
     """Replace the named Linears with ``Int4Linear``; returns how each layer was quantized."""
-    from compressor.kernels.int4_linear import Int4Linear
-
     if algorithm not in INT4_ALGORITHMS:
         raise ValueError(f"int4 algorithm {algorithm!r} is not one of {', '.join(INT4_ALGORITHMS)}")
     decisions: dict[str, str] = {}

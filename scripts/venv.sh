@@ -4,6 +4,7 @@
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
+echo "venv.sh: $VENV: pip install torch==2.13.0, then pip install -e \".${1:-}\"" >&2
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".${1:-}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The bundle signing key (``compressor.trust``) lives in a folder of this session's own,
+    never in the user's config dir; child processes inherit it."""
+    before = os.environ.get("COMPRESSOR_CONFIG_DIR")
+    path = tmp_path_factory.mktemp("compressor-config")
+    os.environ["COMPRESSOR_CONFIG_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("COMPRESSOR_CONFIG_DIR", None)
+    else:
+        os.environ["COMPRESSOR_CONFIG_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from compressor.bench import BenchConfig, bench_bundle
+from compressor.bundle import sha256_file
 from compressor.cli import main
 from compressor.engines import EngineUnavailable
 from compressor.errors import CompressorError
 from compressor.plots import line_chart, scatter_chart
+from compressor.trust import sign_bundle
 
 FAST = {"batch_sizes": (1, 3), "seq_len": 16, "threads": 1, "warmup": 1, "repeats": 3, "fidelity_texts": 16}
 
@@ -79,14 +81,33 @@ def test_auto_lists_what_it_could_not_run(aoti_bundle, tmp_path: Path) -> None: 
     src, manifest, _ = aoti_bundle
     shutil.copy(src / "model.onnx", tmp_path / "model.onnx")
     (tmp_path / "model_a100.plan").write_bytes(b"not a plan")
-    m = dict(manifest, artifacts={"onnx": "model.onnx", "tensorrt_plan": "model_a100.plan"})
+    files = {n: {"sha256": sha256_file(tmp_path / n)} for n in ("model.onnx", "model_a100.plan")}
+    m = dict(manifest, artifacts={"onnx": "model.onnx", "tensorrt_plan": "model_a100.plan"}, files=files)
     (tmp_path / "manifest.json").write_text(json.dumps(m))
+    sign_bundle(tmp_path)  # trusted: the plan is skipped for what this machine lacks, not for trust
     r = bench_bundle(tmp_path, BenchConfig(fidelity=False, **FAST))  # type: ignore[arg-type]
     assert r["engines"]["ort"]["status"] == "ok"
     assert r["engines"]["tensorrt"]["status"] == "skipped"
     assert re.search(r"tensorrt: (the tensorrt package does not import|needs the bench on a CUDA)",
                      r["engines"]["tensorrt"]["reason"])  # fmt: skip
     assert set(r["latency"][0]["engines"]) == {"ort_fp32", "ort"}
+
+
+def test_an_unsigned_copy_of_the_bundle_runs_only_its_onnx(aoti_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same bundle without its signature (a bundle from elsewhere): its ExportedProgram and
+    AOTInductor package are not loaded, each named with the reason; ONNX Runtime still runs."""
+    src, _, _ = aoti_bundle
+    shutil.copytree(src, tmp_path / "copy")
+    (tmp_path / "copy" / "manifest.sig").unlink()
+    r = bench_bundle(tmp_path / "copy", BenchConfig(fidelity=False, **FAST))  # type: ignore[arg-type]
+    assert r["trust"]["trusted"] is False and r["trust"]["signature"] == "unsigned"
+    assert [n for n, s in r["engines"].items() if s["status"] == "ok"] == ["ort_fp32", "ort"]
+    for name in ("torch_eager", "torch_compile", "aoti", "native"):
+        assert r["engines"][name]["reason"].startswith(
+            "skipped: the bundle is not signed by this machine's key"
+        )
+    with pytest.raises(CompressorError, match="--engines aoti: the bundle is not signed .*pass --trust"):
+        bench_bundle(tmp_path / "copy", BenchConfig(engines=("aoti",), **FAST))  # type: ignore[arg-type]
 
 
 def test_cli_writes_json_markdown_and_html_with_plots(

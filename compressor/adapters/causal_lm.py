@@ -36,13 +36,14 @@ from compressor.errors import DataError, RecipeError
 
 def is_causal_lm_folder(path: Path) -> bool:
     """Whether a Hugging Face folder's config names a ``*ForCausalLM`` architecture."""
-    import json
+    from compressor.adapters.hf_folder import read_json_object
 
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or ())
+        config = read_json_object(path / "config.json")
+    except RecipeError:
+        return False  # the adapter's load names what is wrong with the folder
+    archs = config.get("architectures")
+    return isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
 
 
 class CausalLMLogits(nn.Module):
@@ -100,7 +101,9 @@ class CausalLMAdapter(ModelAdapter):
         self.tokenizer: Any = None
 
     def load(self, source: str) -> nn.Module:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from compressor.adapters.hf_folder import load_pretrained, load_tokenizer, read_model_config
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_source(source)
@@ -109,11 +112,16 @@ class CausalLMAdapter(ModelAdapter):
                 f"model.source: {str(path)!r} is not a causal language model (config.json names no "
                 "*ForCausalLM architecture); use adapter hf-encoder for encoders"
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer = load_tokenizer(path, read_model_config(path))
         if self.tokenizer.pad_token is None:  # decoder tokenizers often have none: pad with EOS
+            if self.tokenizer.eos_token is None:
+                raise RecipeError(
+                    f"{path}: the tokenizer has neither a pad nor an end-of-sequence token; set "
+                    "pad_token or eos_token in tokenizer_config.json"
+                )
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+        model = load_pretrained(AutoModelForCausalLM, path)
         if not hasattr(getattr(model, "model", None), "layers"):
             raise RecipeError(
                 f"model.source: {type(model).__name__} is not a Llama-style decoder (expected .model.layers)"

@@ -346,6 +346,12 @@ def safe_from_pretrained(cls: Any, folder: Path) -> Any:
         ) from None
 
 
+# Where benchmarks/train_digits_teacher.py writes its teachers, as the shipped recipes name them.
+DIGITS_TEACHER_HINT = (
+    "benchmarks/.cache/digits-teacher; with --denoiser mmdit-flow: benchmarks/.cache/digits-teacher-flow"
+)
+
+
 def load_diffusion_model(source: str | Path) -> DiffusionModel:
     """A teacher folder or an exported student folder.
 
@@ -365,8 +371,11 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
         return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return]
     sub = next((folder / n for n in ("unet", "transformer") if (folder / n).is_dir()), None)
     if sub is None or not (folder / "scheduler").is_dir():
+        what = "does not exist" if not folder.exists() else "is not a diffusers pipeline folder"
         raise DataError(
-            f"{folder}: not a diffusers pipeline folder with unet/ or transformer/ and scheduler/"
+            f"{folder}: {what} (a folder with unet/ or transformer/ and scheduler/, as diffusers' "
+            "save_pretrained writes); the digits teacher the shipped digits recipes use is made by "
+            f"`python benchmarks/train_digits_teacher.py` (writes {DIGITS_TEACHER_HINT})"
         )
     kind = json.loads((sub / "config.json").read_text()).get("_class_name")
     if kind not in DENOISERS:

@@ -43,16 +43,13 @@ def default_model_path() -> str:
 
 
 def resolve_source(source: str) -> Path:
+    """The model folder ``source`` names, its config.json and weight files checked
+    (``compressor.adapters.hf_folder``) before anything in it is loaded."""
+    from compressor.adapters.hf_folder import check_safetensors, read_model_config
+
     path = Path(default_model_path() if source == DEFAULT_MODEL else source)
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"model.source: {str(path)!r} is not a Hugging Face model folder (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-        what = f" (found pickle checkpoints {', '.join(pickles)})" if pickles else ""
-        raise RecipeError(
-            f"model.source: {str(path)!r} has no .safetensors weights{what}; pickle checkpoints can run "
-            "arbitrary code when loaded and are refused: convert them with safetensors first"
-        )
+    read_model_config(path)
+    check_safetensors(path)
     return path
 
 
@@ -238,13 +235,15 @@ class HFEncoderAdapter(ModelAdapter):
         self.source_path: Path | None = None
 
     def load(self, source: str) -> nn.Module:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        from compressor.adapters.hf_folder import load_pretrained, load_tokenizer, read_model_config
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_source(source)
         self.source_path = path
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModel.from_pretrained(str(path), use_safetensors=True)
+        self.tokenizer = load_tokenizer(path, read_model_config(path))
+        model = load_pretrained(AutoModel, path)
         if not (
             hasattr(model, "embeddings") and hasattr(model, "encoder") and hasattr(model.encoder, "layer")
         ):

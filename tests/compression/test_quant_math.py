@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compressor.kernels.fp8_format import FP8_DTYPE, fp8_error_bound, quantize_fp8
+from compressor.kernels.int4_format import (
+    dequantize_groupwise,
+    pack_int4,
+    quantize_rtn,
+    unpack_int4,
+)
 from compressor.passes.awq import (
     awq_output_error,
     awq_search_clip,
@@ -12,15 +19,8 @@ from compressor.passes.awq import (
     input_stats,
     row_output_error,
 )
-from compressor.passes.fp8 import FP8_DTYPE, fp8_error_bound, quantize_fp8
 from compressor.passes.gptq import gptq_quantize
 from compressor.passes.hessian import hessian_from_inputs
-from compressor.passes.int4 import (
-    dequantize_groupwise,
-    pack_int4,
-    quantize_rtn,
-    unpack_int4,
-)
 from compressor.passes.smoothquant import fold_input_scale_
 from tests.compression._helpers import correlated_inputs, rel_err
 

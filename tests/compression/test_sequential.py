@@ -6,8 +6,8 @@ import gc
 
 import torch
 
+from compressor.kernels.int4_format import fake_quantize_rtn
 from compressor.passes.gptq import gptq_quantize
-from compressor.passes.int4 import fake_quantize_rtn
 from compressor.passes.sequential import (
     BlockInput,
     capture_block_inputs,

@@ -192,7 +192,7 @@ def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path,
 def test_w4a16_codes_and_scales_travel(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from compressor.kernels.w4a16 import unpack_w4a16
+    from compressor.kernels.int4_format import unpack_w4a16
 
     q, ectx = _quantized(tiny_llama_dir, method="int4", group_size=32, int4_algorithm="gptq")
     res = CompressedTensorsExporter().export(q, ectx, tmp_path)

@@ -60,9 +60,10 @@ def test_config_follows_tritons_schema_and_the_onnx_graph(tiny_ctx, tmp_path: Pa
     cfg = _parse(tmp_path / "triton_repository" / "minilm_int8" / "config.pbtxt")
     pb2 = model_config_pb2()
     assert cfg.name == "minilm_int8" and cfg.backend == "onnxruntime"
-    # No recipe in the context: the sizes of a default recipe (bench 1, 32; onnx verify 1, 3, 8).
+    # No recipe in the context: a default recipe's serving sizes (bench 1, 32); the onnx export's
+    # verification shapes (1, 3, 8) are not serving batches.
     assert cfg.max_batch_size == 32
-    assert list(cfg.dynamic_batching.preferred_batch_size) == [3, 8, 32]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [32]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, pb2.ModelInstanceGroup.KIND_CPU)]
     # Inputs exactly the ONNX graph's: names in order, int64, dynamic length (batch axis is Triton's).
@@ -125,8 +126,8 @@ def test_recipe_order_and_batch_sizes() -> None:
         check_recipe_exports(_recipe([{"format": "triton_repository"}, {"format": "onnx"}]))
     recipe = _recipe([{"format": "onnx", "verify_batch_sizes": [1, 4]}, {"format": "triton_repository"}])
     check_recipe_exports(recipe)
-    assert recipe_batch_sizes(recipe) == (1, 2, 4, 16)
-    assert batching(TritonRepositoryConfig(), recipe_batch_sizes(recipe)) == (16, (2, 4, 16))
+    assert recipe_batch_sizes(recipe) == (2, 16)  # bench sizes only, not verify_batch_sizes
+    assert batching(TritonRepositoryConfig(), recipe_batch_sizes(recipe)) == (16, (2, 16))
     assert batching(TritonRepositoryConfig(max_batch_size=4), (1, 2, 4, 16)) == (4, (2, 4))
     with pytest.raises(RecipeError, match=r"exports\[1\].model_name: '../x' is not a usable model name"):
         _recipe([{"format": "onnx"}, {"format": "triton_repository", "model_name": "../x"}])
@@ -179,3 +180,79 @@ def test_types_dims_and_per_row_scalars_in_the_schema() -> None:
         ExportError, match=r"ONNX input 'x' has shape \[4, 3\]: its first axis is not a dynamic"
     ):
         onnx_io(static, batched=True)
+
+
+def _qdq_export(tiny_ctx, out: Path, target: str, recipe: Any = None, **cfg):  # type: ignore[no-untyped-def]
+    """onnx + onnx_qdq into ``out``, then the repository, for ``target``."""
+    from compressor.exporters.onnx_qdq import OnnxQdqExportConfig, OnnxQdqExporter
+
+    adapter, model, ctx = tiny_ctx
+    qcfg = QuantizeConfig(targets=("encoder.*",), activations="static_per_tensor")
+    q = QuantizePass(qcfg).run(model, ctx)
+    ectx = ExportContext(
+        target=get_target(target), adapter=adapter, data=ctx.data, reference_model=q, recipe=recipe
+    )
+    OnnxExporter(OnnxExportConfig(verify_batch_sizes=(2,), verify_lengths=(16,))).export(q, ectx, out)
+    qdq = OnnxQdqExportConfig(verify_batch_sizes=(2,), verify_lengths=(16,), min_cosine=0.9)
+    OnnxQdqExporter(qdq).export(q, ectx, out)
+    return TritonRepositoryExporter(TritonRepositoryConfig(**cfg)).export(q, ectx, out)
+
+
+@pytest.mark.parametrize(
+    ("target", "cfg", "served"),
+    [
+        ("a100", {}, "model.qdq.onnx"),  # a GPU deploys the Q/DQ ONNX
+        ("cpu", {}, "model.onnx"),  # the CPU the ONNX Runtime flavour
+        ("a100", {"onnx_file": "model.onnx"}, "model.onnx"),  # an explicit choice wins
+    ],
+)
+def test_repository_picks_the_onnx_the_target_deploys(tiny_ctx, tmp_path: Path, target, cfg, served) -> None:  # type: ignore[no-untyped-def]
+    res = _qdq_export(tiny_ctx, tmp_path, target, **cfg)
+    report = res.verification["triton_repository"]
+    assert report["serves"] == served
+    assert sha256_file(tmp_path / "triton_repository" / "model" / "1" / "model.onnx") == sha256_file(
+        tmp_path / served
+    )
+
+
+def test_gpu_recipe_with_only_a_qdq_export_needs_no_onnx_file() -> None:
+    recipe = parse_recipe(
+        {"target": "a100", "exports": [{"format": "onnx_qdq"}, {"format": "triton_repository"}]}, "r.yaml"
+    )
+    check_recipe_exports(recipe)  # no `onnx_file: model.qdq.onnx` needed
+    cpu = parse_recipe(
+        {"target": "cpu", "exports": [{"format": "onnx_qdq"}, {"format": "triton_repository"}]}, "r.yaml"
+    )
+    check_recipe_exports(cpu)  # ONNX Runtime runs Q/DQ on the CPU too
+    with pytest.raises(RecipeError, match=r"serves model.onnx, which no `onnx` export before it writes"):
+        check_recipe_exports(
+            parse_recipe(
+                {
+                    "target": "a100",
+                    "exports": [
+                        {"format": "onnx_qdq"},
+                        {"format": "triton_repository", "onnx_file": "model.onnx"},
+                    ],
+                },
+                "r.yaml",
+            )
+        )
+
+
+def test_serving_batches_come_from_the_bench_sizes_of_the_recipe(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    recipe = parse_recipe(
+        {
+            "target": "a100",
+            "exports": [
+                {"format": "onnx", "verify_batch_sizes": [1, 3, 5]},
+                {"format": "onnx_qdq", "verify_batch_sizes": [1, 3, 7]},
+                {"format": "triton_repository"},
+            ],
+            "evaluation": {"bench": {"batch_sizes": [1, 8, 32]}},
+        },
+        "r.yaml",
+    )
+    res = _qdq_export(tiny_ctx, tmp_path, "a100", recipe=recipe)
+    cfg = _parse(tmp_path / "triton_repository" / "model" / "config.pbtxt")
+    assert cfg.max_batch_size == 32 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 32]
+    assert res.verification["triton_repository"]["preferred_batch_sizes"] == [8, 32]

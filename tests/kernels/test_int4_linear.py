@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.kernels import int4_linear
+from compressor.kernels import int4_linear, w4a16
+from compressor.kernels.int4_format import quantize_rtn
 from compressor.kernels.int4_linear import Int4Linear
-from compressor.passes.int4 import quantize_rtn
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,13 +46,13 @@ def test_from_linear_matches_dequantized_linear(use_kernel: bool) -> None:
 
 def test_kernel_path_is_taken_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, ...]] = []
-    real = int4_linear.w4a16_linear
+    real = w4a16.w4a16_linear
 
     def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(tuple(x.shape))
         return real(x, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(int4_linear, "w4a16_linear", spy)
+    monkeypatch.setattr(w4a16, "w4a16_linear", spy)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     layer = Int4Linear.from_linear(_linear(64, 48), group_size=64)
     x = torch.randn(5, 64)
@@ -64,6 +64,10 @@ def test_kernel_path_is_taken_only_when_asked(monkeypatch: pytest.MonkeyPatch) -
     assert _rel_err(out, ref) < 1e-5
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter, no GPU: the reference
     layer(x)
+    assert calls == [(5, 64)]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(int4_linear, "HAS_TRITON", False)  # asked, but Triton is not installed
+    assert torch.equal(layer(x), ref)
     assert calls == [(5, 64)]
 
 
@@ -145,7 +149,7 @@ def test_onnx_lowers_to_matmulnbits_and_runs_exactly_in_onnx_runtime(
     # OUR codes travel: the packed B initializer holds exactly the layer's 4-bit codes
     b = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == nbits[0].input[1])
     codes = np.stack([b & 0xF, b >> 4], axis=-1).reshape(40, k)
-    from compressor.kernels.w4a16 import unpack_w4a16
+    from compressor.kernels.int4_format import unpack_w4a16
 
     assert np.array_equal(codes, unpack_w4a16(model[0].packed).t().numpy())
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

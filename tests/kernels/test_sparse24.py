@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
 
-from compressor.kernels.sparse24 import (
+from compressor.kernels.sparse24 import sparse24_compress
+from compressor.kernels.sparse24_format import (
     FORMATS,
     is_24_sparse,
-    sparse24_compress,
     sparse24_compress_ref,
     sparse24_decompress,
     sparse24_metadata_bytes,

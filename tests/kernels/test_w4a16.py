@@ -18,17 +18,15 @@ import pytest
 import torch
 
 from compressor.kernels import w4a16
-from compressor.kernels.w4a16 import (
-    arch_specs,
+from compressor.kernels.int4_format import (
+    QuantizedWeight,
     dequantize_w4a16,
     pack_w4a16,
-    pick_config,
-    pick_split_k,
+    quantize_rtn,
     unpack_w4a16,
-    w4a16_gemm_ref,
-    w4a16_linear,
 )
-from compressor.passes.int4 import QuantizedWeight, quantize_rtn
+from compressor.kernels.reference import w4a16_gemm_ref
+from compressor.kernels.w4a16 import arch_specs, pick_config, pick_split_k, w4a16_linear
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.kernels.fp8_gemm import fp8_linear, fp8_linear_ref
+from compressor.kernels.fp8_gemm import fp8_linear
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.kernels.scaled_gemm import scaled_gemm, scaled_gemm_ref
-from compressor.kernels.w8a8 import (
-    quantize_per_token,
+from compressor.kernels.reference import (
+    fp8_linear_ref,
     quantize_per_token_ref,
-    w8a8_linear,
+    scaled_gemm_ref,
     w8a8_linear_ref,
 )
+from compressor.kernels.scaled_gemm import scaled_gemm
+from compressor.kernels.w8a8 import quantize_per_token, w8a8_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

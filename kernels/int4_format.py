@@ -1,4 +1,7 @@
-"""Group-wise round-to-nearest (RTN) integer weight quantization (int4 and int8).
+"""The group-wise integer weight format (int4 and int8), its RTN quantizer and the W4A16 packing.
+
+Pure torch, no Triton: the passes (RTN, GPTQ, AWQ), the runtime layer ``Int4Linear``, the
+exporters and the Triton kernel (``compressor.kernels.w4a16``) all read the format from here.
 
 The one weight format every weight-only quantizer here returns (RTN, GPTQ, AWQ+RTN)::
 
@@ -11,6 +14,18 @@ The one weight format every weight-only quantizer here returns (RTN, GPTQ, AWQ+R
 
 This is the layout of GPTQ/AWQ checkpoints and ONNX ``MatMulNBits`` (block-wise,
 per-row), before bit-packing; ``pack_int4`` does the packing (two nibbles a byte).
+
+W4A16 layout (what ``pack_w4a16`` produces for the kernel and ``Int4Linear``; everything
+K-major so a BLOCK_K x BLOCK_N tile of any of them is a set of contiguous rows)::
+
+    W[k, n] = (c[k, n] - zeros[g, n]) * scales[g, n]      g = k // group_size, c in [0, 15]
+
+- ``packed``: int32 ``[K // 8, N]``; ``packed[j, n]`` holds the codes of
+  ``W[8j + i, n]`` for ``i = 0..7`` in bits ``4i .. 4i+3`` (low nibble first): 4 bits per
+  weight in HBM, which is the point, since decode GEMMs are bound by reading the weight.
+- ``scales``: float32 ``[K // group_size, N]``.
+- ``zeros``: uint8 ``[K // group_size, N]``, values in ``[0, 15]``; a symmetric weight
+  (int8 codes in ``[-8, 7]``, zero 0) becomes codes ``q + 8`` with zero point 8.
 """
 
 from __future__ import annotations
@@ -186,3 +201,53 @@ def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
     hi = packed >> 4
     u = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return (u.to(torch.int16) - 8).to(torch.int8) if symmetric else u
+
+
+# --------------------------------------------------------------------------- W4A16 layout
+
+PACK_FACTOR = 8  # int4 codes per int32 word
+
+
+def pack_w4a16(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed int32 [K/8, N], scales fp32 [G, N], zeros uint8 [G, N])`` from a 4-bit
+    ``QuantizedWeight`` (q is (out=N, in=K)); symmetric codes are offset to unsigned
+    with zero point 8. The result dequantizes exactly to ``qw.dequantize().t()``."""
+    if qw.bits != 4:
+        raise ValueError(f"pack_w4a16 needs 4-bit weights, got bits={qw.bits}")
+    n, k = qw.q.shape
+    if k % PACK_FACTOR:
+        raise ValueError(f"in_features={k} must be a multiple of {PACK_FACTOR} to pack int4 into int32")
+    q = qw.q.to(torch.int32)
+    zeros = qw.zeros.to(torch.int32)
+    if qw.q.dtype == torch.int8:  # symmetric [-8, 7] -> [0, 15]
+        q = q + 8
+        zeros = zeros + 8
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError(f"codes span [{int(q.min())}, {int(q.max())}], which does not fit in 4 bits")
+    if zeros.min() < 0 or zeros.max() > 15:
+        raise ValueError(f"zero points span [{int(zeros.min())}, {int(zeros.max())}], outside [0, 15]")
+    codes = q.t().reshape(k // PACK_FACTOR, PACK_FACTOR, n)  # (K/8, 8, N)
+    shifts = (4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=q.device)).view(1, -1, 1)
+    # int32 wraps: a code >= 8 in the top nibble makes the word negative, which is fine
+    # because unpacking shifts then masks with 0xF.
+    packed = (codes << shifts).sum(dim=1, dtype=torch.int64)  # (K/8, N), disjoint bits
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    scales = qw.scales.to(torch.float32).t().contiguous()  # (G, N)
+    return packed.contiguous(), scales, zeros.to(torch.uint8).t().contiguous()
+
+
+def unpack_w4a16(packed: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes int32 ``[K, N]`` from ``packed`` int32 ``[K/8, N]``."""
+    shifts = (4 * torch.arange(PACK_FACTOR, dtype=torch.int32, device=packed.device)).view(1, -1, 1)
+    codes = (packed.to(torch.int32)[:, None, :] >> shifts) & 0xF  # (K/8, 8, N)
+    return codes.reshape(-1, packed.shape[1])
+
+
+def dequantize_w4a16(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """float32 ``W`` ``[K, N]``: ``(codes - zeros[g]) * scales[g]`` with ``g = k // group_size``."""
+    codes = unpack_w4a16(packed).to(torch.float32)  # (K, N)
+    z = zeros.to(torch.float32).repeat_interleave(group_size, dim=0)  # (K, N)
+    s = scales.to(torch.float32).repeat_interleave(group_size, dim=0)  # (K, N)
+    return (codes - z) * s

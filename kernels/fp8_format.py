@@ -1,5 +1,8 @@
 """FP8 (E4M3) weight quantization with amax scaling, per tensor or per output channel.
 
+Pure torch, no Triton: the quantize pass, ``Fp8Linear`` and the FP8 GEMM's reference read
+the format from here.
+
 Micikevicius et al., "FP8 Formats for Deep Learning" (2022): E4M3 has 4 exponent and
 3 mantissa bits, max finite value 448, no infinities. A weight is stored as
 ``fp8(W / scale)`` with ``scale = amax / 448`` so its largest magnitude lands on the
