@@ -8,6 +8,7 @@ gives each command's options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -138,22 +139,76 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runner=Path(args.runner) if args.runner else None,
         trust=args.trust,
     )
+    out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-bench"
+    json_path = Path(args.json) if args.json else None
+    check_bench_outputs(out, json_path)  # before the minutes of timing: refuse now, not after
     result = bench_bundle(bundle, cfg)  # paths and hashes first, then only what the trust allows
     _print_bench(result)
     if not result["trust"]["trusted"]:
         why = result["trust"]["why"]
         print(f"\nnot trusted: {why}: no engine loaded code from it (pass --trust if you trust its author)")
-    out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-bench"
-    out.mkdir(parents=True, exist_ok=True)
     title = f"{bundle.name}: engines on {result['device']}"
-    (out / "bench.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "bench.md").write_text(render_bench_markdown(result, title), encoding="utf-8")
-    (out / "report.html").write_text(render_bench_html(result, title), encoding="utf-8")
+    check_bench_outputs(out, json_path)  # again: something may have appeared while it ran
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "bench.json", json.dumps(result, indent=2))
+    _write_atomic(out / "bench.md", render_bench_markdown(result, title))
+    _write_atomic(out / "report.html", render_bench_html(result, title))
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'report.html'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
-        print(f"wrote {args.json}")
+    if json_path is not None:
+        _write_atomic(json_path, json.dumps(result, indent=2))
+        print(f"wrote {json_path}")
     return 0
+
+
+BENCH_FILES = ("bench.json", "bench.md", "report.html")
+
+
+def _is_bench_result(path: Path) -> bool:
+    """``path`` is a regular file holding a result ``compressor bench`` wrote."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"device", "engines", "latency"} <= data.keys()
+
+
+def check_bench_outputs(out: Path, json_path: Path | None) -> None:
+    """bench replaces only what an earlier bench wrote: ``out`` is a new or existing folder
+    whose bench.json / bench.md / report.html, if any, sit beside a bench.json of ours, and
+    ``--json`` names a new file or an earlier bench result; anything else is the user's."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CompressorError(f"bench --out {out}: exists and is not a folder; choose another --out")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CompressorError(f"bench --out {out}: {parent} is a file; choose another --out")
+    present = [n for n in BENCH_FILES if os.path.lexists(out / n)]
+    if present and not _is_bench_result(out / "bench.json"):
+        raise CompressorError(
+            f"bench --out {out}: holds {', '.join(present)} that compressor bench did not write; "
+            "choose another --out (bench replaces only its own results)"
+        )
+    if json_path is not None and os.path.lexists(json_path) and not _is_bench_result(json_path):
+        raise CompressorError(
+            f"bench --json {json_path}: exists and is not a compressor bench result; choose another path"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (temporary file beside it, then rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is as readable as write_text makes it
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -174,6 +229,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     table = [["artifact", "path", "kind", "engines", "bench loads it"]]
     table += [[r["artifact"], r["path"], r["kind"], r["engines"], r["loads"]] for r in rows]
     print(text_table(table))
+    if trust.signature.state in ("mismatch", "malformed"):
+        # evidence of tampering (or a damaged copy), not merely a bundle from elsewhere
+        print(f"error: {bundle}: {trust.signature.detail}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from compressor.cli import main
+from compressor.cli import check_bench_outputs, main
 from compressor.output_paths import OWNER_MARKER, WORK_PREFIX, rename_noreplace
 
 
@@ -357,3 +357,36 @@ def test_the_next_compile_removes_what_a_killed_one_left(
     assert f"removed {partials[0]}" in err and f"removed {works[0]}" in err and f"pid {proc.pid}" in err
     assert [p.name for p in out.parent.iterdir()] == ["b"] and list((tmp_path / "tmp").iterdir()) == []
     assert (out / "model.onnx").is_file()
+
+
+def test_bench_replaces_only_its_own_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --out` / `--json` never overwrite a user's files; the refusal comes before any
+    timing (the bundle here does not even exist: the output check runs first)."""
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "report.html").write_text("my report")
+    (user / "bench.json").write_text('{"mine": true}')
+    mine = tmp_path / "results.json"
+    mine.write_text("[1, 2, 3]")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["--out", str(user)], "did not write"),
+        (["--out", str(a_file)], "is not a folder"),
+        (["--out", str(a_file / "sub")], "is a file"),
+        (["--out", str(tmp_path / "new"), "--json", str(mine)], "not a compressor bench result"),
+    ]
+    for extra, why in cases:
+        assert main(["bench", str(tmp_path / "no-bundle"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and why in err, err
+    assert (user / "report.html").read_text() == "my report" and mine.read_text() == "[1, 2, 3]"
+    assert a_file.read_text() == "x" and not (tmp_path / "new").exists()
+    # a folder an earlier bench wrote is replaced; so is an earlier --json result
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for name in ("bench.md", "report.html"):
+        (ours / name).write_text("old")
+    (ours / "bench.json").write_text('{"device": "cpu", "engines": {}, "latency": []}')
+    check_bench_outputs(ours, ours / "bench.json")
+    check_bench_outputs(tmp_path / "brand-new", None)

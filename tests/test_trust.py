@@ -390,7 +390,7 @@ def test_the_bundle_writer_signs_what_it_writes(tmp_path: Path) -> None:
     assert check_signature(tmp_path / "b", checked.manifest_bytes).valid
 
 
-def test_verify_prints_what_would_run_and_exits_0_unsigned(
+def test_verify_prints_what_would_run_exits_0_unsigned_and_2_tampered(
     make_bundle: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle = tmp_path / "bundle"
@@ -413,9 +413,11 @@ def test_verify_prints_what_would_run_and_exits_0_unsigned(
     out = capsys.readouterr().out
     assert "signed by this machine's key" in out and "trusted: compressor bench loads every" in out
     (bundle / MANIFEST).write_text((bundle / MANIFEST).read_text() + "\n")  # changed after signing
-    assert main(["verify", str(bundle)]) == 0  # paths and hashes still hold: reported, exit 0
-    out = capsys.readouterr().out
-    assert "signature: manifest.json was changed after it was signed" in out and "not trusted" in out
+    assert main(["verify", str(bundle)]) == 2  # paths and hashes still hold, but it was tampered with
+    captured = capsys.readouterr()
+    assert "signature: manifest.json was changed after it was signed" in captured.out
+    assert "not trusted" in captured.out
+    assert captured.err.count("error: ") == 1 and "changed after it was signed" in captured.err
 
 
 @pytest.mark.parametrize(
