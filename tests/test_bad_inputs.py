@@ -24,7 +24,6 @@ from compressor.cli import main
 
 from .conftest import TOKENIZER_FILES
 
-
 _STAGE = re.compile(r"^\[ *\d+\.\d+s\] ")
 
 
@@ -65,7 +64,10 @@ RECIPES: dict[str, tuple[str | bytes, str]] = {
     "huge_batch": ("data:\n  batch_size: 100000000\n", "data.batch_size"),
     "huge_bench_repeats": ("evaluation:\n  bench:\n    repeats: 1000000000\n", "evaluation.bench.repeats"),
     "zero_lr_diffusion": ("passes:\n  - pass: guidance_distill\n    lr: 0\n", "passes[0].lr"),
-    "long_list": ("evaluation:\n  bench:\n    batch_sizes: [" + ", ".join(["1"] * 2000) + "]\n", "batch_sizes"),
+    "long_list": (
+        "evaluation:\n  bench:\n    batch_sizes: [" + ", ".join(["1"] * 2000) + "]\n",
+        "batch_sizes",
+    ),
     "bool_for_int": ("data:\n  batch_size: true\n", "data.batch_size"),
     "int_too_long_to_print": ("seed: " + "9" * 5000 + "\n", "not a usable YAML value"),
     "seed_negative": ("seed: -1\n", "seed"),
@@ -244,7 +246,10 @@ FOLDERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "is_a_file": (_not_a_folder, "is a file"),
     "no_config": (lambda f: (f / "config.json").unlink(), "no config.json"),
     "config_not_json": (lambda f: (f / "config.json").write_text("{'model_type': bert"), "config.json"),
-    "config_not_utf8": (lambda f: (f / "config.json").write_bytes(b'{"model_type": "b\xe9rt"}'), "config.json"),
+    "config_not_utf8": (
+        lambda f: (f / "config.json").write_bytes(b'{"model_type": "b\xe9rt"}'),
+        "config.json",
+    ),
     "config_a_list": (lambda f: (f / "config.json").write_text('["bert"]'), "config.json"),
     "unknown_model_type": (lambda f: _edit_config(f, model_type="no-such-family"), "no-such-family"),
     "no_model_type": (lambda f: _edit_config(f, model_type=None), "model_type"),
@@ -260,7 +265,9 @@ FOLDERS: dict[str, tuple[Callable[[Path], None], str]] = {
         "model.safetensors",
     ),
     "random_safetensors": (
-        lambda f: (f / "model.safetensors").write_bytes(torch.randint(0, 256, (4096,)).byte().numpy().tobytes()),
+        lambda f: (f / "model.safetensors").write_bytes(
+            torch.randint(0, 256, (4096,)).byte().numpy().tobytes()
+        ),
         "model.safetensors",
     ),
     "empty_safetensors": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors"),
