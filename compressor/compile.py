@@ -160,7 +160,6 @@ def compile_recipe(
 
             b = recipe.evaluation.bench
             stage(f"benchmark: batch {list(b.batch_sizes)} x {b.seq_len}, {b.threads} threads, vs ORT fp32")
-            bundle.write_text("manifest.json", _json(bundle.manifest))  # bench reads the recipe from it
             cfg = BenchConfig(("ort",), b.batch_sizes, b.seq_len, b.threads, b.warmup, b.repeats)
             bundle.manifest["benchmark"] = bench_bundle(bundle.path, cfg, own_manifest=bundle.manifest)
         bundle.write_text("report.md", render_markdown(bundle.manifest))
@@ -185,9 +184,3 @@ def _protected(recipe: Recipe, work_dir: Path | None) -> list[Protected]:
     if work_dir is not None:
         out.append(Protected("the work dir", Path(work_dir)))
     return [p for p in out if os.path.lexists(p.path)]
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2)
