@@ -15,7 +15,7 @@ pairwise similarities).
   weight-only RTN / GPTQ / AWQ (group 128), FFN pruned to half + distillation, and that
   pruned model + INT8; the same with depth pruned to 4 of 6 layers as well. Every ONNX Runtime-able result is exported with our ``onnx``
   exporter (verified in ORT against torch) and timed side by side (rotating engines,
-  ``compressor.bench.time_side_by_side``) with ORT fp32 at batch 32 x 128, 2 threads.
+  ``compressor.app.timing.time_side_by_side``) with ORT fp32 at batch 32 x 128, 2 threads.
 - NVIDIA ModelOpt (``modelopt.torch``): ``mtq.INT8_SMOOTHQUANT_CFG``,
   ``mtq.INT4_AWQ_CFG`` and ``mts.sparsify(model, "sparsegpt")`` 2:4, calibrated on the
   same calibration batches. Their results are fake-quantized / masked torch models that
@@ -83,121 +83,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def main() -> int:
-    from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
-    from compressor.bench import time_onnx_against_fp32
-    from compressor.config import from_dict
-    from compressor.exporters.base import ExportContext
-    from compressor.exporters.onnx import OnnxExportConfig, OnnxExporter
-    from compressor.passes import PASSES
-    from compressor.pipeline import PassContext, Pipeline
-    from compressor.recipe import DataSpec
-    from compressor.targets import get_target
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calibration", type=int, default=128, help="calibration texts")
-    ap.add_argument("--eval-texts", type=int, default=256, help="held-out texts for fidelity")
-    ap.add_argument("--train", type=int, default=1024, help="distillation texts")
-    ap.add_argument("--distill-steps", type=int, default=150)
-    ap.add_argument("--distill-lr", type=float, default=1.0e-3, help="peak lr of every distillation")
-    ap.add_argument("--distill-warmup", type=int, default=30, help="linear warm-up steps")
-    ap.add_argument(
-        "--mixed-batches",
-        action="store_true",
-        help="distillation batches in sampled order instead of grouped by length (data.group_by_length)",
-    )
-    ap.add_argument(
-        "--wide-train",
-        action="store_true",
-        help="distillation texts from every stdlib library file (data.wide_train), not only the listed modules",
-    )
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument(
-        "--budget-s",
-        type=float,
-        default=0.0,
-        help="stop starting new methods after this many seconds (0 = no limit); the rest are recorded as "
-        "skipped and the latency phase still runs over what was exported",
-    )
-    ap.add_argument("--only", default="", help="comma-separated method keys (default: all)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("compressor").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    start_all = time.perf_counter()
-
-    adapter = HFEncoderAdapter()
-    teacher = adapter.load("default").eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    spec = DataSpec(
-        calibration_samples=args.calibration,
-        train_samples=args.train,
-        eval_samples=args.eval_texts,
-        max_length=args.max_length,
-        batch_size=args.batch,
-        group_by_length=not args.mixed_batches,
-        wide_train=args.wide_train,
-    )
-    data = adapter.make_data(spec, seed=0)
-    reference = adapter.embed(teacher, data.eval)
-    work = Path(tempfile.mkdtemp(prefix="compression-minilm-"))
-
-    def passes(target: str, *entries: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
-        """A builder running ``entries`` (recipe-style ``{pass: NAME, ...options}``) as a pipeline."""
-        built = [
-            PASSES[e["pass"]](
-                from_dict(
-                    PASSES[e["pass"]].Config, {k: v for k, v in e.items() if k != "pass"}, f"passes[{i}]"
-                )
-            )
-            for i, e in enumerate(entries)
-        ]
-
-        def build(model: nn.Module) -> nn.Module:
-            tgt = get_target(target)
-            pipe = Pipeline(built, instruments=[])
-            pipe.check(model, tgt, adapter)
-            ctx = PassContext(target=tgt, adapter=adapter, teacher=teacher, data=data, seed=0, work_dir=work)
-            return pipe.run(model, ctx)
-
-        return build
-
-    def calib_loop(model: nn.Module) -> None:
-        with torch.no_grad():
-            for b in data.calibration:
-                model(**b)
-
-    def modelopt_quantize(cfg_name: str) -> Callable[[nn.Module], nn.Module]:
-        def build(model: nn.Module) -> nn.Module:
-            import modelopt.torch.quantization as mtq
-
-            return mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), forward_loop=calib_loop)
-
-        return build
-
-    def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
-        import modelopt.torch.sparsity as mts
-
-        out = mts.sparsify(
-            model,
-            "sparsegpt",
-            config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
-        )
-        return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
-
-    steps = args.distill_steps
-    distill = {"steps": steps, "lr": args.distill_lr, "warmup_steps": min(args.distill_warmup, steps)}
-    sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
-    int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
-    methods = [
+def build_methods(
+    passes: Callable[..., Callable[[nn.Module], nn.Module]],
+    modelopt_quantize: Callable[[str], Callable[[nn.Module], nn.Module]],
+    modelopt_sparsegpt: Callable[[nn.Module], nn.Module],
+    distill: dict[str, Any],
+    sq: dict[str, Any],
+    int4: dict[str, Any],
+) -> list[Method]:
+    """The rows of the comparison, in run order (a row with a ``base`` runs after it)."""
+    steps = distill["steps"]
+    return [
         Method("fp32", "fp32 teacher (our ONNX graph)", "reference", lambda m: m),
         Method(
             "ours_int8_sq_per_tensor",
@@ -320,6 +216,123 @@ def main() -> int:
             base="ours_pruned_l4_distill",
         ),
     ]
+
+
+def main() -> int:
+    from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
+    from compressor.app.timing import time_onnx_against_fp32
+    from compressor.config import from_dict
+    from compressor.exporters.base import ExportContext
+    from compressor.exporters.onnx.onnx import OnnxExportConfig, OnnxExporter
+    from compressor.passes import PASSES
+    from compressor.pipeline import PassContext, Pipeline
+    from compressor.recipe import DataSpec
+    from compressor.targets import get_target
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibration", type=int, default=128, help="calibration texts")
+    ap.add_argument("--eval-texts", type=int, default=256, help="held-out texts for fidelity")
+    ap.add_argument("--train", type=int, default=1024, help="distillation texts")
+    ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--distill-lr", type=float, default=1.0e-3, help="peak lr of every distillation")
+    ap.add_argument("--distill-warmup", type=int, default=30, help="linear warm-up steps")
+    ap.add_argument(
+        "--mixed-batches",
+        action="store_true",
+        help="distillation batches in sampled order instead of grouped by length (data.group_by_length)",
+    )
+    ap.add_argument(
+        "--wide-train",
+        action="store_true",
+        help="distillation texts from every stdlib library file (data.wide_train), not only the listed modules",
+    )
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting new methods after this many seconds (0 = no limit); the rest are recorded as "
+        "skipped and the latency phase still runs over what was exported",
+    )
+    ap.add_argument("--only", default="", help="comma-separated method keys (default: all)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("compressor").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start_all = time.perf_counter()
+
+    adapter = HFEncoderAdapter()
+    teacher = adapter.load("default").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    spec = DataSpec(
+        calibration_samples=args.calibration,
+        train_samples=args.train,
+        eval_samples=args.eval_texts,
+        max_length=args.max_length,
+        batch_size=args.batch,
+        group_by_length=not args.mixed_batches,
+        wide_train=args.wide_train,
+    )
+    data = adapter.make_data(spec, seed=0)
+    reference = adapter.embed(teacher, data.eval)
+    work = Path(tempfile.mkdtemp(prefix="compression-minilm-"))
+
+    def passes(target: str, *entries: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
+        """A builder running ``entries`` (recipe-style ``{pass: NAME, ...options}``) as a pipeline."""
+        built = [
+            PASSES[e["pass"]](
+                from_dict(
+                    PASSES[e["pass"]].Config, {k: v for k, v in e.items() if k != "pass"}, f"passes[{i}]"
+                )
+            )
+            for i, e in enumerate(entries)
+        ]
+
+        def build(model: nn.Module) -> nn.Module:
+            tgt = get_target(target)
+            pipe = Pipeline(built, instruments=[])
+            pipe.check(model, tgt, adapter)
+            ctx = PassContext(target=tgt, adapter=adapter, teacher=teacher, data=data, seed=0, work_dir=work)
+            return pipe.run(model, ctx)
+
+        return build
+
+    def calib_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for b in data.calibration:
+                model(**b)
+
+    def modelopt_quantize(cfg_name: str) -> Callable[[nn.Module], nn.Module]:
+        def build(model: nn.Module) -> nn.Module:
+            import modelopt.torch.quantization as mtq
+
+            return mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), forward_loop=calib_loop)
+
+        return build
+
+    def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
+        import modelopt.torch.sparsity as mts
+
+        out = mts.sparsify(
+            model,
+            "sparsegpt",
+            config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
+        )
+        return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
+
+    steps = args.distill_steps
+    distill = {"steps": steps, "lr": args.distill_lr, "warmup_steps": min(args.distill_warmup, steps)}
+    sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
+    int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
+    methods = build_methods(passes, modelopt_quantize, modelopt_sparsegpt, distill, sq, int4)
     if args.only:
         wanted = set(args.only.split(",")) | {"fp32"}
         keep = {m.key for m in methods if m.key in wanted}
@@ -352,7 +365,7 @@ def main() -> int:
                 "threads": args.threads,
                 "warmup": args.warmup,
                 "repeats": args.repeats,
-                "method": "compressor.bench.time_side_by_side (engines rotated, median)",
+                "method": "compressor.app.timing.time_side_by_side (engines rotated, median)",
             },
             "modelopt_latency": "not measured: ModelOpt's fake-quantized / masked torch models do not export "
             "to ONNX Runtime int8 kernels",

@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def build_bundle(out: Path) -> Path:
     import dataclasses
 
-    from compressor.compile import compile_recipe
+    from compressor.app.compile import compile_recipe
     from compressor.recipe import load_recipe
 
     recipe = load_recipe("minilm-cpu-int8")
@@ -54,10 +54,10 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
-    from compressor.bench import latency_stats, time_side_by_side
+    from compressor.app.timing import latency_stats, time_side_by_side
     from compressor.bundle import verify_bundle
     from compressor.data import sample, stdlib_docstring_splits
-    from compressor.exporters.onnx import export_onnx, ort_session
+    from compressor.exporters.onnx.onnx import export_onnx, ort_session
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="an existing minilm-cpu-int8 bundle (default: compile one)")

@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-from compressor.adapters.diffusion import DiffusersAdapter, DiffusionModel, load_diffusion_model
+from compressor.adapters.diffusion.adapter import DiffusersAdapter
+from compressor.adapters.diffusion.loading import load_diffusion_model
+from compressor.adapters.diffusion.model import DiffusionModel
 from compressor.adapters.digits import NUM_CLASSES
 from compressor.pipeline import Pass, PassContext
 from compressor.recipe import DataSpec
@@ -112,13 +114,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # shared 2-core box: one thread is far faster than two under contention
-    from compressor.passes.quantize import QuantizePass
-    from compressor.passes.schedulers import AdaptiveGuidancePass, SchedulerPass
-    from compressor.passes.step_reduction import (
+    from compressor.passes.diffusion.schedulers import AdaptiveGuidancePass, SchedulerPass
+    from compressor.passes.diffusion.step_reduction import (
         ConsistencyDistillPass,
         GuidanceDistillPass,
         ProgressiveDistillPass,
     )
+    from compressor.passes.quantize.quantize import QuantizePass
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     adapter = DiffusersAdapter(eval_samples=args.samples)

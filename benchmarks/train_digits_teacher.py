@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from compressor.adapters.diffusion import DiffusionModel, SamplingSpec, from_class_unet, load_diffusion_model
+from compressor.adapters.diffusion.builders import from_class_unet
+from compressor.adapters.diffusion.loading import load_diffusion_model
+from compressor.adapters.diffusion.model import DiffusionModel, SamplingSpec
 from compressor.adapters.digits import NULL_LABEL, NUM_CLASSES, DigitsScorer, load_digits_split
 
 log = logging.getLogger("train_digits_teacher")

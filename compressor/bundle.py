@@ -1,7 +1,7 @@
 """The bundle: the compiler's product, written atomically.
 
-A bundle is a directory with ``manifest.json`` (recipe, target, tool versions, pass
-history with metrics, artifacts with sha256) beside the artifacts and a report.
+A bundle is a directory with ``manifest.json`` (``compressor.manifest``: recipe, target, tool
+versions, pass history with metrics, artifacts with sha256) beside the artifacts and a report.
 Everything is written into a hidden temporary directory next to the destination and
 renamed into place only once complete, so an interrupted or failed compile leaves no
 directory that looks like a bundle.
@@ -9,26 +9,31 @@ directory that looks like a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, NoReturn
 
 from compressor.errors import CompressorError
+from compressor.manifest import (
+    MANIFEST,
+    Manifest,
+    parse_manifest,
+    read_manifest_bytes,
+    sha256_file,
+    tool_versions,
+)
+from compressor.out_lock import OutLock
 from compressor.output_paths import (
     OWNER_MARKER,
-    OutLock,
     Protected,
     bundle_entries,
     check_destination,
@@ -44,39 +49,6 @@ from compressor.output_paths import (
 from compressor.trust import sign_bundle
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-_TOOLS = (
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "transformers",
-    "triton",
-    "diffusers",
-    "numpy",
-    "compressed-tensors",
-)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tool_versions() -> dict[str, str]:
-    from compressor import __version__
-
-    out = {"python": platform.python_version(), "compressor": __version__}
-    for name in _TOOLS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 class BundleWriter:
@@ -101,7 +73,8 @@ class BundleWriter:
         self.overwrite = overwrite
         self.protect = tuple(protect)
         self.report: Callable[[str], None] = report or log.warning
-        self.manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "artifacts": {}, "files": {}}
+        self.manifest = Manifest()
+        self.written: dict[str, Any] | None = None  # the manifest as written, once the bundle is in place
         self.path: Path | None = None
         self._lock = OutLock(self.out_dir)
         self._made: list[Path] = []
@@ -137,7 +110,7 @@ class BundleWriter:
         for key, rel in artifacts.items():
             if not (self.path / rel).exists():
                 raise CompressorError(f"exporter reported artifact {key}={rel}, but it was not written")
-            self.manifest["artifacts"][key] = rel
+            self.manifest.artifacts[key] = rel
 
     def write_text(self, rel: str, text: str) -> None:
         assert self.path is not None
@@ -150,17 +123,19 @@ class BundleWriter:
             rel = p.relative_to(self.path).as_posix()
             if p.is_file() and rel not in (MANIFEST, OWNER_MARKER):
                 files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        self.manifest["files"] = files
-        self.manifest["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.manifest["tools"] = tool_versions()
+        self.manifest.files = files
+        self.manifest.created_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.manifest.tools = tool_versions()
+        text = self.manifest.to_json()
         with open(self.path / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(self.manifest, f, indent=2, sort_keys=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         sign_bundle(self.path)  # over the manifest on disk, before the bundle is visible
 
         (self.path / OWNER_MARKER).unlink()
         self._install()
+        self.written = json.loads(text)  # what a reader of the bundle gets, without reading it back
 
     def _install(self) -> None:
         """Rename the finished partial to ``out`` without replacing anything unchecked."""
@@ -225,45 +200,7 @@ class BundleWriter:
             self._release(failed)
 
 
-MANIFEST_MAX_BYTES = 64 << 20  # a manifest is kilobytes; this bounds what a hostile one costs
 _HEX64 = frozenset("0123456789abcdef")
-
-
-def read_manifest_bytes(bundle: Path) -> bytes:
-    """The exact bytes of ``bundle/manifest.json`` (a regular file, not a link, bounded size)."""
-    path = Path(bundle) / MANIFEST
-    try:
-        st = os.lstat(path)
-    except OSError:
-        raise CompressorError(f"{bundle}: not a bundle (no {MANIFEST})") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise CompressorError(f"{path}: is a symlink; a bundle's manifest is its own file")
-    if not stat.S_ISREG(st.st_mode):
-        raise CompressorError(f"{bundle}: not a bundle ({MANIFEST} is not a regular file)")
-    if st.st_size > MANIFEST_MAX_BYTES:
-        raise CompressorError(
-            f"{path}: {st.st_size} bytes, past the {MANIFEST_MAX_BYTES} a manifest may have"
-        )
-    with open(path, "rb") as f:
-        return f.read(MANIFEST_MAX_BYTES + 1)
-
-
-def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CompressorError(f"{where}: manifest is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise CompressorError(f"{where}: manifest is not valid JSON: {e}") from None
-    except RecursionError:
-        raise CompressorError(f"{where}: manifest is nested too deeply to be one this tool wrote") from None
-    if not isinstance(manifest, dict):
-        raise CompressorError(f"{where}: manifest is a JSON {type(manifest).__name__}, not an object")
-    return manifest
-
-
-def read_manifest(bundle: Path) -> dict[str, Any]:
-    return parse_manifest(read_manifest_bytes(bundle), str(Path(bundle) / MANIFEST))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Passes, the context they run under, and the pipeline that runs and measures them.
 
-A pass is a small class around plain tensor math: ``check`` refuses an illegal plan
-before any work starts (FP8 on an A100, a pattern that matches no layer), ``requires``
+A pass is a small class around plain tensor math: ``plan`` refuses an illegal plan
+before any work starts (FP8 on an A100, a pattern that matches no layer), judging the
+model as the passes before it will leave it (``compressor.planning.PlanState``), ``requires``
 checks the model it is handed, ``run`` changes the model (module replacement, not
 graph surgery), and ``ensures`` checks the pass's own invariant afterwards (every
 selected weight is 2:4; every quantized layer has finite scales). Instruments watch
@@ -21,13 +22,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from compressor.config import to_dict
 from compressor.errors import PassError
+from compressor.planning import PlanState, plan_passes
 from compressor.progress import Progress, ProgressSetting, progress_bar
 
 if TYPE_CHECKING:
@@ -67,18 +69,24 @@ class PassContext:
         self.details[key] = value
 
 
-class Pass(ABC):
-    """One transformation of the model. Subclasses set ``name``, ``description``, ``Config``."""
+C = TypeVar("C")
+
+
+class Pass(ABC, Generic[C]):
+    """One transformation of the model, typed by its frozen config ``C``. Subclasses set
+    ``name``, ``description``, ``Config``."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type]
 
-    def __init__(self, config: Any | None = None) -> None:
-        self.config = config if config is not None else self.Config()
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.Config()
 
-    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:  # noqa: B027
-        """Refuse an illegal plan before any work starts (raise PlanError)."""
+    def plan(self, state: PlanState) -> PlanState:
+        """Refuse an illegal plan before any work starts (raise PlanError), judging the model as
+        the passes before this one leave it (``state``); return the state this pass leaves."""
+        return state
 
     def requires(self, model: nn.Module, ctx: PassContext) -> None:  # noqa: B027
         """Check the model handed to this pass (raise PassError)."""
@@ -153,10 +161,10 @@ class Pipeline:
         self.on_measure_start = on_measure_start  # the measuring can take minutes (diffusion sampling)
         self.results: list[PassResult] = []
 
-    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
-        """Plan-time legality for every pass, before any of them runs."""
-        for p in self.passes:
-            p.check(model, target, adapter)
+    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> PlanState:
+        """Plan-time legality for every pass, before any of them runs; the state the last leaves
+        (``compressor.planning.check_plan`` also checks the exports)."""
+        return plan_passes(PlanState.from_model(model, target, adapter), self.passes)[-1]
 
     def _measure(self, p: Pass | None, model: nn.Module, ctx: PassContext, wall: float) -> PassResult:
         """Run the instruments on ``model``; the result's ``wall_s`` is ``wall`` plus this measuring."""
@@ -179,7 +187,7 @@ class Pipeline:
     @staticmethod
     def _recover(model: nn.Module, ctx: PassContext, recover: Any) -> None:
         """Distillation after a lossy pass (its ``recover:`` block); masks and quantizers stay fixed."""
-        from compressor.distill import distill_
+        from compressor.distill.loop import distill_
 
         if not ctx.data.train:
             raise PassError("recover: needs training data (data.train_samples is 0)")

@@ -107,9 +107,17 @@ class BenchSpec:
 class EvaluationSpec:
     min_mean_cosine: float | None = option(
         None,
-        help="fail the compile when the final model's mean cosine vs the teacher is below this",
+        help="fail the compile when the final model's mean cosine vs the teacher is below this "
+        "(adapters that report mean_cosine: hf-encoder, hf-causal-lm, module; any family: headline_limit)",
         ge=0.0,
         le=1.0,
+    )
+    headline_limit: float | None = option(
+        None,
+        help="fail the compile when the final model's headline fidelity metric is worse than this: below it "
+        "for a metric where higher is better (hf-encoder, module: mean_cosine), above it where lower is "
+        "better (hf-causal-lm: perplexity_ratio; diffusers: fd, the Frechet distance to real held-out images)",
+        ge=0.0,
     )
     bench: BenchSpec = option(BenchSpec(), help="settings for the benchmark run after export")
     run_bench: bool = option(True, help="time the exported bundle at the end of the compile")

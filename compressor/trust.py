@@ -150,7 +150,7 @@ def sign_bundle(bundle: Path) -> bool:
     """Sign ``bundle/manifest.json`` with this machine's key (made on first use) into
     ``manifest.sig``. Returns False, with a warning logged, where no key can be made or read:
     the bundle is then valid but unsigned (its code-bearing engines need ``--trust``)."""
-    from compressor.bundle import MANIFEST
+    from compressor.manifest import MANIFEST
 
     bundle = Path(bundle)
     try:
@@ -276,8 +276,8 @@ def describe_bundle(bundle: Path, explicit: bool = False) -> tuple[Trust, list[d
     signature; returns the trust decision, one row per artifact (what loads it, whether that
     is data or code, whether ``compressor bench`` would load it), the number of files and the
     recipe's model source (what bench loads as the original model)."""
+    from compressor.app.engines import ARTIFACT_KINDS, CODE_ENGINES, ENGINE_ARTIFACTS
     from compressor.bundle import check_bundle
-    from compressor.engines import ARTIFACT_KINDS, CODE_ENGINES, ENGINE_ARTIFACTS
 
     checked = check_bundle(bundle)
     trust = decide_trust(bundle, checked.manifest_bytes, explicit)

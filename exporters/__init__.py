@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
+import compressor.exporters.onnx.onnx  # noqa: F401  onnx: ONNX Runtime flavour
+import compressor.exporters.onnx.onnx_qdq  # noqa: F401  onnx_qdq: TensorRT's explicit Q/DQ
+
 # Each import registers its exporter(s) in EXPORTER_REGISTRY.
 from compressor.exporters import (  # noqa: F401
-    aoti,  # aoti: AOTInductor package; torch_export: the ExportedProgram
+    aoti,  # aoti: AOTInductor package
     compressed_tensors,  # compressed_tensors: Hugging Face checkpoint for vLLM
     diffusers_pipeline,  # diffusers-pipeline
-    onnx,  # onnx: ONNX Runtime flavour
-    onnx_qdq,  # onnx_qdq: TensorRT flavour (explicit Q/DQ)
     tensorrt,  # tensorrt: engine build script (+ build where TensorRT exists)
-    triton_server,  # triton_repository: Triton Inference Server model repository
+    torch_export,  # torch_export: the ExportedProgram
+    triton_repository,  # triton_repository: Triton Inference Server model repository
 )
 from compressor.exporters.base import EXPORTER_REGISTRY
 

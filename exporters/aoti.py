@@ -1,6 +1,6 @@
-"""`aoti` and `torch_export` exporters: an AOTInductor package (``model.pt2``) of the
-compressed model, and the ``torch.export`` program it is compiled from
-(``model.exported.pt2``, ``torch.export.save``).
+"""`aoti` exporter: an AOTInductor package (``model.pt2``) of the compressed model, and the
+program capture and verification it shares with `torch_export` (``torch_export.py``, the
+``torch.export`` program itself).
 
 The adapter's export module (for BERT encoders the layer-by-layer ``BertEncoderGraph``;
 its torch path, not the ONNX-only fused attention) is captured with ``torch.export``
@@ -86,11 +86,6 @@ class AotiExportConfig(ProgramExportConfig):
     )
 
 
-@dataclass(frozen=True)
-class TorchExportConfig(ProgramExportConfig):
-    file: str = option("model.exported.pt2", help="torch.export.save file name inside the bundle")
-
-
 def _dim_name(axis: str) -> str:
     name = re.sub(r"\W", "_", axis)
     return name if name and not name[0].isdigit() else f"d_{name}"
@@ -157,7 +152,7 @@ def capture_program(
     device = torch.device("cuda" if ctx.target.device == "cuda" else "cpu")
     source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
     cases = ctx.adapter.verification_cases(source, cfg.verify_batch_sizes, cfg.verify_lengths)
-    with torch.no_grad():  # the reference first, on the untouched model (see exporters/onnx.py)
+    with torch.no_grad():  # the reference first, on the untouched model (see exporters/onnx/onnx.py)
         model.eval()
         refs = [ctx.adapter.forward(model, c).float() for c in cases]
 
@@ -252,7 +247,7 @@ class AotiExporter(Exporter):
             partial.unlink(missing_ok=True)
             raise
         # sample inputs for the native runner (compressor-run BUNDLE), in call order
-        from compressor.native import write_runner_inputs
+        from compressor.app.native import write_runner_inputs
 
         largest = max(cap.cases, key=lambda c: next(iter(c.values())).numel())
         write_runner_inputs(out_dir, {n: largest[n] for n in cap.input_names})
@@ -265,35 +260,3 @@ class AotiExporter(Exporter):
         )
         log.info("%s: compiled in %.1f s, min cosine %.5f", path.name, t2 - t1, report["min_cosine"])
         return ExportResult(artifacts={"aoti": cfg.file}, verification={"aoti": report})
-
-
-@register_exporter
-class TorchExportExporter(Exporter):
-    """The captured ``ExportedProgram`` itself (``torch.export.save``): what ``compressor bench``
-    runs as the compressed model in torch eager and under ``torch.compile``, and what a Python
-    service can load without the original model code (``torch.export.load(f).module()``).
-    Loading it unpickles its constants: load only bundles whose hashes check
-    (``compressor bench`` verifies them first)."""
-
-    name = "torch_export"
-    description = "torch.export ExportedProgram (model.exported.pt2) with dynamic batch/length, verified"
-    Config = TorchExportConfig
-
-    def check(self, target: Target) -> None:
-        check_program_target("torch_export", target)
-
-    def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
-        cfg = self.config
-        cap = capture_program(model, ctx, cfg, "torch_export")
-        path = out_dir / cfg.file
-        partial = out_dir / f".partial-{cfg.file}"
-        try:
-            torch.export.save(cap.program, str(partial))
-            loaded = torch.export.load(str(partial)).module()
-            report = verify_program(loaded, cfg.file, "saved ExportedProgram", cap, cfg.min_cosine)
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        report["max_batch"] = cfg.max_batch
-        return ExportResult(artifacts={"torch_export": cfg.file}, verification={"torch_export": report})

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.planning import PlanState
 from compressor.targets import Target
 
 
@@ -29,9 +30,16 @@ class ExportResult:
 
 
 class Exporter(ABC):
+    """One bundle format. ``consumes``: artifact kinds it builds from, one of which an export
+    before it must write (checked by ``compressor.planning``); ``forms``: the quantized layer
+    forms it can take (``None`` = any; ``float`` is always taken); ``output_files`` what it
+    writes, by artifact kind."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type]
+    consumes: ClassVar[tuple[str, ...]] = ()
+    forms: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -39,9 +47,17 @@ class Exporter(ABC):
     def check(self, target: Target) -> None:  # noqa: B027
         """Refuse an export the target cannot use (raise PlanError)."""
 
-    def check_recipe(self, recipe: Any, index: int) -> None:  # noqa: B027
-        """Refuse an export whose inputs the recipe's earlier exports do not write (RecipeError);
-        ``index`` is this export's position in ``recipe.exports``."""
+    def check_plan(self, state: PlanState) -> None:
+        """Refuse an export the planned model or the exports before it cannot feed (raise
+        PlanError); ``state`` is the model as the passes leave it, ``state.artifacts`` what the
+        earlier exports write, ``state.where`` this export (``exports[1] (tensorrt)``)."""
+        self.check(state.target)
+
+    def output_files(self) -> dict[str, str]:
+        """Artifact kind -> file this export writes (for the exports after it); by default the
+        config's ``file`` under this exporter's name."""
+        file = getattr(self.config, "file", None)
+        return {self.name: file} if isinstance(file, str) else {self.name: self.name}
 
     @abstractmethod
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:

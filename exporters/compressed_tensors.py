@@ -231,7 +231,7 @@ def quantization_config(model: nn.Module, sparse_24: bool = False) -> dict[str, 
 def sparsity_config(model: nn.Module, ignore: list[str]) -> dict[str, Any] | None:
     """compressed-tensors' 2:4 ``sparsity_config`` (format ``dense``: the weights as written) when
     every quantized layer's weight is 2:4, else None (a partly 2:4 model is written dense)."""
-    from compressor.passes.sparsify import is_24_sparse
+    from compressor.passes.sparsity.sparsify import is_24_sparse
 
     weights: list[torch.Tensor] = []
     for m in model.modules():

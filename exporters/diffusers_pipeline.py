@@ -30,7 +30,7 @@ from compressor.exporters.base import ExportContext, Exporter, ExportResult, reg
 log = logging.getLogger(__name__)
 
 _PIPELINE_PY = '''"""Custom pipeline hook: DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)."""
-from compressor.adapters.diffusion_modules import StepReducedPipeline  # noqa: F401
+from compressor.adapters.diffusion.step_reduced_pipeline import StepReducedPipeline  # noqa: F401
 '''
 
 
@@ -56,8 +56,9 @@ class DiffusersPipelineExportConfig:
 
 def save_pipeline(model: Any, folder: Path) -> None:
     """Write ``model`` (a DiffusionModel) as a StepReducedPipeline folder."""
-    from compressor.adapters.diffusion import denoiser_component, make_scheduler
-    from compressor.adapters.diffusion_modules import StepReducedPipeline, restore_int8_layers_
+    from compressor.adapters.diffusion.model import denoiser_component
+    from compressor.adapters.diffusion.schedule import make_scheduler
+    from compressor.adapters.diffusion.step_reduced_pipeline import StepReducedPipeline, restore_int8_layers_
 
     spec = model.spec
     cond = model.conditioner
@@ -95,7 +96,7 @@ def save_pipeline(model: Any, folder: Path) -> None:
 
 def check_pipeline_reload(model: Any, folder: Path, n: int) -> float:
     """Max abs difference between images from the reloaded folder and from ``model``."""
-    from compressor.adapters.diffusion_modules import StepReducedPipeline
+    from compressor.adapters.diffusion.step_reduced_pipeline import StepReducedPipeline
 
     labels = torch.arange(n) % 10
     pipe = StepReducedPipeline.from_pretrained(folder, use_safetensors=True)
@@ -110,12 +111,12 @@ def check_pipeline_reload(model: Any, folder: Path, n: int) -> float:
 def export_denoiser_onnx(
     module: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Any, path: Path, opset: int
 ) -> None:
-    from compressor.exporters.onnx import trace_onnx
+    from compressor.exporters.onnx.onnx import trace_onnx
 
     trace_onnx(module, inputs, spec, path, opset)
     import onnx
 
-    from compressor.exporters.ort_int8 import encode_int8_weights_
+    from compressor.exporters.onnx.ort_int8 import encode_int8_weights_
 
     proto = onnx.load(str(path))
     encoding = encode_int8_weights_(proto, "auto")  # U8S8 saturates on x86 without VNNI
@@ -145,7 +146,7 @@ class DiffusersPipelineExporter(Exporter):
     Config = DiffusersPipelineExportConfig
 
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
-        from compressor.adapters.diffusion import DiffusionModel
+        from compressor.adapters.diffusion.model import DiffusionModel
 
         if not isinstance(model, DiffusionModel):
             raise ExportError(f"{self.name}: needs a diffusion model, got {type(model).__name__}")

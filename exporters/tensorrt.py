@@ -2,7 +2,7 @@
 
 A TensorRT engine (plan) is specific to the GPU architecture and the TensorRT version
 that built it, so the bundle carries what builds it rather than only a plan:
-``build_engine_<target>.sh`` next to the Q/DQ ONNX (``compressor.exporters.onnx_qdq``),
+``build_engine_<target>.sh`` next to the Q/DQ ONNX (``compressor.exporters.onnx.onnx_qdq``),
 a ``trtexec`` call with
 
 - ``--stronglyTyped``: the Q/DQ graph fixes every precision (explicit quantization; no
@@ -43,7 +43,7 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
-from compressor.exporters.onnx_qdq import QDQ_FILE
+from compressor.exporters.onnx.onnx_qdq import QDQ_FILE
 from compressor.targets import Target
 
 log = logging.getLogger(__name__)

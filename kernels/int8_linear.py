@@ -13,7 +13,7 @@ two schemes that match what the engines run:
   seen on the calibration data; ``Xq = clamp(round(x / sx), -128, 127)``: the range of
   ONNX ``QuantizeLinear`` and TensorRT's int8, so an input past the calibrated range
   saturates exactly as the engine does. What TensorRT runs from explicit Q/DQ (it has no
-  dynamic per-token int8): see ``compressor.exporters.onnx_qdq``.
+  dynamic per-token int8): see ``compressor.exporters.onnx.onnx_qdq``.
 
 The output is ``(Xq - zp) @ Wqᵀ * sx * sw + b`` (int32 accumulation). An optional
 SmoothQuant vector ``smooth`` divides the input per channel (its inverse is already
@@ -115,7 +115,7 @@ class _Int8LinearOnnx(torch.autograd.Function):
         # Both symmetric schemes feed MatMulInteger uint8 codes q + 128 with zero point 128 (the
         # same integer product): ONNX Runtime's S8S8 kernel is about 3.8x slower than U8U8 on
         # AVX2 (measured 228 vs 60 ms on 4096x384x1536), and uint8 activations let the exporter
-        # pick the weight encoding that is exact on this CPU (compressor.exporters.ort_int8).
+        # pick the weight encoding that is exact on this CPU (compressor.exporters.onnx.ort_int8).
         if not _is_none(g, input_scale) or per_token:
             zp = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
         if not _is_none(g, input_scale):

@@ -9,13 +9,10 @@ from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
 
-from compressor.passes import (  # noqa: E402,F401  (registers the passes)
-    distill,
-    prune,
-    quantize,
-    schedulers,
-    sparsify,
-    step_reduction,
-)
+from compressor.passes.diffusion import schedulers, step_reduction  # noqa: E402,F401
+from compressor.passes.distill import distill  # noqa: E402,F401
+from compressor.passes.prune import prune  # noqa: E402,F401
+from compressor.passes.quantize import quantize  # noqa: E402,F401
+from compressor.passes.sparsity import sparsify  # noqa: E402,F401
 
 __all__ = ["PASSES"]

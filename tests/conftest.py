@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def native_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``compressor-run`` built with CMake against this torch's libtorch (once per session)."""
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("building compressor-run needs cmake and a C++ compiler")
-    from compressor.native import build_runner
+    from compressor.app.native import build_runner
 
     return build_runner(tmp_path_factory.mktemp("runner-build"))
 
@@ -124,7 +125,7 @@ def aoti_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory): 
     the exporters were handed."""
     from compressor.adapters.base import Batch, ExportSpec
     from compressor.adapters.hf_encoder import HFEncoderAdapter
-    from compressor.compile import compile_recipe
+    from compressor.app.compile import compile_recipe
     from compressor.recipe import parse_recipe
 
     class RecordingAdapter(HFEncoderAdapter):
@@ -161,3 +162,39 @@ def aoti_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory): 
     out = tmp_path_factory.mktemp("aoti") / "bundle"
     manifest = compile_recipe(recipe, out, adapter=adapter)
     return out, manifest, adapter
+
+
+# ---- diffusion fixtures (tests/helpers/diffusion.py builds the models; imported lazily so that a
+# run without diffusers collects everything else)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    # tiny convolutions on a shared CPU: one thread avoids oversubscription stalls
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def adapter() -> Any:
+    from compressor.adapters.diffusion.adapter import DiffusersAdapter
+
+    return DiffusersAdapter(eval_samples=40)
+
+
+@pytest.fixture(scope="session")
+def data(adapter: Any) -> Any:
+    from compressor.recipe import DataSpec
+
+    return adapter.make_data(
+        DataSpec(corpus="sklearn-digits", calibration_samples=32, eval_samples=40, batch_size=32), seed=0
+    )
+
+
+@pytest.fixture()
+def teacher() -> Any:
+    from tests.helpers.diffusion import tiny_teacher
+
+    return tiny_teacher()

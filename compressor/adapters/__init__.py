@@ -26,7 +26,7 @@ def make_adapter(name: str, source: str | None = None) -> ModelAdapter:
 
         return CausalLMAdapter()
     if name == "diffusers":
-        from compressor.adapters.diffusion import DiffusersAdapter
+        from compressor.adapters.diffusion.adapter import DiffusersAdapter
 
         return DiffusersAdapter()
     raise RecipeError(f"model.adapter: unknown adapter {name!r}")

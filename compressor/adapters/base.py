@@ -9,7 +9,7 @@ for SmoothQuant, what the hidden states are for distillation).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,6 +54,34 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
+@dataclass(frozen=True)
+class Headline:
+    """An adapter's headline fidelity metric: the one number that says how close the student
+    stays to its teacher, and that ``evaluation.headline_limit`` gates on.
+
+    ``key`` is its key in the adapter's ``metrics()`` dict; ``higher_is_better`` says which
+    way a limit points (a floor for a cosine, a ceiling for a perplexity ratio or an FD)."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class BenchInputs:
+    """What ``compressor bench`` feeds a model family, declared by its adapter (so the bench
+    needs no ``isinstance``): real held-out inputs, never random tensors.
+
+    ``example()`` is a small batch to trace the plain export with; ``timing(batch, seq_len)``
+    a held-out batch padded to ``seq_len``; ``fidelity(n, seed, batch_size, max_length)``
+    ``n`` held-out samples in batches; ``score(student, teacher)`` the fidelity of the outputs."""
+
+    example: Callable[[], Batch]
+    timing: Callable[[int, int], Batch]
+    fidelity: Callable[[int, int, int, int], list[Batch]]
+    score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
 def token_cases(batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]) -> list[Batch]:
     """Every (batch size, length) pair: the first rows and positions of a held-out token batch."""
     return [{k: v[:b, :t].contiguous() for k, v in batch.items()} for b in batch_sizes for t in lengths]
@@ -61,6 +89,10 @@ def token_cases(batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
 
 class ModelAdapter(ABC):
     name: ClassVar[str]
+    # the fidelity metric a compile reports first and ``evaluation.headline_limit`` gates on
+    headline: ClassVar[Headline]
+    # the fidelity keys ``metrics()`` always reports (so a gate on one can be checked at plan time)
+    fidelity_metrics: ClassVar[frozenset[str]]
 
     @abstractmethod
     def load(self, source: str) -> nn.Module:
@@ -100,3 +132,8 @@ class ModelAdapter(ABC):
 
     def iter_inputs(self, batches: Sequence[Batch]) -> Iterator[Batch]:
         yield from batches
+
+    def bench_inputs(self) -> BenchInputs | None:
+        """The inputs ``compressor bench`` times and scores this family on (the callables run
+        after ``load``); None (the default): its bundles cannot be benched."""
+        return None

@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup, token_cases
+from compressor.adapters.base import (
+    Batch,
+    DataSplits,
+    ExportSpec,
+    Headline,
+    ModelAdapter,
+    SmoothGroup,
+    token_cases,
+)
 from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, train_text_groups, weight_stats
 from compressor.errors import DataError, RecipeError
 
@@ -96,6 +104,11 @@ def lm_fidelity(triples: Iterable[tuple[torch.Tensor, torch.Tensor, Batch]]) -> 
 
 class CausalLMAdapter(ModelAdapter):
     name = "hf-causal-lm"
+    headline = Headline("perplexity_ratio", "perplexity ratio (student / teacher)", higher_is_better=False)
+    fidelity_metrics = frozenset(
+        {"perplexity", "teacher_perplexity", "perplexity_ratio", "kl_per_token", "top1_agreement"}
+        | {"mean_cosine", "min_cosine"}
+    )
 
     def __init__(self) -> None:
         self.tokenizer: Any = None

@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter, SmoothGroup, token_cases
+from compressor.adapters.base import (
+    Batch,
+    BenchInputs,
+    DataSplits,
+    ExportSpec,
+    Headline,
+    ModelAdapter,
+    SmoothGroup,
+    token_cases,
+)
 from compressor.errors import DataError, RecipeError
 
 DEFAULT_MODEL = "default"
@@ -229,6 +238,8 @@ class SentenceEmbedder(nn.Module):
 
 class HFEncoderAdapter(ModelAdapter):
     name = "hf-encoder"
+    headline = Headline("mean_cosine", "mean cosine vs the teacher", higher_is_better=True)
+    fidelity_metrics = frozenset({"mean_cosine", "min_cosine", "spearman"})
 
     def __init__(self) -> None:
         self.tokenizer: Any = None
@@ -328,6 +339,21 @@ class HFEncoderAdapter(ModelAdapter):
         self, batch: Batch, batch_sizes: Sequence[int], lengths: Sequence[int]
     ) -> list[Batch]:
         return token_cases(batch, batch_sizes, lengths)
+
+    def bench_inputs(self) -> BenchInputs:
+        """Held-out stdlib docstrings: 2 for the trace, the first ``batch`` padded for timing,
+        ``n`` sampled with the recipe's seed for fidelity (scored as sentence embeddings)."""
+        from compressor.data import sample, stdlib_docstring_splits
+
+        held_out = stdlib_docstring_splits().eval
+        return BenchInputs(
+            example=lambda: self.tokenize(sample(held_out, 2, 0), 16),
+            timing=lambda batch, seq_len: self.tokenize(sample(held_out, batch, 1), seq_len, pad_to_max=True),
+            fidelity=lambda n, seed, batch_size, max_length: self.batches(
+                sample(held_out, n, seed), batch_size, max_length
+            ),
+            score=embedding_fidelity,
+        )
 
     def export_spec(self, model: nn.Module, batch: Batch, fused: bool = True) -> ExportSpec:
         """``fused``: our layer-by-layer graph with ORT's fused attention; else transformers' own forward

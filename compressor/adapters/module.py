@@ -20,13 +20,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, ModelAdapter
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, Headline, ModelAdapter
 from compressor.adapters.hf_encoder import weight_stats
 from compressor.errors import DataError, RecipeError
 
 
+def _check_finite(split: str, batches: Sequence[Batch]) -> None:
+    """Refuse NaN / inf in float inputs: they would pass calibration silently and turn every
+    scale, loss and metric into NaN passes later."""
+    for i, batch in enumerate(batches):
+        for key, value in batch.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not bool(value.isfinite().all())
+            ):
+                bad = int((~value.isfinite()).sum())
+                raise DataError(
+                    f"ModuleAdapter: {split} batch {i} input {key!r} has {bad} NaN or infinite values; "
+                    "clean or drop those examples"
+                )
+
+
 class ModuleAdapter(ModelAdapter):
     name = "module"
+    headline = Headline("mean_cosine", "mean cosine vs the teacher", higher_is_better=True)
+    fidelity_metrics = frozenset({"mean_cosine", "min_cosine", "relative_mse"})  # + accuracy with labels
 
     def __init__(
         self,
@@ -48,6 +67,8 @@ class ModuleAdapter(ModelAdapter):
             missing = [n for n in self.input_names if n not in batches[0]]
             if missing:
                 raise DataError(f"ModuleAdapter: {split} batches lack the inputs {missing}")
+        for split in ("calibration", "train", "eval"):
+            _check_finite(split, getattr(data, split))
         names = {n for n, _ in model.named_modules()}
         unknown = [n for n in self.hidden_modules if n not in names]
         if unknown:

@@ -14,8 +14,9 @@ from compressor.adapters.base import Batch, DataSplits
 from compressor.adapters.hf_encoder import HFEncoderAdapter
 from compressor.bundle import verify_bundle
 from compressor.errors import ExportError, PlanError, RecipeError
-from compressor.exporters.aoti import AotiExportConfig, AotiExporter, TorchExportExporter, dynamic_shapes
+from compressor.exporters.aoti import AotiExportConfig, AotiExporter, dynamic_shapes
 from compressor.exporters.base import ExportContext
+from compressor.exporters.torch_export import TorchExportExporter
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
@@ -174,7 +175,7 @@ def test_native_runner_runs_the_bundle_package(bundle, native_runner: Path) -> N
     """compressor-run (C++, libtorch) loads the bundle's package and computes what torch does."""
     import numpy as np
 
-    from compressor.native import RUNNER_INPUTS, run_runner
+    from compressor.app.native import RUNNER_INPUTS, run_runner
 
     out, _, adapter = bundle
     lines = (out / RUNNER_INPUTS).read_text().split("\n")

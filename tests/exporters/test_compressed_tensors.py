@@ -15,18 +15,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from compressor.adapters.causal_lm import CausalLMAdapter
-from compressor.compile import compile_recipe, plan
+from compressor.app.compile import compile_recipe, plan
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.compressed_tensors import CompressedTensorsExporter
 from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.passes.quantize import QuantizeConfig, QuantizePass
+from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
 from compressor.pipeline import PassContext
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
-
-from ..adapters.test_causal_lm import SPEC, _save_tiny
+from tests.compressor.adapters.test_causal_lm import SPEC, _save_tiny
 
 pytest.importorskip("compressed_tensors")
 
@@ -137,7 +136,7 @@ def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_pat
     """sparsity_config: true writes compressed-tensors' 2:4 entry (format dense: the zeros stay in
     the weights) for a model whose quantized weights are all 2:4, and the folder still reloads."""
     from compressor.exporters.compressed_tensors import CompressedTensorsExportConfig
-    from compressor.passes.sparsify import SparsifyConfig, SparsifyPass
+    from compressor.passes.sparsity.sparsify import SparsifyConfig, SparsifyPass
 
     adapter = CausalLMAdapter()
     model = adapter.load(str(tiny_llama_dir))

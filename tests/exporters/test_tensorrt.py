@@ -15,7 +15,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.cli import main
+from compressor.app.cli import main
 from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.tensorrt import (
@@ -187,7 +187,7 @@ def test_compile_tiny_bert_for_a100_writes_qdq_onnx_and_build_script(
 def test_missing_earlier_exports_are_refused_before_any_pass_runs(
     tiny_bert_dir: Path, exports: list, message: str
 ) -> None:  # type: ignore[type-arg]
-    from compressor.compile import plan
+    from compressor.app.compile import plan
     from compressor.recipe import parse_recipe
 
     recipe = parse_recipe(

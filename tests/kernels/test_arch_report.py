@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.cli import main
+from compressor.app.cli import main
 from compressor.kernels.arch_report import (
     build_arch_report,
     format_arch_report,

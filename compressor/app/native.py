@@ -1,0 +1,77 @@
+"""The native runner (``compressor-run``, C++ over libtorch): its input files and its build.
+
+``compressor-run BUNDLE_DIR`` loads the bundle's AOTInductor package (``artifacts.aoti``)
+and runs it on sample inputs stored beside the package: ``runner_inputs.txt`` lists one
+input per line in call order, ``name dtype ndim dim0 dim1 ... file``, and each file
+holds the tensor's raw little-endian bytes. The runner prints one JSON line with
+``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms`` and ``throughput`` (items per second).
+
+``build_runner`` configures and builds it with CMake against the libtorch of the
+installed torch wheel (``torch.utils.cmake_prefix_path``); it needs a C++17 compiler
+and CMake, which the AOTInductor CPU path needs anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.errors import CompressorError
+
+RUNNER_INPUTS = "runner_inputs.txt"
+_DTYPES = {torch.int64: "int64", torch.int32: "int32", torch.float32: "float32"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_runner_inputs(folder: Path, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+    """Write ``inputs`` (in call order) for ``compressor-run``; returns the files written."""
+    lines, files = [], [RUNNER_INPUTS]
+    for name, t in inputs.items():
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"runner input {name}: dtype {t.dtype} is not one of int64, int32, float32")
+        if not name.isidentifier():
+            raise ValueError(f"runner input name {name!r} must be an identifier")
+        file = f"runner_input_{name}.bin"
+        arr = t.detach().cpu().contiguous().numpy()
+        (folder / file).write_bytes(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        lines.append(" ".join([name, _DTYPES[t.dtype], str(t.dim()), *map(str, t.shape), file]))
+        files.append(file)
+    (folder / RUNNER_INPUTS).write_text("\n".join(lines) + "\n")
+    return files
+
+
+def build_runner(build_dir: Path, source_dir: Path = REPO_ROOT, jobs: int = 2) -> Path:
+    """Configure and build ``compressor-run``; returns the executable's path."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise CompressorError(f"building compressor-run needs {tool} on PATH")
+    if not (source_dir / "CMakeLists.txt").is_file():
+        raise CompressorError(f"{source_dir} has no CMakeLists.txt (build from a source checkout)")
+    configure = ["cmake", "-S", str(source_dir), "-B", str(build_dir)]
+    configure.append(f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}")
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", str(jobs)]):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise CompressorError(f"{' '.join(cmd[:2])} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    exe = build_dir / "compressor-run"
+    if not exe.is_file():
+        raise CompressorError(f"the build finished but {exe} is missing (was Torch found by CMake?)")
+    return exe
+
+
+def run_runner(exe: Path, bundle: Path, iters: int = 20, warmup: int = 3, threads: int = 0) -> dict[str, Any]:
+    """Run ``compressor-run`` on a bundle and parse its JSON line."""
+    cmd = [str(exe), str(bundle), "--iters", str(iters), "--warmup", str(warmup), "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise CompressorError(f"compressor-run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
