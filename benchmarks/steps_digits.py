@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,6 +39,7 @@ from compressor.adapters.diffusion.loading import load_diffusion_model
 from compressor.adapters.diffusion.model import DiffusionModel
 from compressor.adapters.digits import NUM_CLASSES
 from compressor.pipeline import Pass, PassContext
+from compressor.planning import PlanState
 from compressor.recipe import DataSpec
 from compressor.targets import TARGETS
 
@@ -90,14 +91,13 @@ def _rel(path: Path) -> str:
 
 def run_pass(p: Pass, model: DiffusionModel, ctx: PassContext) -> tuple[DiffusionModel, float]:
     start = time.perf_counter()
-    ctx.details = {}
-    p.check(model, ctx.target, ctx.adapter)
+    p.plan(PlanState.from_model(model, ctx.target, ctx.adapter))
     p.requires(model, ctx)
-    out = p.run(model, ctx) or model
+    out = p.run(model, ctx)
     p.ensures(out, ctx)
     wall = time.perf_counter() - start
-    log.info("pass %s: %.0fs %s", p.name, wall, ctx.details)
-    return out, wall  # type: ignore[return-value]
+    log.info("pass %s: %.0fs %s", p.name, wall, dict(out.details))
+    return cast(DiffusionModel, out.model), wall
 
 
 def main() -> None:
@@ -114,12 +114,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # shared 2-core box: one thread is far faster than two under contention
-    from compressor.passes.diffusion.schedulers import AdaptiveGuidancePass, SchedulerPass
-    from compressor.passes.diffusion.step_reduction import (
-        ConsistencyDistillPass,
-        GuidanceDistillPass,
-        ProgressiveDistillPass,
-    )
+    from compressor.passes.diffusion.adaptive_guidance import AdaptiveGuidancePass
+    from compressor.passes.diffusion.consistency_distill import ConsistencyDistillPass
+    from compressor.passes.diffusion.guidance_distill import GuidanceDistillPass
+    from compressor.passes.diffusion.progressive_distill import ProgressiveDistillPass
+    from compressor.passes.diffusion.scheduler import SchedulerPass
     from compressor.passes.quantize.quantize import QuantizePass
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -162,7 +161,7 @@ def main() -> None:
     for steps in (4, 2, 1):
         rows.append(measure(adapter, cd.with_spec(steps=steps), f"consistency_{steps}", n, args.name))
 
-    q, train_s["quantize"] = run_pass(QuantizePass(QuantizePass.Config()), cd, ctx)
+    q, train_s["quantize"] = run_pass(QuantizePass(), cd, ctx)
     rows.append(measure(adapter, q, "consistency_4_int8", n, args.name))
     n_int8 = sum(1 for m in q.modules() if type(m).__name__ == "Int8Linear")
     lin_params = sum(m.weight.numel() for m in q.modules() if type(m).__name__ == "Int8Linear")

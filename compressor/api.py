@@ -5,6 +5,8 @@ functions, and ``compile_recipe`` is their composition with the output paths che
 
     recipe = load_recipe("minilm-cpu-int8")
     c = compress(recipe)                         # or compress(recipe, model=net, data=splits)
+    # a model you hold, with its family's adapter, your data and teacher:
+    #   compress(recipe, model=pruned, adapter=HFEncoderAdapter(), data=splits, teacher=fp32)
     print(c.metrics["mean_cosine"])              # the final model, still in memory: c.model
     manifest = export(c, Path("out/minilm"))     # atomic, hashed and signed like a compile
     result = bench(Path("out/minilm"))
@@ -15,6 +17,7 @@ registries of passes and exporters; nothing in the core imports it.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -54,17 +57,8 @@ def load_recipe(name_or_path: str | Path, target: str | None = None, model: str 
     return recipe
 
 
-def _adapter(
-    model: nn.Module | None, adapter: ModelAdapter | None, data: DataSplits | None
-) -> ModelAdapter | None:
-    """The adapter to run on: ``adapter``, a ``ModuleAdapter`` around ``model`` and ``data``,
-    or None (the recipe's own model)."""
-    if model is None:
-        if data is not None and adapter is None:
-            raise CompressorError("compress: data= goes with model= (a ModuleAdapter's batches); pass both")
-        return adapter
-    if adapter is not None:
-        raise CompressorError("compress: give model= (with data=) or adapter=, not both")
+def _module_adapter(model: nn.Module, data: DataSplits | None) -> ModelAdapter:
+    """A ``ModuleAdapter`` around ``model`` and ``data``: what ``model=`` without ``adapter=`` means."""
     if data is None:
         raise CompressorError("compress: model= needs data= (calibration, train and eval batches)")
     from compressor.adapters.module import ModuleAdapter
@@ -80,14 +74,39 @@ def compress(
     work_dir: Path | None = None,
     progress: ProgressSetting = False,
     on_stage: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
+    measure: bool = True,
 ) -> Compressed:
     """Apply ``recipe`` to a model in memory and return it with its teacher, data and pass
-    results; nothing is written. The model is the recipe's, or ``model`` with its ``data``
-    (a ``ModuleAdapter``), or any ``adapter``. ``work_dir`` is the passes' scratch space
-    (default: a temporary folder removed afterwards). Raises if a fidelity floor fails."""
+    results; nothing is written. Raises if a fidelity floor fails.
+
+    Each argument replaces what a compile would build from the recipe:
+
+    - ``model``: the model to compress instead of the recipe's (a copy is compressed; the
+      caller's is left as it was, and the plan is checked on it before any pass runs). With
+      ``adapter`` it keeps that family's behaviour (``HFEncoderAdapter`` for a BERT);
+      without, it is a plain module (a ``ModuleAdapter``), and ``data`` is then required.
+    - ``adapter``: the model family instead of the recipe's ``model.adapter``;
+    - ``data``: the calibration / train / held-out splits instead of the recipe's ``data``
+      (``Compressed.data`` is this object; needed with an adapter that loaded no model, as
+      a fresh ``HFEncoderAdapter`` has no tokenizer to build data with);
+    - ``teacher``: what metrics and distillation compare against instead of a frozen copy
+      of the model before any pass (e.g. the fp32 model, when ``model`` is already pruned);
+    - ``measure``: False skips measuring the model before and after every pass (no
+      ``metrics``; refused with a recipe that sets a fidelity floor).
+
+    ``work_dir`` is the passes' scratch space (default: a temporary folder removed afterwards).
+    """
     stage = on_stage or log.info
+    if model is not None:
+        if adapter is None:
+            adapter, model = _module_adapter(model, data), None  # the adapter loads a copy
+        else:
+            model = copy.deepcopy(model).eval()
     with work_dir_for(work_dir, report=stage) as work:
-        return apply_recipe(recipe, _adapter(model, adapter, data), work, progress, stage)
+        return apply_recipe(
+            recipe, adapter, work, progress, stage, model=model, data=data, teacher=teacher, measure=measure
+        )
 
 
 def export(

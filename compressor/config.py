@@ -35,6 +35,10 @@ samples, batch sizes, layers, grid points), far below one that would run for day
 MAX_ITEMS = 1024
 """The default most entries of a list option (batch sizes, lengths, layer patterns)."""
 
+SERVING_BATCH_SIZES: tuple[int, ...] = (1, 32)
+"""The batch sizes a recipe serves and benchmarks unless it says (``evaluation.bench``); the
+exporters size serving configs by them (``compressor.exporters.base.ExportContext``)."""
+
 
 def option(
     default: Any = dataclasses.MISSING,
@@ -269,3 +273,14 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
             help_ = f"{help_} [{bounds}]" if help_ else f"[{bounds}]"
         rows.append((f.name, _describe(hints[f.name]), default, help_))
     return rows
+
+
+def config_classes(config: Any) -> list[type]:
+    """The config dataclass(es) behind a registered ``Config``: itself, or each member when it is
+    a union of one config per scheme (``quantize``: int8 | fp8 | int4)."""
+    if isinstance(config, type) and dataclasses.is_dataclass(config):
+        return [config]
+    members = [c for c in get_args(config) if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    if not members:
+        raise TypeError(f"{config!r} is neither a config dataclass nor a union of them")
+    return members

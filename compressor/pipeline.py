@@ -4,8 +4,10 @@ A pass is a small class around plain tensor math: ``plan`` refuses an illegal pl
 before any work starts (FP8 on an A100, a pattern that matches no layer), judging the
 model as the passes before it will leave it (``compressor.planning.PlanState``), ``requires``
 checks the model it is handed, ``run`` changes the model (module replacement, not
-graph surgery), and ``ensures`` checks the pass's own invariant afterwards (every
-selected weight is 2:4; every quantized layer has finite scales). Instruments watch
+graph surgery) and returns it with the details of what it did (``PassOutput``: no side
+channel, and nothing kept on the pass between hooks), and ``ensures`` checks the pass's
+own invariant on that output (every selected weight is 2:4; every quantized layer has
+finite scales). Instruments watch
 each pass: the built-in one records the adapter's metrics (fidelity vs the teacher,
 parameters, weight bytes, sparsity) after every pass. A result's ``wall_s`` is the whole
 time the pass cost the compile, the measuring after it included; ``measure_s`` is that
@@ -19,7 +21,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -27,9 +29,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 from torch import nn
 
-from compressor.config import to_dict
+from compressor.config import from_dict, to_dict
 from compressor.errors import PassError
-from compressor.planning import PlanState, plan_passes
+from compressor.planning import PlanState
 from compressor.progress import Progress, ProgressSetting, progress_bar
 
 if TYPE_CHECKING:
@@ -55,7 +57,6 @@ class PassContext:
     work_dir: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: ProgressSetting = False  # False, True (tqdm) or the caller's bar factory
-    details: dict[str, Any] = field(default_factory=dict)
 
     def progress_bar(
         self, desc: str, total: int | None = None, unit: str = "step"
@@ -64,9 +65,15 @@ class PassContext:
         when the caller asked for no progress)."""
         return progress_bar(self.progress, desc, total, unit)
 
-    def record(self, key: str, value: Any) -> None:
-        """Store a detail of the running pass (e.g. per-layer decisions) in its result."""
-        self.details[key] = value
+
+@dataclass(frozen=True)
+class PassOutput:
+    """What ``Pass.run`` returns: the model it leaves (the one it was handed, changed in
+    place, or a new one) and the details of what it did, for the manifest (per-layer
+    decisions, losses) and for its own ``ensures``."""
+
+    model: nn.Module
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 C = TypeVar("C")
@@ -83,6 +90,12 @@ class Pass(ABC, Generic[C]):
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.Config()
 
+    @classmethod
+    def config_from_dict(cls, data: Any, path: str) -> Any:
+        """This pass's config from a recipe entry's options (``path`` names it in errors). A
+        pass with one config per scheme overrides it to pick the scheme's config class."""
+        return from_dict(cls.Config, data, path)
+
     def plan(self, state: PlanState) -> PlanState:
         """Refuse an illegal plan before any work starts (raise PlanError), judging the model as
         the passes before this one leave it (``state``); return the state this pass leaves."""
@@ -92,10 +105,10 @@ class Pass(ABC, Generic[C]):
         """Check the model handed to this pass (raise PassError)."""
 
     @abstractmethod
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module | None:
-        """Change the model; return a new model, or None when changed in place."""
+    def run(self, model: nn.Module, ctx: PassContext) -> PassOutput:
+        """Change the model; return the model it leaves and the details of what it did."""
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:  # noqa: B027
+    def ensures(self, out: PassOutput, ctx: PassContext) -> None:  # noqa: B027
         """Check this pass's invariant on its output (raise PassError)."""
 
 
@@ -161,12 +174,9 @@ class Pipeline:
         self.on_measure_start = on_measure_start  # the measuring can take minutes (diffusion sampling)
         self.results: list[PassResult] = []
 
-    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> PlanState:
-        """Plan-time legality for every pass, before any of them runs; the state the last leaves
-        (``compressor.planning.check_plan`` also checks the exports)."""
-        return plan_passes(PlanState.from_model(model, target, adapter), self.passes)[-1]
-
-    def _measure(self, p: Pass | None, model: nn.Module, ctx: PassContext, wall: float) -> PassResult:
+    def _measure(
+        self, p: Pass | None, model: nn.Module, ctx: PassContext, wall: float, details: Mapping[str, Any]
+    ) -> PassResult:
         """Run the instruments on ``model``; the result's ``wall_s`` is ``wall`` plus this measuring."""
         if self.on_measure_start and self.instruments:
             self.on_measure_start(p)
@@ -176,7 +186,7 @@ class Pipeline:
             config=to_dict(p.config) if p else {},
             wall_s=wall,
             metrics={},
-            details=dict(ctx.details),
+            details=dict(details),
         )
         for inst in self.instruments:
             inst.after_pass(p, model, ctx, result)
@@ -185,8 +195,9 @@ class Pipeline:
         return result
 
     @staticmethod
-    def _recover(model: nn.Module, ctx: PassContext, recover: Any) -> None:
-        """Distillation after a lossy pass (its ``recover:`` block); masks and quantizers stay fixed."""
+    def _recover(model: nn.Module, ctx: PassContext, recover: Any) -> dict[str, Any]:
+        """Distillation after a lossy pass (its ``recover:`` block); masks and quantizers stay
+        fixed. Returns the detail the pass's result records."""
         from compressor.distill.loop import distill_
 
         if not ctx.data.train:
@@ -194,30 +205,26 @@ class Pipeline:
         losses = distill_(
             model, ctx.teacher, ctx.adapter, ctx.data.train, recover, ctx.progress, work_dir=ctx.work_dir
         )
-        ctx.record(
-            "recover",
-            {"steps": len(losses), "loss_first": round(losses[0], 6), "loss_last": round(losses[-1], 6)},
-        )
+        return {"steps": len(losses), "loss_first": round(losses[0], 6), "loss_last": round(losses[-1], 6)}
 
     def run(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        self.results = [self._measure(None, model, ctx, 0.0)]
+        self.results = [self._measure(None, model, ctx, 0.0, {})]
         for i, p in enumerate(self.passes):
             if self.on_pass_start:
                 self.on_pass_start(i, p)
             for inst in self.instruments:
                 inst.before_pass(p, model, ctx)
-            ctx.details = {}
             torch.manual_seed(ctx.seed + i)
             start = time.perf_counter()
             p.requires(model, ctx)
             out = p.run(model, ctx)
-            model = out if out is not None else model
+            model = out.model
             recover = getattr(p.config, "recover", None)
             if recover is not None:
-                self._recover(model, ctx, recover)
-            p.ensures(model, ctx)
+                out = PassOutput(model, {**out.details, "recover": self._recover(model, ctx, recover)})
+            p.ensures(out, ctx)
             wall = time.perf_counter() - start
-            result = self._measure(p, model, ctx, wall)
+            result = self._measure(p, model, ctx, wall, out.details)
             self.results.append(result)
             log.info(
                 "pass %s done in %.1fs (measuring %.1fs): %s",

@@ -9,8 +9,8 @@ therefore judges the pruned widths, and a check after ``quantize`` sees int8 lay
 
 The exports then see the final state plus the artifacts the exports before them write.
 Each exporter declares what it ``consumes`` (artifact kinds it builds from) and which
-layer ``forms`` it can take; ordering and forms are checked here, generically, and an
-exporter's own ``check_plan`` judges what only it knows (file names, batch sizes).
+layer ``forms`` it can take; ordering and forms are checked here, generically, after the
+exporter's own ``check_plan`` has judged what only it knows (file names, a form's facts).
 
 This module is part of the core: it knows passes and exporters only through the two
 small protocols below, never by importing them, and it never branches on adapter types.
@@ -96,7 +96,9 @@ class PlanState:
     def from_model(cls, model: nn.Module, target: Target, adapter: ModelAdapter) -> PlanState:
         """The state before any pass: every ``nn.Linear`` in float, the model's own sampling."""
         linears = {
-            n: LinearPlan(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            n: LinearPlan(m.in_features, m.out_features)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear)
         }
         return cls(target, adapter, model, linears, diffusion=_diffusion_of(model))
 
@@ -121,6 +123,13 @@ class PlanState:
                 )
         chosen = [n for n in candidates if any(matches(n, p) for p in targets)]
         return [n for n in chosen if not any(matches(n, p) for p in ignore)]
+
+    def written(self) -> dict[str, list[str]]:
+        """The files the exports planned so far write, by artifact kind, in order."""
+        out: dict[str, list[str]] = {}
+        for a in self.artifacts:
+            out.setdefault(a.kind, []).append(a.file)
+        return out
 
     def forms(self) -> dict[str, list[str]]:
         """Layer names by form, float ones left out: ``{"int8": [...], "fp8": [...]}``."""
@@ -207,9 +216,9 @@ def plan_exports(state: PlanState, exporters: Sequence[PlannedExport]) -> PlanSt
     """Check every export against the final state and the artifacts written before it."""
     for i, e in enumerate(exporters):
         here = state.replace(where=f"exports[{i}] ({e.name})")
+        e.check_plan(here)  # first: an exporter's own refusal says more than the generic ones
         check_export_forms(here, e)
         check_export_inputs(here, e)
-        e.check_plan(here)
         written = tuple(Artifact(kind, file, here.where) for kind, file in e.output_files().items())
         state = state.replace(artifacts=state.artifacts + written)
     return state

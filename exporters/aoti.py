@@ -247,7 +247,7 @@ class AotiExporter(Exporter):
             partial.unlink(missing_ok=True)
             raise
         # sample inputs for the native runner (compressor-run BUNDLE), in call order
-        from compressor.app.native import write_runner_inputs
+        from compressor.exporters.runner_inputs import write_runner_inputs
 
         largest = max(cap.cases, key=lambda c: next(iter(c.values())).numel())
         write_runner_inputs(out_dir, {n: largest[n] for n in cap.input_names})

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
 from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.config import SERVING_BATCH_SIZES
 from compressor.planning import PlanState
 from compressor.targets import Target
 
@@ -20,7 +22,8 @@ class ExportContext:
     adapter: ModelAdapter
     data: DataSplits
     reference_model: nn.Module  # the compressed model in torch, the truth the artifact is checked against
-    recipe: Any = None  # the whole recipe, for exporters that size things by it (batch sizes)
+    batch_sizes: tuple[int, ...] = SERVING_BATCH_SIZES  # the batches it will serve (the recipe's bench sizes)
+    written: Mapping[str, str] = field(default_factory=dict)  # kind -> file the exports before this wrote
 
 
 @dataclass

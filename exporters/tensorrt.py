@@ -44,6 +44,7 @@ from compressor.config import option
 from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 from compressor.exporters.onnx.onnx_qdq import QDQ_FILE
+from compressor.planning import PlanState
 from compressor.targets import Target
 
 log = logging.getLogger(__name__)
@@ -304,12 +305,15 @@ class TensorRTExporter(Exporter):
     )
     Config = TensorRTBuildConfig
 
-    def check_recipe(self, recipe: Any, index: int) -> None:
-        earlier = {e.config.file for e in recipe.exports[:index] if e.format == "onnx_qdq"}
-        if self.config.onnx not in earlier:
+    consumes = ("onnx_qdq",)
+
+    def check_plan(self, state: PlanState) -> None:
+        self.check(state.target)
+        if self.config.onnx not in state.written().get("onnx_qdq", ()):
+            at = state.where.split(" (")[0]  # exports[i]
             raise RecipeError(
-                f"exports[{index}]: tensorrt builds from the Q/DQ ONNX {self.config.onnx!r}, which no "
-                "earlier export writes: add `- format: onnx_qdq` before `- format: tensorrt` in exports"
+                f"{at}: tensorrt builds from the Q/DQ ONNX {self.config.onnx!r}, which no earlier export "
+                "writes: add `- format: onnx_qdq` before `- format: tensorrt` in exports"
             )
 
     def check(self, target: Target) -> None:

@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.manifest import sha256_file
-from compressor.config import option
+from compressor.config import SERVING_BATCH_SIZES, option
 from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
+from compressor.manifest import sha256_file
+from compressor.planning import PlanState
 from compressor.targets import Target
 
 log = logging.getLogger(__name__)
@@ -124,32 +125,13 @@ class TritonRepositoryConfig:
             raise RecipeError(f"{path}.instance_count: must be at least 1")
 
 
-# ---- plan helpers (the recipe as a whole) ---------------------------------------------------
+# ---- what to serve, at what batch sizes ------------------------------------------------------
 
 
-def recipe_batch_sizes(recipe: Any | None) -> tuple[int, ...]:
-    """The serving batch sizes of ``recipe``: those it benchmarks (``evaluation.bench.batch_sizes``),
-    sorted. The exports' ``verify_batch_sizes`` are left out: they are test shapes (1, 3, 8
-    by default), not batches anyone serves. Without a recipe: a default recipe's (1, 32)."""
-    if recipe is None:
-        from compressor.recipe import BenchSpec
-
-        return tuple(sorted(set(BenchSpec().batch_sizes)))
-    return tuple(sorted(set(recipe.evaluation.bench.batch_sizes)))
-
-
-def _onnx_exports(exports: Sequence[Any]) -> dict[str, list[str]]:
-    """The files the ``onnx`` and ``onnx_qdq`` exports among ``exports`` write, per format."""
-    found: dict[str, list[str]] = {"onnx": [], "onnx_qdq": []}
-    for e in exports:
-        if e.format in found:
-            found[e.format].append(e.config.file)
-    return found
-
-
-def pick_onnx(cfg: TritonRepositoryConfig, written: dict[str, list[str]], device: str) -> str | None:
+def pick_onnx(cfg: TritonRepositoryConfig, written: Mapping[str, Sequence[str]], device: str) -> str | None:
     """The ONNX file to serve: ``cfg.onnx_file`` when set, else (on ``device`` "cuda") the first
-    Q/DQ file, then the first ONNX Runtime file, or the other way round on the CPU; None if none."""
+    Q/DQ file, then the first ONNX Runtime file, or the other way round on the CPU; None if none.
+    ``written``: the files the exports before this one write, by artifact kind."""
     if cfg.onnx_file:
         return cfg.onnx_file
     order = ("onnx_qdq", "onnx") if device == "cuda" else ("onnx", "onnx_qdq")
@@ -159,32 +141,27 @@ def pick_onnx(cfg: TritonRepositoryConfig, written: dict[str, list[str]], device
     return None
 
 
-def check_recipe_exports(recipe: Any) -> None:
-    """Refuse a recipe whose ``triton_repository`` export serves an ONNX no export before it writes."""
-    from compressor.targets import get_target
-
-    device = get_target(recipe.target).device
-    for i, e in enumerate(recipe.exports):
-        if e.format != TritonRepositoryExporter.name:
-            continue
-        written = _onnx_exports(recipe.exports[:i])
-        served = pick_onnx(e.config, written, device)
-        if served is None:
-            raise RecipeError(
-                f"{recipe.source}: exports[{i}] (triton_repository) serves model.onnx, which no `onnx` "
-                "export before it writes (nor a Q/DQ ONNX from `onnx_qdq`); add `- format: onnx` (or "
-                "onnx_qdq) earlier in exports"
-            )
-        if served not in written["onnx"] + written["onnx_qdq"]:
-            raise RecipeError(
-                f"{recipe.source}: exports[{i}] (triton_repository) serves {served}, which no "
-                "`onnx` export before it writes; add `- format: onnx` earlier in exports"
-            )
+def check_served(cfg: TritonRepositoryConfig, state: PlanState) -> None:
+    """Refuse a repository that serves an ONNX no export before it writes."""
+    written = state.written()
+    served = pick_onnx(cfg, written, state.target.device)
+    if served is None:
+        raise RecipeError(
+            f"{state.where} serves model.onnx, which no `onnx` export before it writes (nor a Q/DQ ONNX "
+            "from `onnx_qdq`); add `- format: onnx` (or onnx_qdq) earlier in exports"
+        )
+    if served not in [*written.get("onnx", ()), *written.get("onnx_qdq", ())]:
+        raise RecipeError(
+            f"{state.where} serves {served}, which no `onnx` export before it writes; add `- format: onnx` "
+            "earlier in exports"
+        )
 
 
-def batching(cfg: TritonRepositoryConfig, recipe_sizes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
-    """(max_batch_size, preferred_batch_sizes) from the config, else from the recipe's serving sizes."""
-    sizes = tuple(sorted(set(recipe_sizes))) or recipe_batch_sizes(None)
+def batching(cfg: TritonRepositoryConfig, serving_sizes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """(max_batch_size, preferred_batch_sizes) from the config, else from the serving batch sizes
+    (the recipe's bench sizes: ``ExportContext.batch_sizes``; not the exports' verification
+    shapes, odd sizes like 3 that exist only to catch shape bugs)."""
+    sizes = tuple(sorted(set(serving_sizes))) or SERVING_BATCH_SIZES
     max_batch = cfg.max_batch_size or max(sizes)
     preferred = cfg.preferred_batch_sizes or tuple(b for b in sizes if 1 < b <= max_batch)
     return max_batch, tuple(sorted(set(preferred)))
@@ -289,8 +266,11 @@ class TritonRepositoryExporter(Exporter):
     )
     Config = TritonRepositoryConfig
 
-    def check_recipe(self, recipe: Any, index: int) -> None:
-        check_recipe_exports(recipe)
+    consumes = ("onnx", "onnx_qdq")
+
+    def check_plan(self, state: PlanState) -> None:
+        self.check(state.target)
+        check_served(self.config, state)
 
     def check(self, target: Target) -> None:
         if "onnxruntime" not in target.engines:
@@ -303,14 +283,8 @@ class TritonRepositoryExporter(Exporter):
         import onnx
 
         cfg = self.config
-        recipe = getattr(ctx, "recipe", None)
-        if recipe is not None:
-            index = next(
-                (i for i, e in enumerate(recipe.exports) if e.format == self.name and e.config == cfg),
-                len(recipe.exports),
-            )
-            written = _onnx_exports(recipe.exports[:index])
-        else:  # called from Python without a recipe: what the bundle folder holds
+        written: dict[str, list[str]] = {k: [f] for k, f in ctx.written.items()}
+        if not written:  # called from Python, outside a compile: what the bundle folder holds
             from compressor.exporters.onnx.onnx_qdq import QDQ_FILE
 
             written = {
@@ -324,7 +298,7 @@ class TritonRepositoryExporter(Exporter):
                 f"exports: triton_repository serves {onnx_path.name!r}, which this recipe did not write: "
                 "add `- format: onnx` before `- format: triton_repository` in exports"
             )
-        max_batch, preferred = batching(cfg, recipe_batch_sizes(recipe))
+        max_batch, preferred = batching(cfg, ctx.batch_sizes)
         proto = onnx.load(str(onnx_path), load_external_data=False)
         inputs, outputs = onnx_io(proto, batched=max_batch > 0)
         kind = "KIND_GPU" if ctx.target.device == "cuda" else "KIND_CPU"

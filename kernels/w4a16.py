@@ -108,6 +108,36 @@ def pick_split_k(m: int, n: int, k: int, config: W4A16Config, num_sms: int) -> i
 # --------------------------------------------------------------------------- kernel
 
 
+# fmt: off
+@triton.jit
+def _dequant_tile(
+    w_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n,
+    stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # fmt: on
+    """The [BLOCK_K, BLOCK_N] fp32 weight tile at rows ``offs_k``: codes unpacked and dequantized."""
+    # Row k of the tile lives in word k // 8, nibble k % 8.
+    words = tl.load(
+        w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :] * stride_wn,
+        mask=mask_k[:, None] & mask_n[None, :],
+        other=0,
+    )
+    codes = ((words >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+    if BLOCK_K <= GROUP_SIZE:
+        g = k0 // GROUP_SIZE  # the whole tile is one group: one scale row
+        scale = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
+        zero = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0)
+        w = (codes - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
+    else:
+        g2 = offs_k[:, None] // GROUP_SIZE  # several groups per tile: a scale per row
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        scale2 = tl.load(scales_ptr + g2 * stride_sg + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0)
+        zero2 = tl.load(zeros_ptr + g2 * stride_zg + offs_n[None, :] * stride_zn, mask=mask_kn, other=0)
+        w = (codes - zero2.to(tl.float32)) * scale2.to(tl.float32)
+    return w
+
+
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr,
@@ -163,26 +193,10 @@ def _w4a16_gemm_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        # Row k of the tile lives in word k // 8, nibble k % 8.
-        words = tl.load(
-            w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0,
-        )
-        codes = ((words >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
-        if BLOCK_K <= GROUP_SIZE:
-            g = k0 // GROUP_SIZE  # the whole tile is one group: one scale row
-            scale = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
-            zero = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0)
-            w = (codes - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
-        else:
-            g2 = offs_k[:, None] // GROUP_SIZE  # several groups per tile: a scale per row
-            mask_kn = mask_k[:, None] & mask_n[None, :]
-            scale2 = tl.load(
-                scales_ptr + g2 * stride_sg + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0
-            )
-            zero2 = tl.load(zeros_ptr + g2 * stride_zg + offs_n[None, :] * stride_zn, mask=mask_kn, other=0)
-            w = (codes - zero2.to(tl.float32)) * scale2.to(tl.float32)
+        w = _dequant_tile(
+            w_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n,
+            stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K,
+        )  # fmt: skip
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:

@@ -9,7 +9,13 @@ from compressor.pipeline import PASS_REGISTRY
 
 PASSES = PASS_REGISTRY
 
-from compressor.passes.diffusion import schedulers, step_reduction  # noqa: E402,F401
+from compressor.passes.diffusion import (  # noqa: E402,F401
+    adaptive_guidance,
+    consistency_distill,
+    guidance_distill,
+    progressive_distill,
+    scheduler,
+)
 from compressor.passes.distill import distill  # noqa: E402,F401
 from compressor.passes.prune import prune  # noqa: E402,F401
 from compressor.passes.quantize import quantize  # noqa: E402,F401

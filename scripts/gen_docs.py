@@ -149,15 +149,10 @@ def kernel_modules() -> list[tuple[str, Path, str]]:
 
 
 def config_classes(cls: type[Any]) -> list[type]:
-    """The config dataclass(es) of a registered pass or exporter: ``Config`` itself, or each
-    member when ``Config`` is a union of one config per scheme."""
-    config = cls.Config
-    if dataclasses.is_dataclass(config):
-        return [config]  # type: ignore[list-item]
-    members = [c for c in typing.get_args(config) if isinstance(c, type) and dataclasses.is_dataclass(c)]
-    if not members:
-        raise RuntimeError(f"{cls.__name__}.Config is neither a config dataclass nor a union of them")
-    return members
+    """The config dataclass(es) of a registered pass or exporter (``compressor.config.config_classes``)."""
+    from compressor.config import config_classes as classes
+
+    return classes(cls.Config)
 
 
 def render_registered(page: Path, classes: list[type[Any]]) -> str:

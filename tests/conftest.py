@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+# One intra-op thread, set before torch is imported so that child processes (the CLI compiles the
+# tests start) inherit it too: the tests' tiny models gain nothing from more, and on a shared CPU
+# the spinning workers of torch's OpenMP pool stall each other (tests/compressor/adapters/
+# test_module_adapter.py: 19.6 s with 2 threads on the 2-core dev box under load, 2.5 s with 1).
+# Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():

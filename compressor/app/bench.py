@@ -249,6 +249,9 @@ def bench_bundle(
     bundle = Path(bundle)
     manifest, trust = _manifest_and_trust(bundle, cfg, own_manifest)
     recipe = _manifest_recipe(manifest, bundle)
+    compiled_with = manifest.get("model", {}).get("adapter", recipe.model.adapter)
+    if compiled_with == "module":  # a Python nn.Module compiled in memory: no folder to reload it from
+        raise CompressorError(f"{bundle}: bench times sentence-embedding bundles; this one uses module")
     adapter = make_adapter(recipe.model.adapter, recipe.model.source)
     inputs = bench_inputs_of(adapter, str(bundle))  # refused before the model loads; fed after
     device = torch.device(cfg.device)

@@ -171,7 +171,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from compressor.app.report import text_table
-    from compressor.trust import describe_bundle, key_path
+    from compressor.app.verify import describe_bundle
+    from compressor.trust import key_path
 
     bundle = Path(args.bundle)
     trust, rows, n_files, source = describe_bundle(bundle)  # a path or hash problem raises: exit 2

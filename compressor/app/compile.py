@@ -25,12 +25,14 @@ from compressor.adapters import make_adapter
 from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.app.report import render_html, render_markdown
 from compressor.bundle import BundleWriter
+from compressor.errors import CompressorError
 from compressor.exporters import EXPORTERS
 from compressor.exporters.base import ExportContext, Exporter
 from compressor.fidelity import check_evaluation, fidelity_gate
 from compressor.output_paths import Protected, check_work_dir, kept_work_dir, temp_work_dir
 from compressor.passes import PASSES
 from compressor.pipeline import Pass, PassContext, PassResult, Pipeline
+from compressor.planning import check_plan
 from compressor.progress import ProgressSetting
 from compressor.recipe import Recipe
 from compressor.targets import Target, get_target
@@ -39,19 +41,18 @@ log = logging.getLogger(__name__)
 
 
 def plan(
-    recipe: Recipe, adapter: ModelAdapter | None = None
-) -> tuple[Any, ModelAdapter, torch.nn.Module, list[Pass], list[Any]]:
-    """Load the model and check the whole plan; no pass has run when this returns."""
+    recipe: Recipe, adapter: ModelAdapter | None = None, model: nn.Module | None = None
+) -> tuple[Target, ModelAdapter, nn.Module, list[Pass], list[Exporter]]:
+    """Load the model (or take ``model``, used as it is) and check the whole plan on it; no
+    pass has run when this returns. ``adapter`` replaces the one the recipe names."""
     target = get_target(recipe.target)
     adapter = adapter or make_adapter(recipe.model.adapter, recipe.model.source)
     check_evaluation(recipe.evaluation, adapter)
-    model = adapter.load(recipe.model.source)
+    if model is None:
+        model = adapter.load(recipe.model.source)
     passes = [PASSES[p.name](p.config) for p in recipe.passes]
     exporters = [EXPORTERS[e.format](e.config) for e in recipe.exports]
-    Pipeline(passes, instruments=[]).check(model, target, adapter)
-    for i, e in enumerate(exporters):
-        e.check(target)
-        e.check_recipe(recipe, i)
+    check_plan(target, adapter, model, passes, exporters)
     return target, adapter, model, passes, exporters
 
 
@@ -60,7 +61,8 @@ class Compressed:
     """A recipe applied to a model in memory: what ``export_bundle`` writes.
 
     ``results`` is the pass history (the original model first, then one entry per pass),
-    ``teacher`` a frozen copy of the model before any pass, ``data`` the splits used."""
+    ``teacher`` what the metrics compare against (a frozen copy of the model before any
+    pass unless the caller gave one), ``data`` the splits used."""
 
     recipe: Recipe
     target: Target
@@ -73,8 +75,16 @@ class Compressed:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """The final model's metrics on the held-out data (the last pass's)."""
+        """The final model's metrics on the held-out data (the last pass's; empty when the
+        passes ran unmeasured)."""
         return dict(self.results[-1].metrics)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def apply_recipe(
@@ -83,19 +93,39 @@ def apply_recipe(
     work_dir: Path,
     progress: ProgressSetting = False,
     stage: Callable[[str], None] = log.info,
+    *,
+    model: nn.Module | None = None,
+    data: DataSplits | None = None,
+    teacher: nn.Module | None = None,
+    measure: bool = True,
 ) -> Compressed:
     """Plan ``recipe`` (every check before any work), build its data, run its passes in
-    ``work_dir`` and gate on the recipe's fidelity floors; nothing is written to a bundle."""
+    ``work_dir`` and gate on the recipe's fidelity floors; nothing is written to a bundle.
+
+    What the caller already holds replaces what a compile builds: ``model`` instead of the
+    adapter loading the recipe's (the plan is checked on it, and the passes change it in
+    place), ``data`` instead of ``adapter.make_data``, ``teacher`` (the caller's, not
+    copied) instead of a frozen copy of the model. ``measure`` False runs the passes without
+    measuring the model before and after each (the results then carry no metrics), and is
+    refused with a recipe that sets a fidelity floor, which could not be judged."""
+    ev = recipe.evaluation
+    floors = [o for o in ("min_mean_cosine", "headline_limit") if getattr(ev, o) is not None]
+    if not measure and floors:
+        raise CompressorError(
+            f"{recipe.source}: evaluation.{floors[0]} is a fidelity floor, judged on the measured final "
+            "model; measure the passes (measure=True) or drop the floor"
+        )
     torch.manual_seed(recipe.seed)
     stage(f"planning {recipe.name} for target {recipe.target}")
-    target, adapter, model, passes, exporters = plan(recipe, adapter)
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    stage("building calibration / training / held-out data")
-    data = adapter.make_data(recipe.data, recipe.seed)
+    target, adapter, model, passes, exporters = plan(recipe, adapter, model)
+    if teacher is None:
+        teacher = _frozen_copy(model)
+    if data is None:
+        stage("building calibration / training / held-out data")
+        data = adapter.make_data(recipe.data, recipe.seed)
     pipeline = Pipeline(
         passes,
+        instruments=None if measure else [],
         on_pass_start=lambda i, p: stage(f"pass {i + 1}/{len(passes)}: {p.name}"),
         on_measure_start=lambda p: stage(
             f"measuring {'the original model' if p is None else 'after ' + p.name} on the held-out data"
@@ -111,8 +141,8 @@ def apply_recipe(
         progress=progress,
     )
     model = pipeline.run(model, ctx)
-    final = pipeline.results[-1].metrics
-    fidelity_gate(recipe.evaluation, adapter, final)
+    if measure:
+        fidelity_gate(ev, adapter, pipeline.results[-1].metrics)
     return Compressed(recipe, target, adapter, model, teacher, data, exporters, list(pipeline.results))
 
 
@@ -131,11 +161,16 @@ def export_bundle(
     m.passes = [r.to_dict() for r in c.results]
     m.verification = {}
     assert bundle.path is not None
-    ectx = ExportContext(
-        target=target, adapter=c.adapter, data=c.data, reference_model=c.model, recipe=recipe
-    )
     for e in c.exporters:
         stage(f"export {e.name} (+ verification in ONNX Runtime)")
+        ectx = ExportContext(
+            target=target,
+            adapter=c.adapter,
+            data=c.data,
+            reference_model=c.model,
+            batch_sizes=recipe.evaluation.bench.batch_sizes,
+            written=dict(m.artifacts),
+        )
         res = e.export(c.model, ectx, bundle.path)
         bundle.add_artifacts(res.artifacts)
         m.verification.update(res.verification)

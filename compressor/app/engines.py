@@ -188,7 +188,8 @@ def aoti_engine(path: Path, names: Sequence[str], device: torch.device, package_
 def native_engine(exe: Path, package: Path, names: Sequence[str], threads: int) -> Engine:
     """``compressor-run`` on the bundle's package: the C++ process times itself (its own warm-up
     and iterations), so its figures are not from the rotation the Python engines share."""
-    from compressor.app.native import run_runner, write_runner_inputs
+    from compressor.app.native import run_runner
+    from compressor.exporters.runner_inputs import write_runner_inputs
 
     def measure(batch: Batch, warmup: int, repeats: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="compressor-native-") as tmp:

@@ -53,6 +53,7 @@ def option_lines(cls: type, indent: str = "    ") -> list[str]:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    from compressor.config import config_classes
     from compressor.passes import PASSES
 
     width = max(len(n) for n in PASSES) + 2
@@ -60,8 +61,12 @@ def cmd_passes(args: argparse.Namespace) -> int:
         cls = PASSES[name]
         print(f"{name:<{width}}{cls.description}")
         if args.verbose:
-            for line in option_lines(cls.Config):
-                print(line)
+            configs = config_classes(cls.Config)
+            for config in configs:  # one per scheme (quantize: method int8 | fp8 | int4)
+                if len(configs) > 1:
+                    print(f"  method: {config().method}")
+                for line in option_lines(config, indent="      " if len(configs) > 1 else "    "):
+                    print(line)
     return 0
 
 

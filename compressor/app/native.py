@@ -1,9 +1,8 @@
 """The native runner (``compressor-run``, C++ over libtorch): its input files and its build.
 
 ``compressor-run BUNDLE_DIR`` loads the bundle's AOTInductor package (``artifacts.aoti``)
-and runs it on sample inputs stored beside the package: ``runner_inputs.txt`` lists one
-input per line in call order, ``name dtype ndim dim0 dim1 ... file``, and each file
-holds the tensor's raw little-endian bytes. The runner prints one JSON line with
+and runs it on the sample inputs stored beside the package
+(``compressor.exporters.runner_inputs``). The runner prints one JSON line with
 ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms`` and ``throughput`` (items per second).
 
 ``build_runner`` configures and builds it with CMake against the libtorch of the
@@ -16,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,7 @@ import torch
 
 from compressor.errors import CompressorError
 
-RUNNER_INPUTS = "runner_inputs.txt"
-_DTYPES = {torch.int64: "int64", torch.int32: "int32", torch.float32: "float32"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_runner_inputs(folder: Path, inputs: Mapping[str, torch.Tensor]) -> list[str]:
-    """Write ``inputs`` (in call order) for ``compressor-run``; returns the files written."""
-    lines, files = [], [RUNNER_INPUTS]
-    for name, t in inputs.items():
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"runner input {name}: dtype {t.dtype} is not one of int64, int32, float32")
-        if not name.isidentifier():
-            raise ValueError(f"runner input name {name!r} must be an identifier")
-        file = f"runner_input_{name}.bin"
-        arr = t.detach().cpu().contiguous().numpy()
-        (folder / file).write_bytes(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-        lines.append(" ".join([name, _DTYPES[t.dtype], str(t.dim()), *map(str, t.shape), file]))
-        files.append(file)
-    (folder / RUNNER_INPUTS).write_text("\n".join(lines) + "\n")
-    return files
 
 
 def build_runner(build_dir: Path, source_dir: Path = REPO_ROOT, jobs: int = 2) -> Path:

@@ -186,6 +186,7 @@ class OnnxExporter(Exporter):
         "ONNX for ONNX Runtime (int8 layers as DynamicQuantizeLinear + MatMulInteger), verified in ORT"
     )
     Config = OnnxExportConfig
+    forms = frozenset({"int8", "int4"})  # ONNX Runtime has no FP8 GEMM on the engines it serves
 
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
         cfg = self.config

@@ -60,11 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.config import option
-from compressor.errors import ExportError, RecipeError
+from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
 from compressor.exporters.onnx.onnx import dedupe_initializers_, rename_node_inputs_, trace_onnx, verify_onnx
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import set_module
+from compressor.planning import PlanState
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,17 @@ class OnnxQdqExporter(Exporter):
         "verified in ONNX Runtime"
     )
     Config = OnnxQdqExportConfig
+    forms = frozenset({"int8", "int4"})
+
+    def check_plan(self, state: PlanState) -> None:
+        for n, lin in state.linears.items():
+            scheme = lin.facts.get("activations")
+            if lin.form == "int8" and scheme != "static_per_tensor":
+                raise PlanError(
+                    f"{state.where}: {n} (from {lin.by}) quantizes activations with {scheme}, which TensorRT "
+                    "cannot run (it has no dynamic int8 activation quantization); set "
+                    "`activations: static_per_tensor` in the quantize pass"
+                )
 
     def export(self, model: nn.Module, ctx: ExportContext, out_dir: Path) -> ExportResult:
         cfg = self.config

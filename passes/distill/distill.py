@@ -16,11 +16,12 @@ from torch import nn
 from compressor.distill.config import RecoverConfig
 from compressor.distill.loop import distill_
 from compressor.errors import DataError
-from compressor.pipeline import Pass, PassContext, register_pass
+from compressor.pipeline import Pass, PassContext, PassOutput, register_pass
+from compressor.planning import PlanState
 
 
 @register_pass
-class DistillPass(Pass):
+class DistillPass(Pass[RecoverConfig]):
     name = "distill"
     description = "recover fidelity by distillation from the original model (masks and quantizers fixed)"
     Config = RecoverConfig
@@ -29,11 +30,19 @@ class DistillPass(Pass):
         if not ctx.data.train:
             raise DataError("distill: no training data (data.train_samples is 0)")
 
-    def run(self, model: nn.Module, ctx: PassContext) -> None:
+    def plan(self, state: PlanState) -> PlanState:
+        """Distillation trains weights in place: no layer changes shape, form or sparsity (the
+        masks and quantizer scales stay fixed), so the state is unchanged."""
+        return state
+
+    def run(self, model: nn.Module, ctx: PassContext) -> PassOutput:
         losses = distill_(
             model, ctx.teacher, ctx.adapter, ctx.data.train, self.config, ctx.progress, work_dir=ctx.work_dir
         )
-        ctx.record("loss_first", round(losses[0], 6))
-        ctx.record("loss_last", round(losses[-1], 6))
         tail = losses[-max(1, len(losses) // 10) :]
-        ctx.record("loss_tail_mean", round(sum(tail) / len(tail), 6))
+        details = {
+            "loss_first": round(losses[0], 6),
+            "loss_last": round(losses[-1], 6),
+            "loss_tail_mean": round(sum(tail) / len(tail), 6),
+        }
+        return PassOutput(model, details)

@@ -7,32 +7,30 @@ per model (``passes/prune/structure.py`` does the surgery), and write the new wi
 the Hugging Face config so the result saves and reloads with ``from_pretrained``.
 
 Widths are given per dimension as an integer count to keep or a fraction (0, 1] of
-the original to keep. Recovery by distillation (``recover:``) is not wired yet: the
-distillation engine is not on main; run a ``distill`` pass after ``prune`` meanwhile.
+the original to keep. ``plan`` works out those widths and the Linear shapes they give
+before anything runs (``passes/prune/plan.py``), so the passes after it judge the pruned
+model. ``recover:`` distills against the original model right after the pass.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-from compressor.config import option
-from compressor.distill.config import RecoverConfig
 from compressor.distill.losses import ORIGIN_LAYERS_ATTR, origin_layers
-from compressor.errors import PassError, PlanError, RecipeError
+from compressor.errors import PassError, PlanError
+from compressor.passes.prune.config import StructuredPruneConfig
 from compressor.passes.prune.importance import (
     ImportanceScores,
-    LayerMethod,
-    UnitMethod,
     activation_importance,
     magnitude_importance,
     random_importance,
 )
+from compressor.passes.prune.plan import PlannedWidths, PrunePlan, plan_widths, planned_linears
 from compressor.passes.prune.structure import (
     Anatomy,
     count_parameters,
@@ -42,112 +40,10 @@ from compressor.passes.prune.structure import (
     prune_heads_,
     select_heads_per_group,
 )
-from compressor.pipeline import Pass, PassContext, register_pass
-
-if TYPE_CHECKING:
-    from compressor.adapters.base import ModelAdapter
-    from compressor.targets import Target
+from compressor.pipeline import Pass, PassContext, PassOutput, register_pass
+from compressor.planning import PlanState
 
 log = logging.getLogger(__name__)
-
-Width = int | float | None
-
-
-def resolve_width(spec: Width, current: int, what: str, multiple_of: int = 1) -> int:
-    """The kept count for ``spec`` (int count, float fraction kept, None = unchanged).
-
-    Fractions round to the nearest multiple of ``multiple_of`` (at least one multiple).
-    Raises ValueError naming ``what`` for an impossible width.
-    """
-    if spec is None:
-        return current
-    if isinstance(spec, float):
-        if not 0.0 < spec <= 1.0:
-            raise ValueError(f"{what}: fraction {spec} must be in (0, 1]")
-        n = max(round(current * spec / multiple_of), 1) * multiple_of
-    else:
-        n = spec
-    if n < 1:
-        raise ValueError(f"{what}: must keep at least 1, got {n}")
-    if n > current:
-        raise ValueError(f"{what}: cannot keep {n}, the model has only {current}")
-    if n % multiple_of:
-        raise ValueError(f"{what}: {n} is not a multiple of {multiple_of}")
-    return n
-
-
-@dataclass(frozen=True)
-class StructuredPruneConfig:
-    """Options of the ``prune`` pass."""
-
-    heads: int | float | None = option(
-        None,
-        help="attention heads to keep per layer: an integer count, or a fraction (0, 1] of the "
-        "original; null keeps all. Llama/Qwen-style decoders only (BERT's config cannot express it); "
-        "with grouped-query attention it must be a multiple of num_key_value_heads",
-    )
-    ffn: int | float | None = option(
-        None, help="FFN intermediate channels to keep per layer: a count or a fraction (0, 1]; null keeps all"
-    )
-    layers: int | float | None = option(
-        None, help="transformer layers to keep: a count or a fraction (0, 1]; null keeps all"
-    )
-    ffn_multiple_of: int = option(
-        1, help="round the FFN width to a multiple of this (e.g. 64 for tensor-core friendly GEMMs)", ge=1
-    )
-    importance: UnitMethod = option(
-        "activation",
-        help="how heads and FFN channels are scored: 'activation' (Minitron, on calibration data), "
-        "'magnitude' (weight norms, data-free) or 'random' (a baseline)",
-    )
-    layer_importance: LayerMethod = option(
-        "cosine",
-        help="how layers are scored: 'cosine' (1 - cos(input, output), ShortGPT block importance), "
-        "'relative_change' (||out - in|| / ||in||) or 'random'",
-    )
-    calibration_batches: int = option(8, help="calibration batches used to score units", ge=1, le=10_000)
-    recover: RecoverConfig | None = option(
-        None, help="distill against the original model right after this pass (steps, lr, loss)"
-    )
-
-    def validate(self, path: str) -> None:
-        for name in ("heads", "ffn", "layers"):
-            value = getattr(self, name)
-            if isinstance(value, float) and not 0.0 < value <= 1.0:
-                raise RecipeError(f"{path}.{name}: fraction {value} must be in (0, 1]")
-            if isinstance(value, int) and value < 1:
-                raise RecipeError(f"{path}.{name}: must keep at least 1, got {value}")
-        if self.ffn_multiple_of < 1:
-            raise RecipeError(f"{path}.ffn_multiple_of: must be at least 1")
-        if self.calibration_batches < 1:
-            raise RecipeError(f"{path}.calibration_batches: must be at least 1")
-
-
-@dataclass(frozen=True)
-class PrunePlan:
-    heads: int
-    ffn: int
-    layers: int
-
-
-def plan_widths(anatomy: Anatomy, config: StructuredPruneConfig) -> PrunePlan:
-    """The target widths for ``anatomy``; ValueError with a user-facing message if impossible."""
-    heads = resolve_width(config.heads, anatomy.num_heads, "prune.heads")
-    if heads != anatomy.num_heads:
-        if not anatomy.can_prune_heads:
-            raise ValueError(
-                f"prune.heads: {anatomy.family} models cannot lose heads and still reload (Transformers "
-                "derives their head size from hidden_size / num_attention_heads); prune ffn or layers instead"
-            )
-        kv = anatomy.num_kv_heads
-        if kv != anatomy.num_heads and heads % kv:
-            raise ValueError(
-                f"prune.heads: {heads} is not a multiple of num_key_value_heads={kv} "
-                "(every key/value group must keep the same number of query heads)"
-            )
-    ffn = resolve_width(config.ffn, anatomy.intermediate_size, "prune.ffn", config.ffn_multiple_of)
-    layers = resolve_width(config.layers, anatomy.num_layers, "prune.layers")
-    return PrunePlan(heads, ffn, layers)
 
 
 @torch.no_grad()
@@ -209,27 +105,36 @@ def check_anatomy(anatomy: Anatomy) -> list[str]:
 
 
 @register_pass
-class StructuredPrunePass(Pass):
+class StructuredPrunePass(Pass[StructuredPruneConfig]):
     name = "prune"
     description = (
         "Minitron-style structured pruning of heads, FFN channels and layers (really shrinks tensors)"
     )
     Config = StructuredPruneConfig
 
+    def plan(self, state: PlanState) -> PlanState:
+        """The widths this prune keeps, judged from those an earlier prune planned, and every
+        Linear layer at its new shape (``passes/prune/plan.py``)."""
+        try:
+            anatomy = describe_model(state.model)
+            before = PlannedWidths.of(anatomy, state.widths)
+            plan = plan_widths(before, self.config)
+        except ValueError as e:
+            raise PlanError(f"prune: {e}") from None
+        linears = planned_linears(state, anatomy, before, plan)
+        return state.replace(linears=linears, widths=plan.as_widths())
+
     def _plan(self, model: nn.Module) -> tuple[Anatomy, PrunePlan]:
+        """The widths for the model as handed at run time."""
         try:
             anatomy = describe_model(model)
             return anatomy, plan_widths(anatomy, self.config)
         except ValueError as e:
             raise PlanError(f"prune: {e}") from None
 
-    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
-        self._plan(model)
-
-    def run(self, model: nn.Module, ctx: PassContext) -> nn.Module | None:
+    def run(self, model: nn.Module, ctx: PassContext) -> PassOutput:
         anatomy, plan = self._plan(model)
-        cfg: StructuredPruneConfig = self.config
-        self._plan_done = plan
+        cfg = self.config
         batches: Sequence = ctx.data.calibration[: cfg.calibration_batches]
         before = count_parameters(model)
         if cfg.importance == "activation" or cfg.layer_importance != "random":
@@ -249,17 +154,20 @@ class StructuredPrunePass(Pass):
         if "layers" in kept:
             record_origin_layers_(model, kept["layers"], layers_before)
         after = count_parameters(model)
-        ctx.record("kept", kept)
-        ctx.record("widths", {"heads": plan.heads, "ffn": plan.ffn, "layers": plan.layers})
-        ctx.record("parameters", {"before": before, "after": after})
         log.info("prune: %d -> %d parameters (%s)", before, after, plan)
-        return None
+        details: dict[str, Any] = {
+            "kept": kept,
+            "widths": plan.as_widths(),
+            "parameters": {"before": before, "after": after},
+        }
+        return PassOutput(model, details)
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
-        anatomy = describe_model(model)
+    def ensures(self, out: PassOutput, ctx: PassContext) -> None:
+        anatomy = describe_model(out.model)
         problems = check_anatomy(anatomy)
-        plan = getattr(self, "_plan_done", None)
-        if plan is not None:
+        widths = out.details.get("widths")
+        if widths is not None:
+            plan = PrunePlan(**widths)
             got = PrunePlan(anatomy.num_heads, anatomy.intermediate_size, anatomy.num_layers)
             if got != plan:
                 problems.append(f"widths {got} differ from the plan {plan}")

@@ -19,20 +19,21 @@ layer's choice and why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from compressor.adapters.base import ModelAdapter
 from compressor.config import option
 from compressor.distill.config import RecoverConfig
 from compressor.errors import PassError, PlanError, RecipeError
+from compressor.kernels.sparse24_format import is_24_sparse
 from compressor.modules import get_linear, select_modules
-from compressor.pipeline import Pass, PassContext, register_pass
-from compressor.targets import Target
+from compressor.pipeline import Pass, PassContext, PassOutput, register_pass
+from compressor.planning import FLOAT, PlanState
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,6 @@ def mask_24_by_magnitude(weight: torch.Tensor) -> torch.Tensor:
     return mask.reshape(n, k).to(weight.dtype)
 
 
-def is_24_sparse(weight: torch.Tensor) -> bool:
-    """True when every group of 4 along the last dim has at most 2 non-zeros."""
-    n, k = weight.shape
-    if k % 4:
-        return False
-    nonzero = (weight.detach().reshape(n, k // 4, 4) != 0).sum(dim=-1)
-    return bool((nonzero <= 2).all())
-
-
 @torch.no_grad()
 def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
     linear.weight.mul_(mask)
@@ -114,7 +106,7 @@ def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
 
 
 @register_pass
-class SparsifyPass(Pass):
+class SparsifyPass(Pass[SparsifyConfig]):
     name = "sparsify"
     description = (
         "2:4 semi-structured sparsity over the selected Linear layers, by magnitude or SparseGPT "
@@ -122,41 +114,54 @@ class SparsifyPass(Pass):
     )
     Config = SparsifyConfig
 
-    def check(self, model: nn.Module, target: Target, adapter: ModelAdapter) -> None:
-        names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
-        bad = [n for n in names if get_linear(model, n).in_features % 4]
+    def plan(self, state: PlanState) -> PlanState:
+        """Every selected layer becomes 2:4 (``sparse24``). Only float layers are candidates: a
+        quantized layer is no ``nn.Linear`` when this pass runs. Which layers mixed sparsity puts
+        back to dense is only known at run time, so all selected ones are marked."""
+        floats = state.replace(linears={n: lin for n, lin in state.linears.items() if lin.form == FLOAT})
+        names = floats.select(self.config.targets, self.config.ignore, what="sparsify")
+        bad = [n for n in names if state.linears[n].in_features % 4]
         if bad:
             raise PlanError(
                 f"sparsify: 2:4 needs in_features divisible by 4; not so for {', '.join(bad[:3])}"
             )
+        return state.with_linears(
+            {n: dataclasses.replace(state.linears[n], sparse24=True, by=state.where) for n in names}
+        )
 
-    def run(self, model: nn.Module, ctx: PassContext) -> None:
+    def run(self, model: nn.Module, ctx: PassContext) -> PassOutput:
         names = select_modules(model, self.config.targets, self.config.ignore, what="sparsify")
         dense = (
             {n: get_linear(model, n).weight.detach().clone() for n in names}
             if self.config.max_dense_layers
             else {}
         )
+        details: dict[str, Any] = {}
         if self.config.method == "sparsegpt":
-            self._run_sparsegpt(model, ctx, names)
+            details.update(self._run_sparsegpt(model, ctx, names))
         else:
             for n in names:
                 lin = get_linear(model, n)
                 apply_mask_(lin, mask_24_by_magnitude(lin.weight))
-        self.dense_layers = self._mixed_sparsity(model, ctx, names, dense) if dense else []
-        ctx.record("sparsified_layers", len(names) - len(self.dense_layers))
-        ctx.record("dense_layers", self.dense_layers)
-        ctx.record(
-            "speedup_on_target",
-            "2:4 sparse tensor cores" if ctx.target.sparse_24 else "none (no 2:4 hardware)",
+        dense_layers: list[str] = []
+        if dense:
+            mixed = self._mixed_sparsity(model, ctx, names, dense)
+            dense_layers = mixed.pop("dense_layers")
+            details.update(mixed)
+        details["sparsified_layers"] = len(names) - len(dense_layers)
+        details["dense_layers"] = dense_layers
+        details["speedup_on_target"] = (
+            "2:4 sparse tensor cores" if ctx.target.sparse_24 else "none (no 2:4 hardware)"
         )
+        return PassOutput(model, details)
 
     def _mixed_sparsity(
         self, model: nn.Module, ctx: PassContext, names: list[str], dense: dict[str, torch.Tensor]
-    ) -> list[str]:
-        """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them."""
+    ) -> dict[str, Any]:
+        """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them
+        (``dense_layers``) and the details of the search (``per_layer``, ``mixed_sparsity``)."""
+        from compressor.passes.quantize.int8_math import mean_cosine
         from compressor.passes.quantize.mixed_precision import budget_target, plan_mixed_precision
-        from compressor.passes.quantize.quantize import _mean_cosine
         from compressor.progress import open_progress
 
         cfg = self.config
@@ -171,7 +176,7 @@ class SparsifyPass(Pass):
             for n in names:
                 get_linear(model, n).weight.copy_(dense[n] if n in kept else sparse[n])
             try:
-                return _mean_cosine(torch.cat([adapter.forward(model, b) for b in cal]), reference)
+                return mean_cosine(torch.cat([adapter.forward(model, b) for b in cal]), reference)
             finally:
                 for n in kept:
                     get_linear(model, n).weight.copy_(sparse[n])
@@ -196,16 +201,18 @@ class SparsifyPass(Pass):
                 lin = get_linear(model, n)
                 lin.weight.copy_(dense[n])
                 del lin.weight_mask  # a dense layer: distillation and quantization keep it dense
-        ctx.record("per_layer", plan.per_layer)
+        details: dict[str, Any] = {"dense_layers": list(plan.keep_float), "per_layer": plan.per_layer}
         if target is not None:
-            ctx.record(
-                "mixed_sparsity",
-                {"target": target.label, "reached": plan.reached,
-                 "mean_cosine_by_dense_layers": [round(c, 6) for c in plan.trace]},
-            )  # fmt: skip
-        return list(plan.keep_float)
+            details["mixed_sparsity"] = {
+                "target": target.label,
+                "reached": plan.reached,
+                "mean_cosine_by_dense_layers": [round(c, 6) for c in plan.trace],
+            }
+        return details
 
-    def _run_sparsegpt(self, model: nn.Module, ctx: PassContext, names: list[str]) -> None:
+    def _run_sparsegpt(self, model: nn.Module, ctx: PassContext, names: list[str]) -> dict[str, Any]:
+        """SparseGPT over the selected layers inside the blocks, magnitude over the rest; returns
+        the details (``sparsegpt_layers``, ``magnitude_layers``)."""
         from compressor.passes.common.sequential import compress_linears_sequentially
         from compressor.passes.prune.structure import describe_model
         from compressor.passes.sparsity.sparsegpt import sparsegpt_prune
@@ -245,11 +252,10 @@ class SparsifyPass(Pass):
         for n in rest:
             lin = get_linear(model, n)
             apply_mask_(lin, mask_24_by_magnitude(lin.weight))
-        ctx.record("sparsegpt_layers", len(done))
-        ctx.record("magnitude_layers", rest)
+        return {"sparsegpt_layers": len(done), "magnitude_layers": rest}
 
-    def ensures(self, model: nn.Module, ctx: PassContext) -> None:
-        dense = set(getattr(self, "dense_layers", []))
-        for n in select_modules(model, self.config.targets, self.config.ignore, what="sparsify"):
-            if n not in dense and not is_24_sparse(get_linear(model, n).weight):
+    def ensures(self, out: PassOutput, ctx: PassContext) -> None:
+        dense = set(out.details.get("dense_layers", []))
+        for n in select_modules(out.model, self.config.targets, self.config.ignore, what="sparsify"):
+            if n not in dense and not is_24_sparse(get_linear(out.model, n).weight):
                 raise PassError(f"{n}: weight is not 2:4 sparse after sparsify")

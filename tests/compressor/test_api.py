@@ -3,6 +3,7 @@ same metrics as ``compile_recipe`` on the same recipe and seed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def _tiny_recipe(source: Path) -> Recipe:
                 "batch_size": 8,
             },
             "passes": [
-                {"pass": "sparsify", "targets": ["encoder.layer.0.*"]},
+                {"pass": "sparsify", "targets": ["encoder.layer.0.intermediate.*"]},
                 {"pass": "quantize", "targets": ["encoder.*"], "smoothquant": True, "alpha": 0.5},
             ],
             "exports": [{"format": "onnx", "verify_batch_sizes": [2], "verify_lengths": [16]}],
@@ -108,6 +109,92 @@ def test_compress_a_module_in_memory(tmp_path: Path) -> None:
         api.compress(recipe, model=net)
     with pytest.raises(CompressorError, match="bench times sentence-embedding bundles; this one uses module"):
         api.bench(tmp_path / "mlp")
+
+
+def _held_model(tiny_bert_dir: Path) -> tuple[Any, Any, Any, DataSplits]:
+    """What a benchmark holds: the adapter that loaded the teacher, the frozen teacher, a
+    student changed in memory (depth cut to 1 of 2 layers, as a prune would leave it) and
+    data built once."""
+    from compressor.adapters.hf_encoder import HFEncoderAdapter
+    from compressor.recipe import DataSpec
+
+    adapter = HFEncoderAdapter()
+    teacher = adapter.load(str(tiny_bert_dir)).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    student.encoder.layer = student.encoder.layer[:1]
+    spec = DataSpec(calibration_samples=16, train_samples=0, eval_samples=16, max_length=32, batch_size=8)
+    return adapter, teacher, student, adapter.make_data(spec, seed=0)
+
+
+def _held_recipe(tiny_bert_dir: Path, passes: list[dict[str, Any]], **evaluation: Any) -> Recipe:
+    return parse_recipe(
+        {
+            "name": "held",
+            "model": {"source": str(tiny_bert_dir)},
+            "passes": passes,
+            "exports": [{"format": "onnx", "verify_batch_sizes": [2], "verify_lengths": [16]}],
+            "evaluation": {"run_bench": False, **evaluation},
+        },
+        "held.yaml",
+    )
+
+
+def test_compress_a_held_model_with_its_adapter_data_and_teacher(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from compressor.adapters.hf_encoder import embedding_fidelity
+
+    adapter, teacher, student, splits = _held_model(tiny_bert_dir)
+    recipe = _held_recipe(
+        tiny_bert_dir, [{"pass": "quantize", "targets": ["encoder.*"], "smoothquant": True}]
+    )
+    c = api.compress(recipe, model=student, adapter=adapter, data=splits, teacher=teacher)
+    assert c.data is splits and c.teacher is teacher and c.adapter is adapter
+    assert c.model is not student and len(c.model.encoder.layer) == 1  # a copy of the held model
+    assert isinstance(student.encoder.layer[0].attention.self.query, nn.Linear)  # left as it was
+
+    # Measured against the given teacher, not a copy of the model: the 1-layer student starts off it.
+    held = embedding_fidelity(adapter.embed(student, splits.eval), adapter.embed(teacher, splits.eval))
+    assert c.results[0].metrics["mean_cosine"] == pytest.approx(held["mean_cosine"], abs=1e-6)
+    assert held["mean_cosine"] < 0.9  # a copy of the model as teacher would give 1.0
+    final = adapter.metrics(c.model, teacher, splits.eval)
+    assert c.metrics["mean_cosine"] == pytest.approx(final["mean_cosine"], abs=1e-6)
+    assert abs(c.metrics["mean_cosine"] - held["mean_cosine"]) < 0.02  # the cut costs it, not int8
+
+    manifest = api.export(c, tmp_path / "held")
+    assert manifest["data"] == splits.info and manifest["model"]["adapter"] == "hf-encoder"
+    assert manifest["verification"]["onnx"]["min_cosine"] > 0.99  # the 1-layer int8 model, exported
+
+
+def test_compress_checks_the_plan_on_the_held_model_before_any_pass(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from compressor.app.compile import plan
+    from compressor.passes import PASSES
+
+    adapter, teacher, student, splits = _held_model(tiny_bert_dir)
+    passes = [
+        {"pass": "sparsify", "targets": ["encoder.layer.0.intermediate.*"]},
+        {"pass": "quantize", "targets": ["encoder.layer.1.*"]},
+    ]
+    recipe = _held_recipe(tiny_bert_dir, passes)
+    plan(recipe, adapter, teacher)  # legal on the 2-layer model the recipe names ...
+    ran: list[str] = []
+    monkeypatch.setattr(PASSES["sparsify"], "run", lambda *a: ran.append("sparsify"))
+    stages: list[str] = []
+    with pytest.raises(CompressorError, match="target pattern 'encoder.layer.1.[*]' matches no Linear layer"):
+        api.compress(
+            recipe, model=student, adapter=adapter, data=splits, teacher=teacher, on_stage=stages.append
+        )
+    assert ran == [] and not any(s.startswith("pass ") for s in stages)  # ... refused on the held one first
+
+    quantize = [{"pass": "quantize", "targets": ["encoder.*"]}]
+    floored = _held_recipe(tiny_bert_dir, quantize, min_mean_cosine=0.5)
+    with pytest.raises(CompressorError, match="evaluation.min_mean_cosine is a fidelity floor"):
+        api.compress(floored, model=student, adapter=adapter, data=splits, teacher=teacher, measure=False)
+    c = api.compress(
+        _held_recipe(tiny_bert_dir, quantize), model=student, adapter=adapter, data=splits, measure=False
+    )
+    assert c.metrics == {} and [r.name for r in c.results] == ["original", "quantize"]
+    assert c.teacher is not student and len(c.teacher.encoder.layer) == 1  # no teacher given: the held model
 
 
 def test_load_recipe_overrides_target_and_model(tmp_path: Path) -> None:

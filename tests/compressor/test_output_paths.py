@@ -329,6 +329,7 @@ def _start_compile(tmp_path: Path, model: Path, out: Path) -> tuple[subprocess.P
     return proc, lines
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_compile_leaves_nothing(tiny_bert_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bundles" / "b"
     proc, lines = _start_compile(tmp_path, tiny_bert_dir, out)
@@ -342,6 +343,7 @@ def test_sigterm_during_a_compile_leaves_nothing(tiny_bert_dir: Path, tmp_path: 
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_next_compile_removes_what_a_killed_one_left(
     tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

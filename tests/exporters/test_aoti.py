@@ -37,6 +37,7 @@ def _cosine_min(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
 
 
+@pytest.mark.slow
 def test_manifest_lists_the_package_and_the_triton_repository(bundle) -> None:  # type: ignore[no-untyped-def]
     out, manifest, _ = bundle
     assert manifest["artifacts"]["aoti"] == "model.pt2"
@@ -54,6 +55,7 @@ def test_manifest_lists_the_package_and_the_triton_repository(bundle) -> None:  
     assert not list(out.glob(".partial-*"))
 
 
+@pytest.mark.slow
 def test_round_trip_matches_torch_at_new_shapes(bundle) -> None:  # type: ignore[no-untyped-def]
     out, _, adapter = bundle
     model = adapter.exported
@@ -70,6 +72,7 @@ def test_round_trip_matches_torch_at_new_shapes(bundle) -> None:  # type: ignore
         assert _cosine_min(got, ref) > 0.999
 
 
+@pytest.mark.slow
 def test_dynamic_batch(bundle) -> None:  # type: ignore[no-untyped-def]
     out, _, adapter = bundle
     runner = torch._inductor.aoti_load_package(str(out / "model.pt2"))
@@ -83,6 +86,7 @@ def test_dynamic_batch(bundle) -> None:  # type: ignore[no-untyped-def]
         assert _cosine_min(got, ref) > 0.999
 
 
+@pytest.mark.slow
 def test_exported_program_round_trip(bundle) -> None:  # type: ignore[no-untyped-def]
     """torch_export: the saved ExportedProgram reloads and computes what the compressed model does,
     at shapes other than the traced and verified ones."""
@@ -118,6 +122,7 @@ def _negating_context(adapter: HFEncoderAdapter) -> ExportContext:
     return ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out, _, adapter = bundle
     # Reuse the package compiled above (a real one) instead of compiling the same model again.
@@ -134,6 +139,7 @@ def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_exported_program_disagreement_fails_and_leaves_nothing(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, adapter = bundle
     ctx = _negating_context(adapter)
@@ -171,11 +177,13 @@ def test_dynamic_shapes_share_one_dim_per_axis_name() -> None:
     assert shapes["a"][0].max == 64 and shapes["a"][1].max == 128 and shapes["a"][1].min == 1
 
 
+@pytest.mark.slow
 def test_native_runner_runs_the_bundle_package(bundle, native_runner: Path) -> None:  # type: ignore[no-untyped-def]
     """compressor-run (C++, libtorch) loads the bundle's package and computes what torch does."""
     import numpy as np
 
-    from compressor.app.native import RUNNER_INPUTS, run_runner
+    from compressor.app.native import run_runner
+    from compressor.exporters.runner_inputs import RUNNER_INPUTS
 
     out, _, adapter = bundle
     lines = (out / RUNNER_INPUTS).read_text().split("\n")

@@ -21,7 +21,7 @@ from compressor.exporters.base import ExportContext
 from compressor.exporters.compressed_tensors import CompressedTensorsExporter
 from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
+from compressor.passes.quantize.quantize import QuantizePass, quantize_config
 from compressor.pipeline import PassContext
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
@@ -66,7 +66,7 @@ def _quantized(lm_dir: Path, **quantize: Any) -> tuple[nn.Module, ExportContext]
         teacher=copy.deepcopy(model),
         data=adapter.make_data(SPEC, 0),
     )
-    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(model, ctx)
+    q = QuantizePass(quantize_config(targets=("model.layers.*",), **quantize)).run(model, ctx).model
     return q, ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
 
 
@@ -142,11 +142,13 @@ def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_pat
     model = adapter.load(str(tiny_llama_dir))
     ctx = PassContext(target=get_target("a100"), adapter=adapter, teacher=copy.deepcopy(model),
                       data=adapter.make_data(SPEC, 0))  # fmt: skip
-    dense = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(
-        copy.deepcopy(model), ctx
+    dense = (
+        QuantizePass(quantize_config(targets=("model.layers.*",), **quantize))
+        .run(copy.deepcopy(model), ctx)
+        .model
     )
     SparsifyPass(SparsifyConfig(targets=("model.layers.*",))).run(model, ctx)  # in place
-    q = QuantizePass(QuantizeConfig(targets=("model.layers.*",), **quantize)).run(model, ctx)
+    q = QuantizePass(quantize_config(targets=("model.layers.*",), **quantize)).run(model, ctx).model
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     for sub in ("sparse", "default", "dense"):
         (tmp_path / sub).mkdir()

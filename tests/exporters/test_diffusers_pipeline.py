@@ -12,7 +12,8 @@ from compressor.adapters.diffusion.schedule import make_scheduler
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.diffusers_pipeline import DiffusersPipelineExporter
-from compressor.passes.diffusion.step_reduction import ConsistencyDistillPass, GuidanceDistillPass
+from compressor.passes.diffusion.consistency_distill import ConsistencyDistillPass
+from compressor.passes.diffusion.guidance_distill import GuidanceDistillPass
 from compressor.recipe import load_recipe, parse_recipe
 from compressor.targets import TARGETS
 from tests.helpers.diffusion import make_ctx, tiny_teacher
@@ -26,7 +27,7 @@ def _student(adapter, data):  # type: ignore[no-untyped-def]
         GuidanceDistillPass(GuidanceDistillPass.Config(train_steps=2)),
         ConsistencyDistillPass(ConsistencyDistillPass.Config(sampling_steps=2, train_steps=2)),
     ):
-        model = p.run(model, make_ctx(model, adapter, data))
+        model = p.run(model, make_ctx(model, adapter, data)).model
     return model
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 import pytest
 from google.protobuf import text_format
+from torch import nn
 
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext
@@ -18,14 +19,13 @@ from compressor.exporters.triton_repository import (
     TritonRepositoryConfig,
     TritonRepositoryExporter,
     batching,
-    check_recipe_exports,
     onnx_io,
-    recipe_batch_sizes,
     render_config_pbtxt,
 )
 from compressor.manifest import sha256_file
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
-from compressor.recipe import parse_recipe
+from compressor.passes.quantize.quantize import QuantizePass, quantize_config
+from compressor.planning import PlanState, plan_exports
+from compressor.recipe import Recipe, parse_recipe
 from compressor.targets import get_target
 
 
@@ -43,7 +43,11 @@ def model_config_pb2() -> Any:
 
 def _export(tiny_ctx, out: Path, target: str = "cpu", **cfg):  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=True, alpha=0.5)).run(model, ctx)
+    q = (
+        QuantizePass(quantize_config(targets=("encoder.*",), smoothquant=True, alpha=0.5))
+        .run(model, ctx)
+        .model
+    )
     ectx = ExportContext(target=get_target(target), adapter=adapter, data=ctx.data, reference_model=q)
     OnnxExporter(OnnxExportConfig(verify_batch_sizes=(2,), verify_lengths=(16,))).export(q, ectx, out)
     res = TritonRepositoryExporter(TritonRepositoryConfig(**cfg)).export(q, ectx, out)
@@ -115,6 +119,14 @@ def test_without_onnx_export_nothing_is_written(tiny_ctx, tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def check_recipe_exports(recipe: Recipe) -> None:
+    """The plan-time checks of ``recipe``'s exports, on a model with no Linear layer to judge."""
+    from compressor.exporters import EXPORTERS
+
+    state = PlanState(get_target(recipe.target), cast(Any, None), nn.Identity(), linears={})
+    plan_exports(state, [EXPORTERS[e.format](e.config) for e in recipe.exports])
+
+
 def _recipe(exports: list[dict[str, Any]]) -> Any:
     return parse_recipe(
         {"target": "cpu", "exports": exports, "evaluation": {"bench": {"batch_sizes": [2, 16]}}}, "r.yaml"
@@ -122,12 +134,11 @@ def _recipe(exports: list[dict[str, Any]]) -> Any:
 
 
 def test_recipe_order_and_batch_sizes() -> None:
-    with pytest.raises(RecipeError, match=r"r.yaml: exports\[0\] \(triton_repository\) serves model.onnx"):
+    with pytest.raises(RecipeError, match=r"exports\[0\] \(triton_repository\) serves model.onnx"):
         check_recipe_exports(_recipe([{"format": "triton_repository"}, {"format": "onnx"}]))
     recipe = _recipe([{"format": "onnx", "verify_batch_sizes": [1, 4]}, {"format": "triton_repository"}])
     check_recipe_exports(recipe)
-    assert recipe_batch_sizes(recipe) == (2, 16)  # bench sizes only, not verify_batch_sizes
-    assert batching(TritonRepositoryConfig(), recipe_batch_sizes(recipe)) == (16, (2, 16))
+    assert batching(TritonRepositoryConfig(), recipe.evaluation.bench.batch_sizes) == (16, (2, 16))
     assert batching(TritonRepositoryConfig(max_batch_size=4), (1, 2, 4, 16)) == (4, (2, 4))
     with pytest.raises(RecipeError, match=r"exports\[1\].model_name: '../x' is not a usable model name"):
         _recipe([{"format": "onnx"}, {"format": "triton_repository", "model_name": "../x"}])
@@ -187,10 +198,11 @@ def _qdq_export(tiny_ctx, out: Path, target: str, recipe: Any = None, **cfg):  #
     from compressor.exporters.onnx.onnx_qdq import OnnxQdqExportConfig, OnnxQdqExporter
 
     adapter, model, ctx = tiny_ctx
-    qcfg = QuantizeConfig(targets=("encoder.*",), activations="static_per_tensor")
-    q = QuantizePass(qcfg).run(model, ctx)
+    qcfg = quantize_config(targets=("encoder.*",), activations="static_per_tensor")
+    q = QuantizePass(qcfg).run(model, ctx).model
+    sizes = recipe.evaluation.bench.batch_sizes if recipe is not None else ExportContext.batch_sizes
     ectx = ExportContext(
-        target=get_target(target), adapter=adapter, data=ctx.data, reference_model=q, recipe=recipe
+        target=get_target(target), adapter=adapter, data=ctx.data, reference_model=q, batch_sizes=sizes
     )
     OnnxExporter(OnnxExportConfig(verify_batch_sizes=(2,), verify_lengths=(16,))).export(q, ectx, out)
     qdq = OnnxQdqExportConfig(verify_batch_sizes=(2,), verify_lengths=(16,), min_cosine=0.9)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from compressor.adapters.base import DataSplits  # noqa: E402
 from compressor.adapters.diffusion.adapter import DiffusersAdapter  # noqa: E402
 from compressor.adapters.diffusion.builders import from_class_unet  # noqa: E402
 from compressor.adapters.diffusion.model import DiffusionModel, SamplingSpec  # noqa: E402
-from compressor.pipeline import PassContext  # noqa: E402
+from compressor.pipeline import Pass, PassContext, PassOutput  # noqa: E402
+from compressor.planning import PlanState  # noqa: E402
 from compressor.targets import TARGETS  # noqa: E402
 
 
@@ -47,10 +50,20 @@ def nfe_of(model: DiffusionModel, n: int = 4) -> float:
     return model.sample(torch.arange(n) % 10, torch.Generator().manual_seed(0))[1]
 
 
-def run_pass(p, model, adapter, data):  # type: ignore[no-untyped-def]
-    """requires -> run -> ensures, as the pipeline does; returns (student, ctx)."""
+def plan_state(model: Any, adapter: Any) -> PlanState:
+    """The plan before any pass, for ``model`` deployed on the CPU target."""
+    return PlanState.from_model(model, TARGETS["cpu"], adapter)
+
+
+def run_pass(p: Pass, model: DiffusionModel, adapter: Any, data: Any) -> tuple[DiffusionModel, PassOutput]:
+    """plan -> requires -> run -> ensures, as a compile does; returns (the model it leaves, its
+    output). Also checks that the sampling the pass planned is the sampling of the model its
+    run leaves, so every test that runs a pass checks its ``plan`` too."""
+    planned = p.plan(plan_state(model, adapter))
     ctx = make_ctx(model, adapter, data)
     p.requires(model, ctx)
-    out = p.run(model, ctx) or model
+    out = p.run(model, ctx)
+    assert isinstance(out, PassOutput)
     p.ensures(out, ctx)
-    return out, ctx
+    assert planned.diffusion == plan_state(out.model, adapter).diffusion, (planned.diffusion, out.model)
+    return cast(DiffusionModel, out.model), out

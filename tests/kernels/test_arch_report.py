@@ -18,6 +18,7 @@ def rows() -> list[dict]:  # type: ignore[type-arg]
     return build_arch_report(["sm_80", "sm_87", "sm_90"])
 
 
+@pytest.mark.slow
 def test_every_kernel_builds_for_ampere_orin_and_hopper(rows) -> None:  # type: ignore[no-untyped-def]
     by = {(r["kernel"], r["arch"]): r for r in rows}
     assert all(r["ok"] for r in rows), format_arch_report(rows)
@@ -33,6 +34,7 @@ def test_every_kernel_builds_for_ampere_orin_and_hopper(rows) -> None:  # type: 
     assert by[("quantize_per_token_smooth", "sm_87")]["status"] == "built"
 
 
+@pytest.mark.slow
 def test_report_and_cli(rows, capsys) -> None:  # type: ignore[no-untyped-def]
     text = format_arch_report(rows)
     assert f"{len(rows)} of {len(rows)} ok" in text

@@ -257,6 +257,7 @@ def test_cutlass_tensor_from_our_compression() -> None:
 # --------------------------------------------------------------------------- arch specs
 
 
+@pytest.mark.slow
 def test_arch_specs_build_for_sm80_without_interpreter() -> None:
     code = textwrap.dedent(
         """

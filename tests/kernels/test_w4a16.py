@@ -27,15 +27,11 @@ from compressor.kernels.int4_format import (
 )
 from compressor.kernels.reference import w4a16_gemm_ref
 from compressor.kernels.w4a16 import arch_specs, pick_config, pick_split_k, w4a16_linear
+from tests.helpers.metrics import sqnr_db
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def _sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (signal.float() - approx.float()).pow(2).mean()
-    return (10 * torch.log10(signal.float().pow(2).mean() / noise)).item()
 
 
 def _weights(n: int, k: int, group_size: int, symmetric: bool, seed: int = 0) -> QuantizedWeight:
@@ -81,7 +77,7 @@ def test_kernel_matches_reference(m: int, k: int, n: int, group_size: int, dtype
     assert _rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
     # And against the unpacked QuantizedWeight in float32: the int4 layout loses nothing.
     exact = x.float() @ qw.dequantize().t() + bias
-    assert _sqnr_db(exact, y) > (100.0 if dtype == torch.float32 else 50.0)
+    assert sqnr_db(exact, y) > (100.0 if dtype == torch.float32 else 50.0)
 
 
 def test_split_k_matches_plain_kernel() -> None:
@@ -176,6 +172,7 @@ def test_arch_specs_are_consistent() -> None:
     assert specs["w4a16_gemm_splitk_fp16_g128"].signature["y_ptr"] == "*fp32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["w4a16_gemm_fp16_g128", "w4a16_gemm_splitk_fp16_g128"])
 def test_arch_spec_builds_mma_for_sm80(name: str, tmp_path: Path) -> None:
     """Compiles a spec for a real sm_80 target (PTX only, no GPU needed) in a fresh

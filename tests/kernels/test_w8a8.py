@@ -16,13 +16,9 @@ from compressor.kernels.reference import (
 )
 from compressor.kernels.scaled_gemm import scaled_gemm
 from compressor.kernels.w8a8 import quantize_per_token, w8a8_linear
+from tests.helpers.metrics import sqnr_db
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.detach().double(), got.detach().double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum().clamp(min=1e-30)))
 
 
 @pytest.mark.parametrize(("m", "k"), [(1, 7), (37, 100), (5, 1500)])

@@ -19,17 +19,15 @@ from compressor.adapters.diffusion.model import DiffusionModel, SamplingSpec
 from compressor.adapters.diffusion.schedule import NoiseSchedule, make_scheduler, training_schedule
 from compressor.adapters.digits import DIGIT_PROMPTS
 from compressor.config import from_dict
-from compressor.errors import DataError, PassError
+from compressor.errors import DataError, PlanError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.diffusers_pipeline import DiffusersPipelineExporter
-from compressor.passes.diffusion.schedulers import SchedulerPass
-from compressor.passes.diffusion.step_reduction import (
-    ConsistencyDistillPass,
-    GuidanceDistillPass,
-    ProgressiveDistillPass,
-    consistency_map,
-    guided_at,
-)
+from compressor.passes.diffusion.consistency_distill import ConsistencyDistillPass, consistency_map
+from compressor.passes.diffusion.guidance_distill import GuidanceDistillPass
+from compressor.passes.diffusion.progressive_distill import ProgressiveDistillPass
+from compressor.passes.diffusion.scheduler import SchedulerPass
+from compressor.passes.diffusion.training import guided_at
+from compressor.planning import PlanState
 from compressor.targets import TARGETS
 from tests.helpers.diffusion import make_ctx, nfe_of, run_pass
 
@@ -232,7 +230,7 @@ def test_text_students_export_reload_and_sample_by_prompt(kind: str, tmp_path: P
         GuidanceDistillPass(GuidanceDistillPass.Config(train_steps=2)),
         ConsistencyDistillPass(ConsistencyDistillPass.Config(sampling_steps=2, train_steps=2)),
     ):
-        model = p.run(model, make_ctx(model, adapter, data))
+        model = p.run(model, make_ctx(model, adapter, data)).model
     ectx = ExportContext(target=TARGETS["cpu"], adapter=adapter, data=data, reference_model=model)
     res = DiffusersPipelineExporter().export(model, ectx, tmp_path)
     assert res.verification["pipeline_reload_max_abs_diff"] <= 1e-4
@@ -366,8 +364,8 @@ def test_dit_learned_variance_channels_are_dropped_and_label_dropout_is_off() ->
 def test_dit_step_distillation_bakes_guidance_and_exports(tmp_path: Path, adapter, data) -> None:
     teacher = tiny_dit()
     assert nfe_of(teacher) == 8
-    with pytest.raises(PassError, match="no input to add a guidance-scale embedding"):
-        GuidanceDistillPass().requires(teacher, make_ctx(teacher, adapter, data))
+    with pytest.raises(PlanError, match="no input to add a guidance-scale embedding"):
+        GuidanceDistillPass().plan(PlanState.from_model(teacher, TARGETS["cpu"], adapter))
     cfg = from_dict(
         ProgressiveDistillPass.Config, {"start_steps": 4, "final_steps": 2, "train_steps": 2}, "p"
     )

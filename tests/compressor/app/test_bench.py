@@ -31,6 +31,7 @@ def result(aoti_bundle, native_runner: Path) -> dict[str, Any]:  # type: ignore[
     return bench_bundle(out, BenchConfig(runner=native_runner, **FAST))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_every_engine_of_the_bundle_runs(result, aoti_bundle) -> None:  # type: ignore[no-untyped-def]
     engines = result["engines"]
     # all: the baseline plus one engine per artifact (torch_export gives eager and compile; the
@@ -51,6 +52,7 @@ def test_every_engine_of_the_bundle_runs(result, aoti_bundle) -> None:  # type: 
         assert row["engines"]["ort_fp32"]["speedup_vs_ort_fp32"] == 1.0
 
 
+@pytest.mark.slow
 def test_engines_compute_the_compressed_model(result, aoti_bundle) -> None:  # type: ignore[no-untyped-def]
     """Each engine's outputs, scored against the original model, agree with the pipeline's own
     measurement of the compressed model and with each other: no engine ran something else."""
@@ -66,6 +68,7 @@ def test_engines_compute_the_compressed_model(result, aoti_bundle) -> None:  # t
     assert fid["aoti"]["min_cosine"] == pytest.approx(fid["torch_eager"]["min_cosine"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_asked_for_engines_that_cannot_run_are_errors(aoti_bundle) -> None:  # type: ignore[no-untyped-def]
     out, _, _ = aoti_bundle
     with pytest.raises(EngineUnavailable, match="ort_qdq: the bundle has no artifacts.onnx_qdq"):
@@ -74,6 +77,7 @@ def test_asked_for_engines_that_cannot_run_are_errors(aoti_bundle) -> None:  # t
         bench_bundle(out, BenchConfig(engines=("ort", "trt"), **FAST))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_auto_lists_what_it_could_not_run(aoti_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A bundle naming a TensorRT plan, benched where TensorRT does not import (or on the CPU):
     the plan is listed as not run, with the reason, and the other engines still run."""
@@ -93,6 +97,7 @@ def test_auto_lists_what_it_could_not_run(aoti_bundle, tmp_path: Path) -> None: 
     assert set(r["latency"][0]["engines"]) == {"ort_fp32", "ort"}
 
 
+@pytest.mark.slow
 def test_an_unsigned_copy_of_the_bundle_runs_only_its_onnx(aoti_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The same bundle without its signature (a bundle from elsewhere): its ExportedProgram and
     AOTInductor package are not loaded, each named with the reason; ONNX Runtime still runs."""
@@ -110,6 +115,7 @@ def test_an_unsigned_copy_of_the_bundle_runs_only_its_onnx(aoti_bundle, tmp_path
         bench_bundle(tmp_path / "copy", BenchConfig(engines=("aoti",), **FAST))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_cli_writes_json_markdown_and_html_with_plots(
     aoti_bundle, native_runner, tmp_path: Path, capsys
 ) -> None:  # type: ignore[no-untyped-def]
@@ -176,6 +182,7 @@ def test_engine_selection_puts_the_baseline_first() -> None:
         _engine_names(BenchConfig(baseline="ort"), arts, cpu)
 
 
+@pytest.mark.slow
 def test_onnx_files_are_timed_beside_ort_fp32_of_the_original(aoti_bundle, tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The benchmarks' shared helper: every file and the fp32 baseline timed in one rotation,
     and the baseline is the original model (its outputs are the original's, not the bundle's)."""

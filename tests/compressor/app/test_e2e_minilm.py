@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from compressor.app.cli import main
 from compressor.recipe import load_recipe
 
 
+@pytest.mark.slow
 def test_default_recipe_compiles_minilm(tmp_path: Path) -> None:
     recipe = load_recipe("minilm-cpu-int8").to_dict()
     # The shipped recipe, with less data and training so CI stays fast.

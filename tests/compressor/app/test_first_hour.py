@@ -30,7 +30,7 @@ from compressor.app.report import (
     render_bench_html,
     render_html,
 )
-from compressor.pipeline import Pass, PassContext, PassResult, Pipeline
+from compressor.pipeline import Pass, PassContext, PassOutput, PassResult, Pipeline
 
 
 class Recorder:
@@ -210,11 +210,11 @@ def test_a_recipe_files_relative_source_is_relative_to_the_file(
 
 
 def test_quantize_reports_each_calibration_eval(tiny_ctx: Any) -> None:
-    from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
+    from compressor.passes.quantize.quantize import QuantizePass, quantize_config
 
     adapter, model, ctx = tiny_ctx
     ctx.progress = Recorder()
-    cfg = QuantizeConfig(targets=("encoder.*",), smoothquant=True, alpha_grid=(0.5, 0.8), max_float_layers=1)
+    cfg = quantize_config(targets=("encoder.*",), smoothquant=True, alpha_grid=(0.5, 0.8), max_float_layers=1)
     QuantizePass(cfg).run(model, ctx)
     (bar,) = ctx.progress.bars
     assert bar.desc.startswith("quantize") and bar.unit == "eval" and bar.closed
@@ -243,7 +243,7 @@ def test_distill_reports_through_the_same_factory(tiny_ctx: Any) -> None:
 
 
 def test_diffusion_training_loops_report_each_step() -> None:
-    from compressor.passes.diffusion.step_reduction import fit
+    from compressor.passes.diffusion.training import fit
 
     student = nn.Linear(4, 4)
     x = torch.randn(8, 4)
@@ -254,7 +254,8 @@ def test_diffusion_training_loops_report_each_step() -> None:
 
 
 def test_diffusion_passes_open_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compressor.passes.diffusion import step_reduction as sr
+    from compressor.passes.diffusion import consistency_distill as cd
+    from compressor.passes.diffusion import guidance_distill as gd
 
     seen: list[Any] = []
 
@@ -263,12 +264,12 @@ def test_diffusion_passes_open_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
         bar.update(cfg.train_steps)
         return model, [1.0]
 
-    monkeypatch.setattr(sr, "guidance_distill", fake)
-    monkeypatch.setattr(sr, "consistency_distill", fake)
+    monkeypatch.setattr(gd, "guidance_distill", fake)
+    monkeypatch.setattr(cd, "consistency_distill", fake)
     rec = Recorder()
     ctx = PassContext(None, None, None, None, progress=rec)  # type: ignore[arg-type]
-    sr.GuidanceDistillPass(sr.GuidanceDistillConfig(train_steps=7)).run(object(), ctx)
-    sr.ConsistencyDistillPass(sr.ConsistencyDistillConfig(train_steps=9)).run(object(), ctx)
+    gd.GuidanceDistillPass(gd.GuidanceDistillConfig(train_steps=7)).run(object(), ctx)
+    cd.ConsistencyDistillPass(cd.ConsistencyDistillConfig(train_steps=9)).run(object(), ctx)
     assert [(b.desc, b.total, b.n, b.closed) for b in rec.bars] == [
         ("guidance_distill", 7, 7, True),
         ("consistency_distill", 9, 9, True),
@@ -291,8 +292,9 @@ class _Noop(Pass):
     def __init__(self) -> None:
         self.config = None
 
-    def run(self, model: nn.Module, ctx: PassContext) -> None:
+    def run(self, model: nn.Module, ctx: PassContext) -> PassOutput:
         time.sleep(0.05)
+        return PassOutput(model)
 
 
 class _SlowMeasure:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.app.native import run_runner, write_runner_inputs
+from compressor.app.native import run_runner
 from compressor.errors import CompressorError
+from compressor.exporters.runner_inputs import write_runner_inputs
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor
         return root, model(x)
 
 
+@pytest.mark.slow
 def test_runner_runs_the_package_and_reports_latency(runner: Path, bundle) -> None:  # type: ignore[no-untyped-def]
     root, expected = bundle
     result = run_runner(runner, root, iters=20, warmup=2, threads=1)
@@ -48,6 +50,7 @@ def test_runner_runs_the_package_and_reports_latency(runner: Path, bundle) -> No
     )  # both from the unrounded median
 
 
+@pytest.mark.slow
 def test_runner_errors_name_the_problem(runner: Path, bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, _ = bundle
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": "model.onnx"}}))

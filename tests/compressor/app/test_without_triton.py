@@ -107,6 +107,7 @@ def test_kernels_import_nothing_from_passes() -> None:
     assert offending == []
 
 
+@pytest.mark.slow
 def test_every_module_imports_and_only_the_kernel_files_need_triton() -> None:
     result, stderr = run_without_triton(
         f"""
@@ -160,6 +161,7 @@ def test_every_module_imports_and_only_the_kernel_files_need_triton() -> None:
     assert "triton" in line and 'pip install -e ".[kernels]"' in line, line
 
 
+@pytest.mark.slow
 def test_encoder_recipes_compile_without_triton(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """Every shipped text-encoder recipe (MiniLM: int8 + distill, prune, SparseGPT 2:4, the GPU
     Q/DQ one), int4 (GPTQ, MatMulNBits ONNX) and fp8 on h100, each shrunk to the tiny BERT."""
@@ -209,6 +211,7 @@ def test_encoder_recipes_compile_without_triton(tiny_bert_dir: Path, tmp_path: P
     assert result["minilm-cpu-pruned-int8"][1] == "prune"
 
 
+@pytest.mark.slow
 def test_causal_lm_compressed_tensors_compiles_without_triton(tmp_path: Path, minilm_path: str) -> None:
     """A tiny Llama to a compressed-tensors checkpoint, W8A8 and W4A16 (the int4 export unpacks
     the W4A16 codes, which used to import the Triton kernel file)."""
@@ -247,6 +250,7 @@ def test_causal_lm_compressed_tensors_compiles_without_triton(tmp_path: Path, mi
         assert (tmp_path / name / "hf_compressed" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_digits_step_reduction_compiles_without_triton(tmp_path: Path) -> None:
     """The shipped digits-steps-consistency recipe on a tiny class-conditional UNet, two steps a pass."""
     pytest.importorskip("diffusers")

@@ -33,6 +33,7 @@ def test_shard_batch_splits_like_distributed_sampler_without_padding() -> None:
         shard_batch(batch, 0, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
 def test_two_ranks_match_one_process(tiny_bert_dir: Path, tiny_data_spec, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from compressor.adapters.hf_encoder import HFEncoderAdapter

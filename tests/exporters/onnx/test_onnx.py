@@ -13,12 +13,16 @@ from compressor.exporters.base import ExportContext
 from compressor.exporters.onnx.onnx import OnnxExportConfig, OnnxExporter, ort_session
 from compressor.exporters.onnx.ort_int8 import u8s8_is_exact
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
+from compressor.passes.quantize.quantize import QuantizePass, quantize_config
 
 
 def _export(tiny_ctx, tmp_path: Path, **cfg):  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=True, alpha=0.5)).run(model, ctx)
+    q = (
+        QuantizePass(quantize_config(targets=("encoder.*",), smoothquant=True, alpha=0.5))
+        .run(model, ctx)
+        .model
+    )
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     res = OnnxExporter(OnnxExportConfig(**cfg)).export(q, ectx, tmp_path)
     return q, ectx, res
@@ -118,7 +122,11 @@ def test_per_token_int8_stays_exact_under_ort_graph_fusions(tiny_ctx, tmp_path: 
     adapter, model, ctx = tiny_ctx
     add_activation_outliers_(model)
     ctx.target = get_target("a100")
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), activations="dynamic_per_token")).run(model, ctx)
+    q = (
+        QuantizePass(quantize_config(targets=("encoder.*",), activations="dynamic_per_token"))
+        .run(model, ctx)
+        .model
+    )
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     res = OnnxExporter(OnnxExportConfig(int8_weights="uint8")).export(q, ectx, tmp_path)
     assert res.verification["onnx"]["min_cosine"] > 0.999
@@ -144,8 +152,10 @@ def test_symmetric_schemes_feed_uint8_codes_and_match_torch(tiny_ctx, tmp_path: 
     """Static and per-token layers run ONNX Runtime's U8U8 / U8S8 kernels (uint8 codes q + 128,
     zero point 128), not its S8S8 one (several times slower on AVX2), and stay exact vs torch."""
     adapter, model, ctx = tiny_ctx
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), smoothquant=True, activations=scheme)).run(
-        model, ctx
+    q = (
+        QuantizePass(quantize_config(targets=("encoder.*",), smoothquant=True, activations=scheme))
+        .run(model, ctx)
+        .model
     )
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     res = OnnxExporter(OnnxExportConfig(int8_weights="uint8")).export(q, ectx, tmp_path)

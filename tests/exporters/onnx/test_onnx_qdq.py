@@ -17,7 +17,7 @@ from compressor.exporters.base import ExportContext
 from compressor.exporters.onnx.onnx import OnnxExportConfig, OnnxExporter, ort_session
 from compressor.exporters.onnx.onnx_qdq import OnnxQdqExportConfig, OnnxQdqExporter
 from compressor.kernels.int8_linear import Int8Linear, static_input_scale
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass, activation_absmax
+from compressor.passes.quantize.quantize import QuantizePass, activation_absmax, quantize_config
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
 
@@ -88,16 +88,16 @@ def _static(tiny_ctx, target: str = "a100", **cfg):  # type: ignore[no-untyped-d
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target(target)
     opts = {"targets": ("encoder.*",), "activations": "static_per_tensor", **cfg}
-    q = QuantizePass(QuantizeConfig(**opts)).run(model, ctx)
-    return adapter, q, ctx
+    out = QuantizePass(quantize_config(**opts)).run(model, ctx)
+    return adapter, out.model, ctx, out
 
 
 def test_quantize_pass_calibrates_static_scales(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
     float_model = copy.deepcopy(model)
-    _, q, ctx = _static(tiny_ctx, smoothquant=True, alpha=0.5)
-    assert ctx.details["activation_scheme"] == "static_per_tensor"
-    QuantizePass(QuantizeConfig()).ensures(q, ctx)
+    _, q, ctx, out = _static(tiny_ctx, smoothquant=True, alpha=0.5)
+    assert out.details["activation_scheme"] == "static_per_tensor"
+    QuantizePass(quantize_config()).ensures(out, ctx)
     layers = {n: m for n, m in q.named_modules() if isinstance(m, Int8Linear)}
     assert len(layers) == 12
     # every scale is the calibrated max |x / smooth| / 127 of the float model's input
@@ -153,7 +153,7 @@ def _qdq_linears(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarra
 
 
 def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    adapter, q, ctx = _static(tiny_ctx, smoothquant=True, alpha=0.5)
+    adapter, q, ctx, _ = _static(tiny_ctx, smoothquant=True, alpha=0.5)
     ectx, res = _export(adapter, q, ctx, tmp_path)
     assert res.artifacts == {"onnx_qdq": "model.qdq.onnx"}
     report = res.verification["onnx_qdq"]
@@ -186,7 +186,7 @@ def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> No
 def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """float_dtype: fp16: every float tensor of the graph is fp16 (Q/DQ scales included, so the
     int8 GEMMs feed fp16), the output stays fp32, and ONNX Runtime still agrees with torch."""
-    adapter, q, ctx = _static(tiny_ctx, smoothquant=True, alpha=0.5)
+    adapter, q, ctx, _ = _static(tiny_ctx, smoothquant=True, alpha=0.5)
     _, res = _export(adapter, q, ctx, tmp_path, float_dtype="fp16", opset=19)
     report = res.verification["onnx_qdq"]
     assert report["min_cosine"] >= 0.999 and report["fp16"]["initializers"] > 0, report
@@ -221,11 +221,15 @@ def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) ->
 def test_dynamic_scheme_and_fp8_are_refused(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target("a100")
-    dyn = QuantizePass(QuantizeConfig(targets=("encoder.*",))).run(copy.deepcopy(model), ctx)
+    dyn = QuantizePass(quantize_config(targets=("encoder.*",))).run(copy.deepcopy(model), ctx).model
     with pytest.raises(ExportError, match=r"dynamic_per_token.*set `activations: static_per_tensor`"):
         _export(adapter, dyn, ctx, tmp_path)
     ctx.target = get_target("h100")
-    fp8 = QuantizePass(QuantizeConfig(method="fp8", targets=("encoder.*",))).run(copy.deepcopy(model), ctx)
+    fp8 = (
+        QuantizePass(quantize_config(method="fp8", targets=("encoder.*",)))
+        .run(copy.deepcopy(model), ctx)
+        .model
+    )
     with pytest.raises(ExportError, match="FP8 Q/DQ is not exported"):
         _export(adapter, fp8, ctx, tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
@@ -236,9 +240,11 @@ def test_24_pattern_survives_in_the_int8_initializers(tiny_ctx, tmp_path: Path) 
 
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target("a100")
-    sparse = SparsifyPass(SparsifyConfig(targets=("encoder.*",))).run(model, ctx)
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",), activations="static_per_tensor")).run(
-        sparse or model, ctx
+    sparse = SparsifyPass(SparsifyConfig(targets=("encoder.*",))).run(model, ctx).model
+    q = (
+        QuantizePass(quantize_config(targets=("encoder.*",), activations="static_per_tensor"))
+        .run(sparse, ctx)
+        .model
     )
     _, res = _export(adapter, q, ctx, tmp_path)
     assert res.verification["onnx_qdq"]["min_cosine"] >= 0.999
@@ -253,7 +259,7 @@ def test_24_pattern_survives_in_the_int8_initializers(tiny_ctx, tmp_path: Path) 
 def test_disagreement_fails_the_export_and_leaves_no_file(tiny_ctx, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import compressor.exporters.onnx.onnx_qdq as qdq
 
-    adapter, q, ctx = _static(tiny_ctx)
+    adapter, q, ctx, _ = _static(tiny_ctx)
     real = qdq.verify_onnx
 
     def against_a_different_model(path, model, c, sizes, lengths):  # type: ignore[no-untyped-def]
@@ -271,7 +277,7 @@ def test_disagreement_fails_the_export_and_leaves_no_file(tiny_ctx, tmp_path: Pa
 
 def test_static_scheme_in_the_onnx_runtime_flavour(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The ORT flavour lowers static layers to int8 codes with the calibrated scale (S8S8 MatMulInteger)."""
-    adapter, q, ctx = _static(tiny_ctx, target="cpu", smoothquant=True, alpha=0.5)
+    adapter, q, ctx, _ = _static(tiny_ctx, target="cpu", smoothquant=True, alpha=0.5)
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     res = OnnxExporter(OnnxExportConfig()).export(q, ectx, tmp_path)
     assert res.verification["onnx"]["min_cosine"] >= 0.999

@@ -6,7 +6,8 @@ from compressor.distill.config import RecoverConfig
 from compressor.distill.losses import evaluate_loss, layer_map, squarehead_loss
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.distill.distill import DistillPass
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass
+from compressor.passes.quantize.quantize import Int8Config, QuantizePass
+from compressor.planning import PlanState
 
 
 def test_layer_map_for_pruned_depth() -> None:
@@ -27,16 +28,19 @@ def test_squarehead_is_normalised_per_layer() -> None:
 
 def test_quantization_aware_distillation_recovers_and_keeps_scales(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
-    q = QuantizePass(QuantizeConfig(targets=("encoder.*",))).run(model, ctx)
+    q = QuantizePass(Int8Config(targets=("encoder.*",))).run(model, ctx).model
     scales = {n: m.weight_scale.clone() for n, m in q.named_modules() if isinstance(m, Int8Linear)}
     cfg = RecoverConfig(steps=40, lr=1e-4, warmup_steps=2)
     before = evaluate_loss(q, ctx.teacher, adapter, ctx.data.eval, cfg.loss)  # held-out text
     p = DistillPass(cfg)
+    assert p.plan(state := PlanState.from_model(q, ctx.target, adapter)) is state  # nothing changes form
     p.requires(q, ctx)
-    p.run(q, ctx)
+    out = p.run(q, ctx)
+    p.ensures(out, ctx)
+    assert out.model is q
     after = evaluate_loss(q, ctx.teacher, adapter, ctx.data.eval, cfg.loss)
     assert after < 0.8 * before, (before, after)
-    assert ctx.details["loss_tail_mean"] < ctx.details["loss_first"]
+    assert out.details["loss_tail_mean"] < out.details["loss_first"]
     for n, m in q.named_modules():
         if isinstance(m, Int8Linear):
             assert torch.equal(m.weight_scale, scales[n]), n  # quantizers fixed

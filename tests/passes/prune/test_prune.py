@@ -23,7 +23,8 @@ from compressor.passes.prune.prune import (
     prune_structured_,
 )
 from compressor.passes.prune.structure import count_parameters, describe_model
-from compressor.pipeline import PASS_REGISTRY, PassContext
+from compressor.pipeline import PASS_REGISTRY, PassContext, PassOutput
+from compressor.planning import PlanState
 from compressor.targets import TARGETS
 from tests.helpers.tiny import model_output, tiny_bert, tiny_llama, token_batches
 
@@ -65,16 +66,16 @@ def test_bert_ffn_and_layers_shrink_and_reload(tmp_path: Path) -> None:
     batches = token_batches(2)
     before = count_parameters(model)
     p = StructuredPrunePass(from_dict(StructuredPruneConfig, {"ffn": 0.5, "layers": 3}, "prune"))
-    p.check(model, TARGETS["cpu"], TinyAdapter())
+    p.plan(PlanState.from_model(model, TARGETS["cpu"], TinyAdapter()))
     ctx = _ctx(model, batches)
-    p.run(model, ctx)
-    p.ensures(model, ctx)
+    out = p.run(model, ctx)
+    p.ensures(out, ctx)
     # per layer: intermediate.dense loses 64 rows (64*64 + 64 bias), output.dense loses 64 columns
     per_layer = sum(x.numel() for x in tiny_bert(layers=1).encoder.layer[0].parameters())
     expected = before - 3 * (64 * 64 + 64 + 64 * 64) - per_layer
     assert count_parameters(model) == expected
     assert model.config.intermediate_size == 64 and model.config.num_hidden_layers == 3
-    assert ctx.details["parameters"] == {"before": before, "after": expected}
+    assert out.details["parameters"] == {"before": before, "after": expected}
     _reload_identical(model, tmp_path, AutoModel, batches[0])
 
 
@@ -86,9 +87,9 @@ def test_llama_heads_ffn_layers_shrink_and_reload(tmp_path: Path, kv_heads: int)
     cfg = from_dict(StructuredPruneConfig, {"heads": 2, "ffn": 96, "layers": 2}, "prune")
     p = StructuredPrunePass(cfg)
     ctx = _ctx(model, batches)
-    p.check(model, TARGETS["cpu"], TinyAdapter())
-    p.run(model, ctx)
-    p.ensures(model, ctx)
+    p.plan(PlanState.from_model(model, TARGETS["cpu"], TinyAdapter()))
+    out = p.run(model, ctx)
+    p.ensures(out, ctx)
     hd = 16
     heads_removed = 2 * (2 * hd * 64)  # 2 heads: q rows + o cols
     kv_removed = 2 * (2 * hd * 64) if kv_heads == 4 else 0  # k and v rows (MHA only)
@@ -122,10 +123,10 @@ def test_qwen2_gqa_heads_reload(tmp_path: Path) -> None:
     batches = token_batches(2)
     p = StructuredPrunePass(StructuredPruneConfig(heads=2, ffn=0.5, layers=2))
     ctx = _ctx(model, batches)
-    p.run(model, ctx)
-    p.ensures(model, ctx)
+    out = p.run(model, ctx)
+    p.ensures(out, ctx)
     # one query head kept in each of the two key/value groups (heads 0-1 and 2-3)
-    assert all(h[0] < 2 <= h[1] for h in ctx.details["kept"]["heads"])
+    assert all(h[0] < 2 <= h[1] for h in out.details["kept"]["heads"])
     assert len(model.config.layer_types) == 2 and model.config.head_dim == 16
     _reload_identical(model, tmp_path, AutoModelForCausalLM, batches[0])
 
@@ -239,7 +240,7 @@ def test_check_refuses_impossible_widths() -> None:
     for model, options, message in cases:
         p = StructuredPrunePass(from_dict(StructuredPruneConfig, options, "passes[0]"))
         with pytest.raises(PlanError, match=message):
-            p.check(model, cpu, adapter)
+            p.plan(PlanState.from_model(model, cpu, adapter))
     with pytest.raises(RecipeError, match="passes\\[0\\].ffn: fraction 1.5"):
         from_dict(StructuredPruneConfig, {"ffn": 1.5}, "passes[0]")
     assert from_dict(StructuredPruneConfig, {"recover": {"steps": 20}}, "passes[0]").recover.steps == 20
@@ -252,8 +253,8 @@ def test_ensures_catches_config_tensor_mismatch() -> None:
     model = tiny_llama()
     p = StructuredPrunePass(StructuredPruneConfig())
     ctx = _ctx(model, token_batches(1))
-    p.ensures(model, ctx)
+    p.ensures(PassOutput(model), ctx)
     model.config.intermediate_size = 100
     assert check_anatomy(describe_model(model))
     with pytest.raises(PassError, match="config says 100"):
-        p.ensures(model, ctx)
+        p.ensures(PassOutput(model), ctx)

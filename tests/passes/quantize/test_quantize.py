@@ -8,7 +8,8 @@ from torch import nn
 
 from compressor.errors import DataError, PlanError
 from compressor.kernels.int8_linear import Int8Linear, fake_quant_dynamic_uint8, quantize_weight
-from compressor.passes.quantize.quantize import QuantizeConfig, QuantizePass, activation_absmax
+from compressor.passes.quantize.quantize import QuantizePass, activation_absmax, quantize_config
+from compressor.planning import PlanState
 from compressor.targets import get_target
 from tests.conftest import add_activation_outliers_
 
@@ -71,21 +72,23 @@ def test_straight_through_gradient_reaches_master_weights() -> None:
 
 def test_quantize_pass_on_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
-    cfg = QuantizeConfig(targets=("encoder.*",), smoothquant=True, max_float_layers=2, target_mean_cosine=1.0)
+    cfg = quantize_config(
+        targets=("encoder.*",), smoothquant=True, max_float_layers=2, target_mean_cosine=1.0
+    )
     p = QuantizePass(cfg)
-    p.check(model, ctx.target, adapter)
+    p.plan(PlanState.from_model(model, ctx.target, adapter))
     out = p.run(model, ctx)
     p.ensures(out, ctx)
-    int8 = [n for n, m in out.named_modules() if isinstance(m, Int8Linear)]
+    int8 = [n for n, m in out.model.named_modules() if isinstance(m, Int8Linear)]
     assert len(int8) == 12 - 2  # 6 linears x 2 layers, the 2 most sensitive kept in float
-    assert ctx.details["activation_scheme"] == "dynamic_per_tensor"  # cpu target -> ORT's scheme
-    assert ctx.details["alpha"] in cfg.alpha_grid
-    decisions = ctx.details["per_layer"]
+    assert out.details["activation_scheme"] == "dynamic_per_tensor"  # cpu target -> ORT's scheme
+    assert out.details["alpha"] in cfg.alpha_grid
+    decisions = out.details["per_layer"]
     kept = [n for n, d in decisions.items() if d["precision"] == "fp32"]
-    assert sorted(kept) == sorted(ctx.details["float_layers"])
+    assert sorted(kept) == sorted(out.details["float_layers"])
     worst_quantized = max(d["sensitivity"] for d in decisions.values() if d["precision"] == "int8")
     assert all(decisions[n]["sensitivity"] >= worst_quantized for n in kept)
-    m = adapter.metrics(out, ctx.teacher, ctx.data.eval)
+    m = adapter.metrics(out.model, ctx.teacher, ctx.data.eval)
     assert m["mean_cosine"] > 0.99, m
     assert m["weight_bytes"] < adapter.metrics(ctx.teacher, ctx.teacher, ctx.data.eval)["weight_bytes"]
 
@@ -97,8 +100,8 @@ def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # 
     scores = {}
     for sq in (False, True):
         # alpha fixed at the paper's 0.5: this tests the smoothing, not the (noisy on 16 texts) search
-        cfg = QuantizeConfig(targets=("encoder.*",), smoothquant=sq, alpha=0.5)
-        out = QuantizePass(cfg).run(copy.deepcopy(model), ctx)
+        cfg = quantize_config(targets=("encoder.*",), smoothquant=sq, alpha=0.5)
+        out = QuantizePass(cfg).run(copy.deepcopy(model), ctx).model
         scores[sq] = adapter.metrics(out, ctx.teacher, ctx.data.eval)["mean_cosine"]
     assert 1 - scores[True] < 0.8 * (1 - scores[False]), scores
 
@@ -106,10 +109,16 @@ def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # 
 def test_plan_checks(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match="target pattern 'decoder.\\*' matches no Linear layer"):
-        QuantizePass(QuantizeConfig(targets=("decoder.*",))).check(model, ctx.target, adapter)
+        QuantizePass(quantize_config(targets=("decoder.*",))).plan(
+            PlanState.from_model(model, ctx.target, adapter)
+        )
     with pytest.raises(PlanError, match="dynamic_per_token has no fast ONNX Runtime CPU kernel"):
-        QuantizePass(QuantizeConfig(activations="dynamic_per_token")).check(model, ctx.target, adapter)
-    QuantizePass(QuantizeConfig(activations="dynamic_per_token")).check(model, get_target("a100"), adapter)
+        QuantizePass(quantize_config(activations="dynamic_per_token")).plan(
+            PlanState.from_model(model, ctx.target, adapter)
+        )
+    QuantizePass(quantize_config(activations="dynamic_per_token")).plan(
+        PlanState.from_model(model, get_target("a100"), adapter)
+    )
 
 
 def test_nan_in_calibration_is_named(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
@@ -134,7 +143,9 @@ def test_quantize_weight_saturates() -> None:
 def test_fp8_plan_refused_before_any_work(tiny_ctx, target: str) -> None:  # type: ignore[no-untyped-def]
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match=f"quantize.method: fp8 is not supported on target '{target}'"):
-        QuantizePass(QuantizeConfig(method="fp8")).check(model, get_target(target), adapter)
+        QuantizePass(quantize_config(method="fp8")).plan(
+            PlanState.from_model(model, get_target(target), adapter)
+        )
 
 
 def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
@@ -142,17 +153,17 @@ def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-unt
 
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target("h100")
-    p = QuantizePass(QuantizeConfig(method="fp8", targets=("encoder.*",)))
-    p.check(model, ctx.target, adapter)
+    p = QuantizePass(quantize_config(method="fp8", targets=("encoder.*",)))
+    p.plan(PlanState.from_model(model, ctx.target, adapter))
     out = p.run(model, ctx)
     p.ensures(out, ctx)
-    layers = [m for m in out.modules() if isinstance(m, Fp8Linear)]
+    layers = [m for m in out.model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 12
     for m in layers:
         w8 = m.fp8_weight()
         assert w8.dtype == torch.float8_e4m3fn and torch.isfinite(m.weight_scale).all()
         assert float(w8.float().abs().max()) <= 448.0
-    m = adapter.metrics(out, ctx.teacher, ctx.data.eval)
+    m = adapter.metrics(out.model, ctx.teacher, ctx.data.eval)
     assert m["mean_cosine"] > 0.99, m
 
 
@@ -236,8 +247,8 @@ def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny
     from compressor.app.compile import compile_recipe
 
     adapter, model, ctx = tiny_ctx
-    QuantizePass(QuantizeConfig(targets=("encoder.*",))).run(copy.deepcopy(model), ctx)
-    drop = 1.0 - ctx.details["calibration_mean_cosine"]  # every layer int8
+    out = QuantizePass(quantize_config(targets=("encoder.*",))).run(copy.deepcopy(model), ctx)
+    drop = 1.0 - out.details["calibration_mean_cosine"]  # every layer int8
     assert drop > 1e-5, drop  # lossy enough that a budget can bite
     budget = round(drop / 3, 9)  # a third of the all-int8 drop: some layers must stay float
     manifest = compile_recipe(
@@ -288,7 +299,7 @@ def test_fidelity_budget_is_a_drop_from_the_model_the_pass_receives(tiny_bert_di
 def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     from compressor.app.compile import compile_recipe
 
-    with caplog.at_level("WARNING", logger="compressor.passes.quantize.quantize"):
+    with caplog.at_level("WARNING", logger="compressor.passes.quantize.int8"):
         manifest = compile_recipe(
             _budget_recipe(tiny_bert_dir, fidelity_budget=1e-9, max_float_layers=2), tmp_path / "b"
         )
@@ -305,11 +316,10 @@ def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_pat
 
 
 def test_fidelity_budget_is_validated_with_its_key() -> None:
-    from compressor.config import from_dict
     from compressor.errors import RecipeError
 
     def parse(**kw):  # type: ignore[no-untyped-def]
-        return from_dict(QuantizeConfig, kw, "r.yaml: passes[0]")
+        return QuantizePass.config_from_dict(kw, "r.yaml: passes[0]")
 
     assert parse(fidelity_budget=0.003, max_float_layers=4).fidelity_target().mean_cosine == pytest.approx(
         0.997
