@@ -77,8 +77,8 @@ def _number(x: float) -> str:
     return f"{x:,}" if isinstance(x, int) or float(x).is_integer() and abs(x) >= 1000 else f"{x:g}"
 
 
-def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
-    if ge == -INT_MAX:
+def _range_text(ge: float | None, gt: float | None, le: float | None, hide_default_floor: bool = True) -> str:
+    if ge == -INT_MAX and hide_default_floor:  # the help leaves the sign to the option's validate()
         ge = None
     if ge is not None and le is not None:
         return f"{_number(ge)} to {_number(le)}"
@@ -95,7 +95,8 @@ def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
 def _check_range(value: float, tp: Any, meta: Mapping[str, Any], path: str) -> None:
     ge, gt, le = _bounds(tp, meta)
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
-        raise RecipeError(f"{path}: {show(value)} is out of range (allowed: {_range_text(ge, gt, le)})")
+        allowed = _range_text(ge, gt, le, hide_default_floor=value >= -INT_MAX)
+        raise RecipeError(f"{path}: {show(value)} is out of range (allowed: {allowed})")
 
 
 def _check_pattern(value: str, path: str) -> None:

@@ -61,7 +61,7 @@ def open_progress(
     """A bar for one long step (the caller closes it); ``total`` None = unknown."""
     if not progress:
         return NullProgress()
-    factory: ProgressFactory = tqdm_progress if progress is True else progress  # type: ignore[assignment]
+    factory: ProgressFactory = tqdm_progress if progress is True else progress
     bar = factory(desc, total, unit)
     if initial:
         bar.update(initial)

@@ -45,7 +45,6 @@ class DiffusersPipelineExportConfig:
         "so the check is an SQNR floor instead of max_abs_error",
     )
     check_samples: int = option(4, help="images sampled from the reloaded folder and compared with torch")
-    version: int = option(1, help="config schema version")
 
     def validate(self, path: str) -> None:
         if self.opset < 14:

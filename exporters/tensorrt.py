@@ -246,7 +246,7 @@ def build_engine(
     Needs ``tensorrt`` and a GPU. The timing cache is loaded when the file exists and
     written back after the build. The plan is written whole or not at all."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
     except ImportError:
         raise ExportError(
             "building a TensorRT engine needs the tensorrt Python package (pip install tensorrt, on a "

@@ -65,11 +65,11 @@ class _Int4LinearOnnx(torch.autograd.Function):
     """Carries the ``MatMulNBits`` lowering through ``torch.onnx.export`` (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, x, b, scales, zero_points, bias, k, n, block):  # type: ignore[override]
+    def forward(ctx, x, b, scales, zero_points, bias, k, n, block):
         return x.new_zeros((*x.shape[:-1], n))  # shapes only: the math is Int4Linear.forward
 
     @staticmethod
-    def symbolic(g, x, b, scales, zero_points, bias, k, n, block):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, b, scales, zero_points, bias, k, n, block):
         y = g.op(
             "com.microsoft::MatMulNBits",
             x,

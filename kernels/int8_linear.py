@@ -102,13 +102,13 @@ class _Int8LinearOnnx(torch.autograd.Function):
     """Carries the int8 lowering through ``torch.onnx.export`` (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):  # type: ignore[override]
+    def forward(ctx, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):
         # Only shapes matter while tracing; the real math is Int8Linear.forward.
         return x.new_zeros((*x.shape[:-1], qweight_t.shape[1]))
 
     @staticmethod
-    def symbolic(g, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):  # type: ignore[no-untyped-def]
-        from torch.onnx import TensorProtoDataType as DT  # type: ignore[attr-defined]
+    def symbolic(g, x, qweight_t, w_scale, bias, inv_smooth, per_token, input_scale=None):
+        from torch.onnx import TensorProtoDataType as DT
 
         if not _is_none(g, inv_smooth):
             x = g.op("Mul", x, inv_smooth)
@@ -154,7 +154,7 @@ class _Int8LinearOnnx(torch.autograd.Function):
         return y
 
 
-def _is_none(g, value) -> bool:  # type: ignore[no-untyped-def]
+def _is_none(g, value) -> bool:
     return value is None or (hasattr(value, "node") and value.node().mustBeNone())
 
 
@@ -293,7 +293,7 @@ class Int8Linear(nn.Module):
         )
 
 
-def _cuda_w8a8():  # type: ignore[no-untyped-def]
+def _cuda_w8a8():
     """The Triton W8A8 path when Triton is installed, else None (the reference runs)."""
     if not HAS_TRITON:
         return None

@@ -59,7 +59,7 @@ def _link(page: Path, target: Path, text: str | None = None) -> str:
 
 
 def _source(obj: object) -> Path:
-    path = inspect.getsourcefile(obj)  # type: ignore[arg-type]
+    path = inspect.getsourcefile(obj)
     if path is None:
         raise RuntimeError(f"no source file for {obj!r}")
     return Path(path).resolve()
@@ -252,9 +252,7 @@ def blocks() -> dict[Path, dict[str, Renderer]]:
     }
     for family, classes in passes_by_family().items():
         page = ROOT / "docs" / "passes" / f"{family}.md"
-        out.setdefault(page, {})[f"passes.{family}"] = (
-            lambda p, c=classes: render_registered(p, c)  # type: ignore[misc]
-        )
+        out.setdefault(page, {})[f"passes.{family}"] = lambda p, c=classes: render_registered(p, c)
     return out
 
 

@@ -79,14 +79,14 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) ->
 
 
 @pytest.fixture(scope="session")
-def tiny_data_spec():  # type: ignore[no-untyped-def]
+def tiny_data_spec():
     from compressor.recipe import DataSpec
 
     return DataSpec(calibration_samples=16, train_samples=32, eval_samples=24, max_length=32, batch_size=8)
 
 
 @pytest.fixture()
-def tiny_ctx(tiny_bert_dir: Path, tiny_data_spec):  # type: ignore[no-untyped-def]
+def tiny_ctx(tiny_bert_dir: Path, tiny_data_spec):
     """(adapter, student, PassContext) on the tiny BERT for the cpu target."""
     import copy
 
@@ -126,7 +126,7 @@ def native_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def aoti_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def aoti_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(bundle dir, manifest, adapter): the tiny BERT quantized to int8 and exported as ONNX, a
     Triton repository, an ExportedProgram and an AOTInductor package (one compile per session:
     the AOTInductor build is tens of seconds here). ``adapter.exported`` is the compressed model

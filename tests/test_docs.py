@@ -64,7 +64,7 @@ def test_check_fails_on_a_changed_option(monkeypatch: pytest.MonkeyPatch) -> Non
     real_read = Path.read_text
 
     def read_text(self: Path, *args: object, **kwargs: object) -> str:
-        return edited if self == page else real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+        return edited if self == page else real_read(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", read_text)
     assert gen.stale_files() == ["docs/passes/prune.md"]

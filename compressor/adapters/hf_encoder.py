@@ -151,14 +151,14 @@ class _MultiHeadAttentionOnnx(torch.autograd.Function):
     """Scaled dot-product attention over [B, T, H*d] projections with a key padding mask."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask_bias, num_heads):  # type: ignore[override]
+    def forward(ctx, q, k, v, mask_bias, num_heads):
         return _attention_reference(q, k, v, mask_bias, num_heads)
 
     @staticmethod
-    def symbolic(g, q, k, v, mask_bias, num_heads):  # type: ignore[no-untyped-def]
+    def symbolic(g, q, k, v, mask_bias, num_heads):
         # ``mask_bias`` is the [B, T] key padding mask (1 keep, 0 pad) cast to int32.
         empty = g.op("prim::Constant")
-        empty.setType(torch._C.OptionalType.ofTensor())  # type: ignore[attr-defined]
+        empty.setType(torch._C.OptionalType.ofTensor())
         out = g.op("com.microsoft::MultiHeadAttention", q, k, v, empty, mask_bias, num_heads_i=num_heads)
         out.setType(q.type())  # [B, T, H*d] like the query: tells the exporter's shape inference
         return out

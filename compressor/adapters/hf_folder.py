@@ -232,7 +232,7 @@ def load_pretrained(cls: Any, folder: Path) -> nn.Module:
             "the model would run with randomly initialised layers"
         )
     check_finite(model, folder)
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def check_finite(model: nn.Module, folder: Path) -> None:

@@ -58,7 +58,7 @@ def _load(args: argparse.Namespace) -> Recipe:
     )
 
 
-def _print_bench(result: dict) -> None:  # type: ignore[type-arg]
+def _print_bench(result: dict) -> None:
     from compressor.app.report import (
         bench_table,
         fidelity_table,
@@ -104,7 +104,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_compile_summary(manifest: dict, out: Path, recipe_name: str) -> None:  # type: ignore[type-arg]
+def _print_compile_summary(manifest: dict, out: Path, recipe_name: str) -> None:
     """The pass table, what was and was not measured, and the benchmark labelled with the
     hardware it ran on (never a CPU figure presented as a GPU target's)."""
     from compressor.app.report import bench_summary, measurement_notes, pass_table, text_table
@@ -195,7 +195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_synopses(sub: argparse._SubParsersAction) -> str:  # type: ignore[type-arg]
+def command_synopses(sub: argparse._SubParsersAction) -> str:
     """One synopsis per subcommand (its usage line without ``usage:`` and ``-h``), from the
     parsers themselves (their one-line helps follow under "positional arguments")."""
     lines = []
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
+Subparsers = argparse._SubParsersAction
 
 
 def _add_compile(sub: Subparsers) -> None:

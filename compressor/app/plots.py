@@ -17,7 +17,7 @@ LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50  # the top margin holds the title, th
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
-def _scale(lo: float, hi: float, log: bool, a: float, b: float):  # type: ignore[no-untyped-def]
+def _scale(lo: float, hi: float, log: bool, a: float, b: float):
     if log:
         lo, hi = math.log10(lo), math.log10(hi)
     if hi == lo:
@@ -71,7 +71,7 @@ def _step(ticks: Sequence[float]) -> float | None:
     return ticks[1] - ticks[0] if len(ticks) > 1 else None
 
 
-def _ticks(xs: Sequence[float], ys: Sequence[float], fx, fy, linear: bool = False) -> list[str]:  # type: ignore[no-untyped-def]
+def _ticks(xs: Sequence[float], ys: Sequence[float], fx, fy, linear: bool = False) -> list[str]:
     xstep, ystep = (_step(xs), _step(ys)) if linear else (None, None)
     out = []
     for x in xs:

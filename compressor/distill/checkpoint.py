@@ -92,7 +92,7 @@ def _rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         state["numpy"] = [
             kind,
             torch.from_numpy(np.asarray(keys, dtype=np.int64)),

@@ -65,9 +65,7 @@ class OnnxExportConfig:
             raise RecipeError(f"{path}.file: {self.file!r} must be a plain file name ending in .onnx")
 
 
-def trace_onnx(  # type: ignore[no-untyped-def]
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], spec, path: Path, opset: int
-) -> None:
+def trace_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], spec, path: Path, opset: int) -> None:
     """``torch.onnx.export`` with the TorchScript exporter under ``spec``'s names and dynamic
     axes (the exporters' one tracing call; the tracer's warnings are noise here)."""
     with warnings.catch_warnings(), torch.no_grad():
@@ -84,7 +82,7 @@ def trace_onnx(  # type: ignore[no-untyped-def]
         )
 
 
-def export_onnx(  # type: ignore[no-untyped-def]
+def export_onnx(
     module: nn.Module, spec, path: Path, opset: int, int8_weights: str = "auto"
 ) -> dict[str, object]:
     """Trace ``spec.module`` (a copy is traced) to ``path`` with the TorchScript exporter.
@@ -115,7 +113,7 @@ def rename_node_inputs_(model: Any, rename: dict[str, str]) -> None:
                 node.input[i] = rename[name]
 
 
-def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
+def dedupe_initializers_(model) -> int:
     """Point every use of a byte-identical initializer at one copy; returns how many were merged.
 
     Layers that read the same activation with the same SmoothQuant divisor (query, key,
@@ -144,7 +142,7 @@ def dedupe_initializers_(model) -> int:  # type: ignore[no-untyped-def]
     return len(rename)
 
 
-def ort_session(path: Path, threads: int = 0):  # type: ignore[no-untyped-def]
+def ort_session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -107,12 +107,12 @@ class _Int8LinearQdqOnnx(torch.autograd.Function):
     """Carries the explicit Q/DQ lowering through ``torch.onnx.export`` (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, x, qweight, w_scale, bias, inv_smooth, x_scale):  # type: ignore[override]
+    def forward(ctx, x, qweight, w_scale, bias, inv_smooth, x_scale):
         # Only shapes matter while tracing; QdqInt8Linear.forward holds the math.
         return x.new_zeros((*x.shape[:-1], qweight.shape[0]))
 
     @staticmethod
-    def symbolic(g, x, qweight, w_scale, bias, inv_smooth, x_scale):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, qweight, w_scale, bias, inv_smooth, x_scale):
         if not _is_none(inv_smooth):
             x = g.op("Mul", x, inv_smooth)
         zp = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))  # int8 Q output, symmetric

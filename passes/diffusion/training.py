@@ -77,7 +77,7 @@ def fit(
     layers) train, and are merged back afterwards so the student is a plain denoiser.
     """
     if lora_rank > 0:
-        attach_lora_(student.unet, lora_rank)  # type: ignore[arg-type]
+        attach_lora_(student.unet, lora_rank)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):

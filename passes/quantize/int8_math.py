@@ -37,7 +37,7 @@ def activation_absmax(
     stats: dict[str, torch.Tensor] = {}
     hooks = []
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str):
         def fn(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
             if not torch.isfinite(x).all():

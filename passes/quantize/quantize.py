@@ -52,7 +52,7 @@ from compressor.passes.quantize.config import (
 from compressor.passes.quantize.fp8 import run_fp8
 from compressor.passes.quantize.int4 import run_int4
 from compressor.passes.quantize.int8 import run_int8
-from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine
+from compressor.passes.quantize.int8_math import activation_absmax
 from compressor.pipeline import Pass, PassContext, PassOutput, ensure_finite, register_pass
 from compressor.planning import FLOAT, PlanState
 from compressor.targets import Target
@@ -66,8 +66,6 @@ __all__ = [
     "activation_absmax",
     "quantize_config",
 ]
-
-_mean_cosine = mean_cosine  # the name ``compressor.passes.sparsity.sparsify`` imports
 
 
 def act_scheme(config: Int8Config, target: Target) -> str:
@@ -98,7 +96,7 @@ class QuantizePass(Pass[QuantizeConfig]):
         "INT8 W8A8 (SmoothQuant, mixed precision; dynamic or static activations), FP8 E4M3 (h100), "
         "or INT4 weight-only (RTN, GPTQ, AWQ)"
     )
-    Config = QuantizeConfig  # type: ignore[assignment]  # one config per scheme
+    Config = QuantizeConfig  # one config per scheme
 
     def __init__(self, config: QuantizeConfig | None = None) -> None:
         super().__init__(config if config is not None else Int8Config())

@@ -164,7 +164,7 @@ class _Hostile:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (Path.write_text, (self.marker, "pickle code ran"))
 
 

@@ -18,7 +18,7 @@ def test_wide_training_text_adds_only_train_split_paragraphs() -> None:
     assert train_texts(wide=False) == fixed.train and train_texts(wide=True) == wide
 
 
-def test_wide_train_reaches_the_adapters_training_batches(tiny_bert_dir) -> None:  # type: ignore[no-untyped-def]
+def test_wide_train_reaches_the_adapters_training_batches(tiny_bert_dir) -> None:
     from compressor.adapters.hf_encoder import HFEncoderAdapter
     from compressor.recipe import DataSpec
 

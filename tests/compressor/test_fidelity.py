@@ -90,7 +90,7 @@ def test_an_adapter_without_a_headline_is_refused_a_headline_limit() -> None:
     class Bare(HFEncoderAdapter):
         name = "bare"
 
-    Bare.headline = None  # type: ignore[assignment]
+    Bare.headline = None
     with pytest.raises(RecipeError, match="evaluation.headline_limit: the bare adapter declares no headline"):
         check_evaluation(EvaluationSpec(headline_limit=0.5), Bare())
 
@@ -132,7 +132,7 @@ def test_min_mean_cosine_on_a_diffusion_recipe_is_refused_at_plan_time(tmp_path:
     assert not (tmp_path / "bundle").exists()
 
 
-def test_headline_gate_trips_on_a_tiny_diffusion_model(adapter, data, teacher, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_headline_gate_trips_on_a_tiny_diffusion_model(adapter, data, teacher, one_thread) -> None:
     check_evaluation(EvaluationSpec(headline_limit=1.0), adapter)
     final = adapter.metrics(teacher, teacher, data.eval)
     fd = final["fd"]
@@ -146,7 +146,7 @@ def test_headline_gate_trips_on_a_tiny_diffusion_model(adapter, data, teacher, o
         fidelity_gate(EvaluationSpec(headline_limit=fd), adapter, {"class_acc": 1.0})
 
 
-def test_headline_gate_leaves_no_diffusion_bundle(tmp_path: Path, adapter, teacher, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_headline_gate_leaves_no_diffusion_bundle(tmp_path: Path, adapter, teacher, one_thread) -> None:
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from compressor.app.compile import compile_recipe

@@ -320,7 +320,7 @@ def _start_compile(tmp_path: Path, model: Path, out: Path) -> tuple[subprocess.P
     cmd = [sys.executable, "-m", "compressor.app.cli", "compile", "--recipe", str(recipe), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
     deadline = time.monotonic() + 240
     while not any("pass 1/1" in line for line in lines):
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)

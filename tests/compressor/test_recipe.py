@@ -9,7 +9,7 @@ from compressor.errors import RecipeError
 from compressor.recipe import dump_recipe, load_recipe, parse_recipe, shipped_recipes
 
 
-def _recipe(**over):  # type: ignore[no-untyped-def]
+def _recipe(**over):
     base = {
         "name": "t",
         "target": "cpu",
@@ -94,7 +94,7 @@ def test_minilm_recipes_plan_against_the_real_model(name: str) -> None:
         ([1, 2], "the recipe must be a mapping"),
     ],
 )
-def test_bad_recipes_name_the_bad_key(data, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_recipes_name_the_bad_key(data, message: str) -> None:
     with pytest.raises(RecipeError, match=message) as info:
         parse_recipe(data, "bad.yaml")
     assert str(info.value).startswith("bad.yaml: ")

@@ -23,7 +23,7 @@ from compressor.targets import get_target
 
 
 @pytest.fixture(scope="module")
-def bundle(aoti_bundle):  # type: ignore[no-untyped-def]
+def bundle(aoti_bundle):
     return aoti_bundle
 
 
@@ -38,7 +38,7 @@ def _cosine_min(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_manifest_lists_the_package_and_the_triton_repository(bundle) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_lists_the_package_and_the_triton_repository(bundle) -> None:
     out, manifest, _ = bundle
     assert manifest["artifacts"]["aoti"] == "model.pt2"
     assert manifest["artifacts"]["triton_repository"] == "triton_repository"
@@ -56,7 +56,7 @@ def test_manifest_lists_the_package_and_the_triton_repository(bundle) -> None:  
 
 
 @pytest.mark.slow
-def test_round_trip_matches_torch_at_new_shapes(bundle) -> None:  # type: ignore[no-untyped-def]
+def test_round_trip_matches_torch_at_new_shapes(bundle) -> None:
     out, _, adapter = bundle
     model = adapter.exported
     assert model is not None and any(isinstance(m, Int8Linear) for m in model.modules())
@@ -73,21 +73,21 @@ def test_round_trip_matches_torch_at_new_shapes(bundle) -> None:  # type: ignore
 
 
 @pytest.mark.slow
-def test_dynamic_batch(bundle) -> None:  # type: ignore[no-untyped-def]
+def test_dynamic_batch(bundle) -> None:
     out, _, adapter = bundle
     runner = torch._inductor.aoti_load_package(str(out / "model.pt2"))
     names = ("input_ids", "attention_mask", "token_type_ids")
     for case in _cases(adapter, (1, 16), (40,)):
         with torch.no_grad():
             got = runner(*(case[n] for n in names))
-            ref = adapter.forward(adapter.exported, case)  # type: ignore[arg-type]
+            ref = adapter.forward(adapter.exported, case)
         got = got[0] if isinstance(got, (list, tuple)) else got
         assert got.shape == (case["input_ids"].shape[0], 32)
         assert _cosine_min(got, ref) > 0.999
 
 
 @pytest.mark.slow
-def test_exported_program_round_trip(bundle) -> None:  # type: ignore[no-untyped-def]
+def test_exported_program_round_trip(bundle) -> None:
     """torch_export: the saved ExportedProgram reloads and computes what the compressed model does,
     at shapes other than the traced and verified ones."""
     out, manifest, adapter = bundle
@@ -101,7 +101,7 @@ def test_exported_program_round_trip(bundle) -> None:  # type: ignore[no-untyped
     module = torch.export.load(str(out / "model.exported.pt2")).module()
     for case in _cases(adapter, (3, 12), (7, 33)):
         with torch.no_grad():
-            ref = adapter.forward(adapter.exported, case)  # type: ignore[arg-type]
+            ref = adapter.forward(adapter.exported, case)
             got = module(*(case[n] for n in report["inputs"]))
         assert got.shape == ref.shape and _cosine_min(got, ref) > 0.9999
 
@@ -119,11 +119,11 @@ def _negating_context(adapter: HFEncoderAdapter) -> ExportContext:
     neg.tokenizer = adapter.tokenizer
     held_out = _cases(adapter, (8,), (64,))[0]
     data = DataSplits(calibration=[held_out], train=[], eval=[held_out], info={})
-    return ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)  # type: ignore[attr-defined]
+    return ExportContext(target=get_target("cpu"), adapter=neg, data=data, reference_model=adapter.exported)
 
 
 @pytest.mark.slow
-def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkeypatch) -> None:
     out, _, adapter = bundle
     # Reuse the package compiled above (a real one) instead of compiling the same model again.
     monkeypatch.setattr(
@@ -135,18 +135,18 @@ def test_disagreement_fails_and_leaves_no_package(bundle, tmp_path: Path, monkey
     with pytest.raises(
         ExportError, match=r"model.pt2: the AOTInductor package disagrees with torch: min cosine"
     ):
-        AotiExporter().export(adapter.exported, ctx, tmp_path)  # type: ignore[arg-type]
+        AotiExporter().export(adapter.exported, ctx, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_exported_program_disagreement_fails_and_leaves_nothing(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exported_program_disagreement_fails_and_leaves_nothing(bundle, tmp_path: Path) -> None:
     _, _, adapter = bundle
     ctx = _negating_context(adapter)
     with pytest.raises(
         ExportError, match=r"model.exported.pt2: the saved ExportedProgram disagrees with torch"
     ):
-        TorchExportExporter().export(adapter.exported, ctx, tmp_path)  # type: ignore[arg-type]
+        TorchExportExporter().export(adapter.exported, ctx, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -178,7 +178,7 @@ def test_dynamic_shapes_share_one_dim_per_axis_name() -> None:
 
 
 @pytest.mark.slow
-def test_native_runner_runs_the_bundle_package(bundle, native_runner: Path) -> None:  # type: ignore[no-untyped-def]
+def test_native_runner_runs_the_bundle_package(bundle, native_runner: Path) -> None:
     """compressor-run (C++, libtorch) loads the bundle's package and computes what torch does."""
     import numpy as np
 

@@ -132,7 +132,7 @@ def test_static_scales_and_our_codes_travel(tiny_llama_dir: Path, tmp_path: Path
 @pytest.mark.parametrize(
     "quantize", [{"activations": "dynamic_per_token"}, {"method": "int4", "group_size": 32}]
 )
-def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_path: Path, quantize) -> None:  # type: ignore[no-untyped-def]
+def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_path: Path, quantize) -> None:
     """sparsity_config: true writes compressed-tensors' 2:4 entry (format dense: the zeros stay in
     the weights) for a model whose quantized weights are all 2:4, and the folder still reloads."""
     from compressor.exporters.compressed_tensors import CompressedTensorsExportConfig
@@ -170,7 +170,7 @@ def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_pat
     assert list((tmp_path / "dense").iterdir()) == []
 
 
-def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_half_written_folder_never_remains(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     q, ectx = _quantized(tiny_llama_dir, activations="dynamic_per_token")
     import compressed_tensors.quantization.lifecycle.forward as ct_forward
 

@@ -21,7 +21,7 @@ from tests.helpers.diffusion import make_ctx, tiny_teacher
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread
 
 
-def _student(adapter, data):  # type: ignore[no-untyped-def]
+def _student(adapter, data):
     model = tiny_teacher()
     for p in (
         GuidanceDistillPass(GuidanceDistillPass.Config(train_steps=2)),

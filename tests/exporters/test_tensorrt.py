@@ -32,7 +32,7 @@ from compressor.targets import get_target
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _profiles(batch=(1, 8, 32), seq=(16, 128, 256)) -> dict[str, ShapeProfile]:  # type: ignore[no-untyped-def]
+def _profiles(batch=(1, 8, 32), seq=(16, 128, 256)) -> dict[str, ShapeProfile]:
     return {n: ShapeProfile((batch[0], seq[0]), (batch[1], seq[1]), (batch[2], seq[2])) for n in BERT_INPUTS}
 
 
@@ -110,7 +110,7 @@ def test_shape_profiles_from_the_onnx_inputs(tmp_path: Path) -> None:
     assert shape_profiles(path, {}) == {}
 
 
-def test_config_cpu_target_missing_qdq_and_missing_tensorrt(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_config_cpu_target_missing_qdq_and_missing_tensorrt(tiny_ctx, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"exports\[1\]\.batch: \[8, 4, 16\] must be \[min, opt, max\]"):
         TensorRTBuildConfig(batch=(8, 4, 16)).validate("exports[1]")
     with pytest.raises(PlanError, match="tensorrt has no engine for target 'cpu'"):
@@ -186,7 +186,7 @@ def test_compile_tiny_bert_for_a100_writes_qdq_onnx_and_build_script(
 )
 def test_missing_earlier_exports_are_refused_before_any_pass_runs(
     tiny_bert_dir: Path, exports: list, message: str
-) -> None:  # type: ignore[type-arg]
+) -> None:
     from compressor.app.compile import plan
     from compressor.recipe import parse_recipe
 

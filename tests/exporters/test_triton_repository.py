@@ -41,7 +41,7 @@ def model_config_pb2() -> Any:
     return module
 
 
-def _export(tiny_ctx, out: Path, target: str = "cpu", **cfg):  # type: ignore[no-untyped-def]
+def _export(tiny_ctx, out: Path, target: str = "cpu", **cfg):
     adapter, model, ctx = tiny_ctx
     q = (
         QuantizePass(quantize_config(targets=("encoder.*",), smoothquant=True, alpha=0.5))
@@ -58,7 +58,7 @@ def _parse(path: Path) -> Any:
     return text_format.Parse(path.read_text(), model_config_pb2().ModelConfig())
 
 
-def test_config_follows_tritons_schema_and_the_onnx_graph(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_config_follows_tritons_schema_and_the_onnx_graph(tiny_ctx, tmp_path: Path) -> None:
     _, _, res = _export(tiny_ctx, tmp_path, model_name="minilm_int8", max_queue_delay_microseconds=250)
     assert res.artifacts == {"triton_repository": "triton_repository"}
     cfg = _parse(tmp_path / "triton_repository" / "minilm_int8" / "config.pbtxt")
@@ -87,7 +87,7 @@ def test_config_follows_tritons_schema_and_the_onnx_graph(tiny_ctx, tmp_path: Pa
     assert report["min_cosine"] > 0.999
 
 
-def test_repository_model_is_the_bundle_onnx_and_runs(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_repository_model_is_the_bundle_onnx_and_runs(tiny_ctx, tmp_path: Path) -> None:
     _, ectx, res = _export(tiny_ctx, tmp_path)
     served = tmp_path / "triton_repository" / "model" / "1" / "model.onnx"
     assert sha256_file(served) == sha256_file(tmp_path / "model.onnx")
@@ -104,14 +104,14 @@ def test_repository_model_is_the_bundle_onnx_and_runs(tiny_ctx, tmp_path: Path) 
     assert sha256_file(served) == sha256_file(tmp_path / "model.onnx")
 
 
-def test_gpu_target_gets_gpu_instances(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gpu_target_gets_gpu_instances(tiny_ctx, tmp_path: Path) -> None:
     _, _, res = _export(tiny_ctx, tmp_path, target="h100", max_batch_size=16, preferred_batch_sizes=(4, 16))
     cfg = _parse(tmp_path / "triton_repository" / "model" / "config.pbtxt")
     assert [g.kind for g in cfg.instance_group] == [model_config_pb2().ModelInstanceGroup.KIND_GPU]
     assert cfg.max_batch_size == 16 and list(cfg.dynamic_batching.preferred_batch_size) == [4, 16]
 
 
-def test_without_onnx_export_nothing_is_written(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_without_onnx_export_nothing_is_written(tiny_ctx, tmp_path: Path) -> None:
     adapter, model, ctx = tiny_ctx
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=model)
     with pytest.raises(RecipeError, match=r"add `- format: onnx` before `- format: triton_repository`"):
@@ -144,8 +144,8 @@ def test_recipe_order_and_batch_sizes() -> None:
         _recipe([{"format": "onnx"}, {"format": "triton_repository", "model_name": "../x"}])
 
 
-def test_failed_verification_removes_the_model_folder(tiny_ctx, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+def test_failed_verification_removes_the_model_folder(tiny_ctx, tmp_path: Path, monkeypatch) -> None:
+    def fail(*args, **kwargs):
         raise ExportError("served model disagrees")
 
     monkeypatch.setattr(TritonRepositoryExporter, "_verify", fail)
@@ -193,7 +193,7 @@ def test_types_dims_and_per_row_scalars_in_the_schema() -> None:
         onnx_io(static, batched=True)
 
 
-def _qdq_export(tiny_ctx, out: Path, target: str, recipe: Any = None, **cfg):  # type: ignore[no-untyped-def]
+def _qdq_export(tiny_ctx, out: Path, target: str, recipe: Any = None, **cfg):
     """onnx + onnx_qdq into ``out``, then the repository, for ``target``."""
     from compressor.exporters.onnx.onnx_qdq import OnnxQdqExportConfig, OnnxQdqExporter
 
@@ -218,7 +218,7 @@ def _qdq_export(tiny_ctx, out: Path, target: str, recipe: Any = None, **cfg):  #
         ("a100", {"onnx_file": "model.onnx"}, "model.onnx"),  # an explicit choice wins
     ],
 )
-def test_repository_picks_the_onnx_the_target_deploys(tiny_ctx, tmp_path: Path, target, cfg, served) -> None:  # type: ignore[no-untyped-def]
+def test_repository_picks_the_onnx_the_target_deploys(tiny_ctx, tmp_path: Path, target, cfg, served) -> None:
     res = _qdq_export(tiny_ctx, tmp_path, target, **cfg)
     report = res.verification["triton_repository"]
     assert report["serves"] == served
@@ -251,7 +251,7 @@ def test_gpu_recipe_with_only_a_qdq_export_needs_no_onnx_file() -> None:
         )
 
 
-def test_serving_batches_come_from_the_bench_sizes_of_the_recipe(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_serving_batches_come_from_the_bench_sizes_of_the_recipe(tiny_ctx, tmp_path: Path) -> None:
     recipe = parse_recipe(
         {
             "target": "a100",

@@ -14,12 +14,12 @@ from compressor.kernels.arch_report import (
 
 
 @pytest.fixture(scope="module")
-def rows() -> list[dict]:  # type: ignore[type-arg]
+def rows() -> list[dict]:
     return build_arch_report(["sm_80", "sm_87", "sm_90"])
 
 
 @pytest.mark.slow
-def test_every_kernel_builds_for_ampere_orin_and_hopper(rows) -> None:  # type: ignore[no-untyped-def]
+def test_every_kernel_builds_for_ampere_orin_and_hopper(rows) -> None:
     by = {(r["kernel"], r["arch"]): r for r in rows}
     assert all(r["ok"] for r in rows), format_arch_report(rows)
     # int8 GEMMs: mma.sync s8 on Ampere and Orin, warp-group MMA on Hopper
@@ -35,7 +35,7 @@ def test_every_kernel_builds_for_ampere_orin_and_hopper(rows) -> None:  # type: 
 
 
 @pytest.mark.slow
-def test_report_and_cli(rows, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_report_and_cli(rows, capsys) -> None:
     text = format_arch_report(rows)
     assert f"{len(rows)} of {len(rows)} ok" in text
     assert main(["kernels", "--arch", "sm_87"]) == 0

@@ -197,7 +197,7 @@ def test_sparse24_linear_uses_weight_mask() -> None:
     torch.manual_seed(1)
     lin = nn.Linear(64, 32).half()
     mask = (random_sparse(32, 64, torch.float16, seed=5) != 0).half()
-    lin.weight_mask = mask  # type: ignore[assignment]  # what a pruning pass leaves
+    lin.weight_mask = mask  # what a pruning pass leaves
     assert not is_24_sparse(lin.weight)
     m = Sparse24Linear.from_linear(lin)
     assert m.values.dtype == torch.float16
@@ -224,7 +224,7 @@ def test_sparse24_linear_rejects_dense_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="in_features a multiple of 64"):
         Sparse24Linear.from_linear(nn.Linear(32, 64))
     with pytest.raises(ValueError, match="backend 'triton'"):
-        Sparse24Linear(128, 64, backend="triton")  # type: ignore[arg-type]
+        Sparse24Linear(128, 64, backend="triton")
     m = Sparse24Linear.from_linear(sparse_linear(64, 128), backend="cutlass")
     with pytest.raises(RuntimeError, match="compute capability 8.0"):
         m(torch.randn(2, 128))

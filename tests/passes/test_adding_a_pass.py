@@ -93,7 +93,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("registered")
 def test_a_new_pass_runs_from_a_recipe_and_records_its_details(tiny_bert_dir: Path) -> None:
     recipe = _recipe(tiny_bert_dir, [{"pass": "round_weights", "targets": ["encoder.*"], "step": 0.0625}])
-    c = api.compress(recipe)  # type: ignore[arg-type]
+    c = api.compress(recipe)
     result = c.results[-1]
     assert result.name == "round_weights" and result.details["step"] == 0.0625
     assert len(result.details["rounded_layers"]) == 12  # 2 layers x (q, k, v, out, ffn in, ffn out)
@@ -109,7 +109,7 @@ def test_its_options_and_plan_are_checked_before_any_work(tiny_bert_dir: Path) -
     with pytest.raises(RecipeError, match=r"passes\[0\]\.stepp: unknown key"):
         _recipe(tiny_bert_dir, [{"pass": "round_weights", "stepp": 0.1}])
     with pytest.raises(PlanError, match="target pattern 'decoder.*' matches no Linear layer"):
-        api.compress(_recipe(tiny_bert_dir, [{"pass": "round_weights", "targets": ["decoder.*"]}]))  # type: ignore[arg-type]
+        api.compress(_recipe(tiny_bert_dir, [{"pass": "round_weights", "targets": ["decoder.*"]}]))
     after_quantize = [
         {"pass": "quantize", "targets": ["encoder.layer.0.*"]},
         {"pass": "round_weights", "targets": ["encoder.*"]},
@@ -117,4 +117,4 @@ def test_its_options_and_plan_are_checked_before_any_work(tiny_bert_dir: Path) -
     with pytest.raises(
         PlanError, match=r"passes\[1\] \(round_weights\): encoder.layer.0.attention.self.query is int8"
     ):
-        api.compress(_recipe(tiny_bert_dir, after_quantize))  # type: ignore[arg-type]
+        api.compress(_recipe(tiny_bert_dir, after_quantize))

@@ -125,7 +125,7 @@ def _guidance(cond: Any, w: torch.Tensor | None, dtype: torch.dtype) -> torch.Te
     if w is None:
         raise ValueError("this conditioner was guidance-distilled: pass guidance_scale (B,)")
     feats = fourier_features(w, int(cond.config["guidance_fourier_dim"]))
-    return cond.guidance_mlp(feats.to(dtype))  # type: ignore[no-any-return]
+    return cond.guidance_mlp(feats.to(dtype))
 
 
 class TextConditioner(ModelMixin, ConfigMixin):  # type: ignore[misc]

@@ -113,7 +113,7 @@ def load_diffusion_model(source: str | Path) -> DiffusionModel:
     folder = Path(source)
     if (folder / "conditioner").is_dir():
         pipe = safe_from_pretrained(StepReducedPipeline, folder)
-        return pipe.to_diffusion_model().eval()  # type: ignore[no-any-return]
+        return pipe.to_diffusion_model().eval()
     sub = next((folder / n for n in ("unet", "transformer") if (folder / n).is_dir()), None)
     if sub is None or not (folder / "scheduler").is_dir():
         what = "does not exist" if not folder.exists() else "is not a diffusers pipeline folder"

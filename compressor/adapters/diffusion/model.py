@@ -138,7 +138,7 @@ class DiffusionModel(nn.Module):
             w = torch.full((x.shape[0],), self.spec.guidance_scale, device=x.device)
         cond = self.conditioner(labels, w) if self.guidance_embedded else self.conditioner(labels)
         out = self.unet(**{self._x_arg: x}, timestep=t, **cond).sample
-        return out if self._out_channels is None else out[:, : self._out_channels]  # type: ignore[no-any-return]
+        return out if self._out_channels is None else out[:, : self._out_channels]
 
     def guided(
         self,
@@ -209,4 +209,4 @@ class DenoiserGraph(nn.Module):
         self.model = model
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(*args)  # type: ignore[no-any-return]
+        return self.model(*args)

@@ -57,7 +57,7 @@ class StepReducedPipeline(DiffusionPipeline):
 
     @property
     def denoiser(self) -> nn.Module:
-        return self.unet if self.unet is not None else self.transformer  # type: ignore[no-any-return]
+        return self.unet if self.unet is not None else self.transformer
 
     def to_diffusion_model(self) -> DiffusionModel:
         """The compiler's DiffusionModel over these components (shared, not copied)."""
@@ -93,7 +93,7 @@ class StepReducedPipeline(DiffusionPipeline):
             labels = self.conditioner.index([prompt] if isinstance(prompt, str) else list(prompt))
         else:
             labels = torch.as_tensor(class_labels, dtype=torch.long)
-        images, _ = self.to_diffusion_model().sample(labels, generator)  # type: ignore[operator]
+        images, _ = self.to_diffusion_model().sample(labels, generator)
         return ImagePipelineOutput(images=((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
 
 

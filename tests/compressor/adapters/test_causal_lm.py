@@ -46,7 +46,7 @@ def _save_tiny(family: str, out: Path, minilm_path: str) -> Path:
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny_lm_dir(request, tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:  # type: ignore[no-untyped-def]
+def tiny_lm_dir(request, tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
     return _save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), minilm_path)
 
 

@@ -52,7 +52,7 @@ def digits_mlp() -> tuple[nn.Module, DataSplits]:
     return model, data
 
 
-def test_any_module_compiles_to_a_verified_bundle(digits_mlp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_any_module_compiles_to_a_verified_bundle(digits_mlp, tmp_path: Path) -> None:
     model, data = digits_mlp
     recipe = parse_recipe(
         {
@@ -91,7 +91,7 @@ def test_any_module_compiles_to_a_verified_bundle(digits_mlp, tmp_path: Path) ->
     assert out.shape == (64, 10)
 
 
-def test_module_adapter_checks_its_data(digits_mlp) -> None:  # type: ignore[no-untyped-def]
+def test_module_adapter_checks_its_data(digits_mlp) -> None:
     model, data = digits_mlp
     with pytest.raises(DataError, match=r"calibration batches lack the inputs \['image'\]"):
         ModuleAdapter(model, data, input_names=("image",))
@@ -99,7 +99,7 @@ def test_module_adapter_checks_its_data(digits_mlp) -> None:  # type: ignore[no-
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("split", ["calibration", "train", "eval"])
-def test_module_adapter_refuses_non_finite_data(digits_mlp, split: str, bad: float) -> None:  # type: ignore[no-untyped-def]
+def test_module_adapter_refuses_non_finite_data(digits_mlp, split: str, bad: float) -> None:
     import dataclasses
 
     model, data = digits_mlp

@@ -10,7 +10,7 @@ import yaml
 from compressor.app.cli import main
 
 
-def _write(tmp_path: Path, data: dict) -> Path:  # type: ignore[type-arg]
+def _write(tmp_path: Path, data: dict) -> Path:
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
@@ -35,7 +35,7 @@ def test_validate_reports_errors_without_traceback(
     assert err.startswith("error: ") and "passes[0].bits: unknown key" in err and "Traceback" not in err
 
 
-def test_validate_checks_the_plan_against_the_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_validate_checks_the_plan_against_the_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = {
         "target": "cpu",
         "model": {"source": str(tiny_bert_dir)},
@@ -60,7 +60,7 @@ def test_untrusted_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "b").exists()
 
 
-def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = {
         "name": "tiny",
         "target": "cpu",
@@ -126,7 +126,7 @@ def test_compile_tiny_bert_end_to_end(tiny_bert_dir: Path, tmp_path: Path, capsy
     assert main(["bench", str(out)]) == 2
 
 
-def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = {
         "target": "cpu",
         "model": {"source": str(tiny_bert_dir)},
@@ -147,7 +147,7 @@ def test_fidelity_floor_failure_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: 
     assert list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]  # no bundle, no partial directory
 
 
-def test_fp8_for_a100_is_refused_before_any_work(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_for_a100_is_refused_before_any_work(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = {
         "target": "a100",
         "model": {"source": str(tiny_bert_dir)},
@@ -162,7 +162,7 @@ def test_fp8_for_a100_is_refused_before_any_work(tiny_bert_dir: Path, tmp_path: 
     assert main(["recipe", "validate", str(path), "--target", "h100"]) == 0
 
 
-def test_recover_block_distills_after_a_lossy_pass(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_recover_block_distills_after_a_lossy_pass(tiny_ctx) -> None:
     from compressor.distill.config import RecoverConfig
     from compressor.passes.sparsity.sparsify import SparsifyConfig, SparsifyPass, is_24_sparse
     from compressor.pipeline import Pipeline

@@ -248,7 +248,7 @@ def test_diffusion_training_loops_report_each_step() -> None:
     student = nn.Linear(4, 4)
     x = torch.randn(8, 4)
     rec = Recorder()
-    with PassContext(None, None, None, None, progress=rec).progress_bar("consistency_distill", 5) as bar:  # type: ignore[arg-type]
+    with PassContext(None, None, None, None, progress=rec).progress_bar("consistency_distill", 5) as bar:
         fit(student, lambda step: (student(x) ** 2).mean(), 5, 1e-3, "t", bar=bar)
     assert rec.bars[0].n == 5 and rec.bars[0].closed
 
@@ -267,7 +267,7 @@ def test_diffusion_passes_open_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gd, "guidance_distill", fake)
     monkeypatch.setattr(cd, "consistency_distill", fake)
     rec = Recorder()
-    ctx = PassContext(None, None, None, None, progress=rec)  # type: ignore[arg-type]
+    ctx = PassContext(None, None, None, None, progress=rec)
     gd.GuidanceDistillPass(gd.GuidanceDistillConfig(train_steps=7)).run(object(), ctx)
     cd.ConsistencyDistillPass(cd.ConsistencyDistillConfig(train_steps=9)).run(object(), ctx)
     assert [(b.desc, b.total, b.n, b.closed) for b in rec.bars] == [
@@ -312,7 +312,7 @@ def test_wall_time_includes_the_measuring_after_each_pass(monkeypatch: pytest.Mo
     pipe = Pipeline(
         [_Noop()], instruments=[_SlowMeasure()], on_measure_start=lambda p: measured.append(str(p))
     )
-    pipe.run(nn.Linear(2, 2), PassContext(None, None, None, None))  # type: ignore[arg-type]
+    pipe.run(nn.Linear(2, 2), PassContext(None, None, None, None))
     original, noop = pipe.results
     assert noop.measure_s >= 0.3 and noop.wall_s >= noop.measure_s + 0.05
     assert original.wall_s >= 0.3  # the first measuring is timed too

@@ -38,7 +38,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor
 
 
 @pytest.mark.slow
-def test_runner_runs_the_package_and_reports_latency(runner: Path, bundle) -> None:  # type: ignore[no-untyped-def]
+def test_runner_runs_the_package_and_reports_latency(runner: Path, bundle) -> None:
     root, expected = bundle
     result = run_runner(runner, root, iters=20, warmup=2, threads=1)
     # it ran OUR model on OUR inputs: the output checksum is torch's
@@ -51,7 +51,7 @@ def test_runner_runs_the_package_and_reports_latency(runner: Path, bundle) -> No
 
 
 @pytest.mark.slow
-def test_runner_errors_name_the_problem(runner: Path, bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runner_errors_name_the_problem(runner: Path, bundle, tmp_path: Path) -> None:
     root, _ = bundle
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": "model.onnx"}}))
     with pytest.raises(CompressorError, match="no artifacts.aoti"):

@@ -35,7 +35,7 @@ def test_shard_batch_splits_like_distributed_sampler_without_padding() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
-def test_two_ranks_match_one_process(tiny_bert_dir: Path, tiny_data_spec, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_two_ranks_match_one_process(tiny_bert_dir: Path, tiny_data_spec, tmp_path: Path) -> None:
     from compressor.adapters.hf_encoder import HFEncoderAdapter
     from tests.compressor.distill.ddp_distill_worker import CONFIG, build_student_and_teacher
 

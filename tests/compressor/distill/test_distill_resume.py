@@ -29,7 +29,7 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_bert_dir: Path, tiny_data_spec) -> tuple[Any, nn.Module, nn.Module, list[Any]]:  # type: ignore[no-untyped-def]
+def setup(tiny_bert_dir: Path, tiny_data_spec) -> tuple[Any, nn.Module, nn.Module, list[Any]]:
     """(adapter, 2:4-masked student, dense teacher, 4 training batches)."""
     adapter = HFEncoderAdapter()
     teacher = adapter.load(str(tiny_bert_dir))
@@ -55,13 +55,13 @@ def _count_steps(monkeypatch: pytest.MonkeyPatch, raise_at: int | None = None) -
     return calls
 
 
-def _reference(setup, tmp_path: Path) -> tuple[nn.Module, list[float]]:  # type: ignore[no-untyped-def]
+def _reference(setup, tmp_path: Path) -> tuple[nn.Module, list[float]]:
     adapter, student0, teacher, batches = setup
     s = copy.deepcopy(student0)
     return s, distill_(s, teacher, adapter, batches, CFG, work_dir=tmp_path / "ref")
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monkeypatch) -> None:
     adapter, student0, teacher, batches = setup
     ref, ref_losses = _reference(setup, tmp_path)
 
@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mo
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in again.state_dict().items())
 
 
-def test_checkpoint_from_a_different_config_is_refused(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_from_a_different_config_is_refused(setup, tmp_path) -> None:
     adapter, student0, teacher, batches = setup
     short = dataclasses.replace(CFG, steps=4, warmup_steps=1)
     distill_(copy.deepcopy(student0), teacher, adapter, batches, short, work_dir=tmp_path)
@@ -113,7 +113,7 @@ def test_checkpoint_from_a_different_config_is_refused(setup, tmp_path) -> None:
     )
 
 
-def test_corrupt_and_unsafe_checkpoints_give_clear_errors(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_and_unsafe_checkpoints_give_clear_errors(setup, tmp_path) -> None:
     adapter, student0, teacher, batches = setup
     cfg = dataclasses.replace(CFG, steps=2, warmup_steps=1, checkpoint_every=1)
     distill_(copy.deepcopy(student0), teacher, adapter, batches, cfg, work_dir=tmp_path)
@@ -136,7 +136,7 @@ def test_corrupt_and_unsafe_checkpoints_give_clear_errors(setup, tmp_path) -> No
     assert not marker.exists()  # weights_only: the pickle's code never ran
 
 
-def test_failed_write_leaves_the_previous_checkpoint_whole(setup, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_failed_write_leaves_the_previous_checkpoint_whole(setup, tmp_path, monkeypatch) -> None:
     adapter, student0, teacher, batches = setup
     cfg = dataclasses.replace(CFG, steps=4, warmup_steps=1, checkpoint_every=2)
     real_save = torch.save
@@ -158,7 +158,7 @@ def test_failed_write_leaves_the_previous_checkpoint_whole(setup, tmp_path, monk
     assert torch.load(ckpt, weights_only=True)["step"] == 2
 
 
-def test_checkpoint_every_is_validated_and_needs_no_work_dir(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_every_is_validated_and_needs_no_work_dir(setup, caplog) -> None:
     with pytest.raises(RecipeError, match=r"r.yaml: passes\[1\].checkpoint_every: -1 is negative"):
         from_dict(RecoverConfig, {"checkpoint_every": -1}, "r.yaml: passes[1]")
     assert from_dict(RecoverConfig, {}, "p").checkpoint_every == 0
@@ -168,7 +168,7 @@ def test_checkpoint_every_is_validated_and_needs_no_work_dir(setup, caplog) -> N
     assert "no work dir" in caplog.text
 
 
-def test_distill_pass_checkpoints_into_its_work_dir(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_distill_pass_checkpoints_into_its_work_dir(setup, tmp_path) -> None:
     from compressor.adapters.base import DataSplits
     from compressor.passes.distill.distill import DistillPass
     from compressor.pipeline import PassContext
@@ -186,7 +186,7 @@ def test_distill_pass_checkpoints_into_its_work_dir(setup, tmp_path) -> None:  #
     assert torch.load(ckpt, weights_only=True)["step"] == 2
 
 
-def test_compile_with_work_dir_resumes_an_interrupted_distill(tiny_bert_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_compile_with_work_dir_resumes_an_interrupted_distill(tiny_bert_dir, tmp_path, monkeypatch) -> None:
     import json
 
     import yaml
@@ -239,7 +239,7 @@ def test_compile_with_work_dir_resumes_an_interrupted_distill(tiny_bert_dir, tmp
     assert resumed == reference  # loss_first / loss_last / loss_tail_mean of the uninterrupted run
 
 
-def test_teacher_cache_gives_the_same_run_with_one_teacher_forward_per_batch(setup) -> None:  # type: ignore[no-untyped-def]
+def test_teacher_cache_gives_the_same_run_with_one_teacher_forward_per_batch(setup) -> None:
     adapter, student0, teacher, batches = setup
     calls: list[int] = []
     hook = teacher.register_forward_hook(lambda *_: calls.append(1))

@@ -16,7 +16,7 @@ from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.quantize.quantize import QuantizePass, quantize_config
 
 
-def _export(tiny_ctx, tmp_path: Path, **cfg):  # type: ignore[no-untyped-def]
+def _export(tiny_ctx, tmp_path: Path, **cfg):
     adapter, model, ctx = tiny_ctx
     q = (
         QuantizePass(quantize_config(targets=("encoder.*",), smoothquant=True, alpha=0.5))
@@ -28,7 +28,7 @@ def _export(tiny_ctx, tmp_path: Path, **cfg):  # type: ignore[no-untyped-def]
     return q, ectx, res
 
 
-def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:
     q, ectx, res = _export(tiny_ctx, tmp_path)
     assert res.artifacts == {"onnx": "model.onnx"}
     report = res.verification["onnx"]
@@ -58,7 +58,7 @@ def test_int8_round_trip_through_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:
             assert any(i.shape == w.shape and np.array_equal(i.astype(np.int16), w) for i in inits), name
 
 
-def test_output_is_the_normalised_sentence_embedding(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_output_is_the_normalised_sentence_embedding(tiny_ctx, tmp_path: Path) -> None:
     q, ectx, _ = _export(tiny_ctx, tmp_path)
     sess = ort_session(tmp_path / "model.onnx")
     batch = ectx.adapter.verification_cases(ectx.data.eval[0], (5,), (20,))[0]
@@ -69,13 +69,13 @@ def test_output_is_the_normalised_sentence_embedding(tiny_ctx, tmp_path: Path) -
     assert float((out * ref).sum(-1).min()) > 0.999
 
 
-def test_disagreement_fails_the_export(tiny_ctx, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_disagreement_fails_the_export(tiny_ctx, tmp_path: Path, monkeypatch) -> None:
     # Make the torch reference disagree with what gets exported: the export must refuse.
     import compressor.exporters.onnx.onnx as onnx_exporter
 
     real_verify = onnx_exporter.verify_onnx
 
-    def verify_against_a_different_model(path, model, ctx, sizes, lengths):  # type: ignore[no-untyped-def]
+    def verify_against_a_different_model(path, model, ctx, sizes, lengths):
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, Int8Linear):
@@ -87,7 +87,7 @@ def test_disagreement_fails_the_export(tiny_ctx, tmp_path: Path, monkeypatch) ->
         _export(tiny_ctx, tmp_path)
 
 
-def test_fp32_graph_matches_transformers(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fp32_graph_matches_transformers(tiny_ctx, tmp_path: Path) -> None:
     """The layer-by-layer export graph computes what transformers computes (no passes at all)."""
     adapter, model, ctx = tiny_ctx
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=model)
@@ -95,7 +95,7 @@ def test_fp32_graph_matches_transformers(tiny_ctx, tmp_path: Path) -> None:  # t
     assert res.verification["onnx"]["max_abs_error"] < 1e-4
 
 
-def test_portable_uint8_weights_are_exact_and_bad_choices_refused(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_portable_uint8_weights_are_exact_and_bad_choices_refused(tiny_ctx, tmp_path: Path) -> None:
     # int8_weights: uint8 gives a bundle exact on any x86 CPU (VNNI or not), whatever this one is
     _, _, res = _export(tiny_ctx, tmp_path, int8_weights="uint8")
     report = res.verification["onnx"]
@@ -111,7 +111,7 @@ def test_portable_uint8_weights_are_exact_and_bad_choices_refused(tiny_ctx, tmp_
         OnnxExportConfig(int8_weights="s8").validate("exports[0]")
 
 
-def test_per_token_int8_stays_exact_under_ort_graph_fusions(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_per_token_int8_stays_exact_under_ort_graph_fusions(tiny_ctx, tmp_path: Path) -> None:
     """Per-token layers must not fuse into MatMulIntegerToFloat (its activation scale is one
     number per tensor): seen on MiniLM as min cosine 0.61 at ORT's default optimization level."""
     import onnxruntime as ort
@@ -148,7 +148,7 @@ def test_per_token_int8_stays_exact_under_ort_graph_fusions(tiny_ctx, tmp_path: 
 
 
 @pytest.mark.parametrize("scheme", ["static_per_tensor", "dynamic_per_token"])
-def test_symmetric_schemes_feed_uint8_codes_and_match_torch(tiny_ctx, tmp_path: Path, scheme: str) -> None:  # type: ignore[no-untyped-def]
+def test_symmetric_schemes_feed_uint8_codes_and_match_torch(tiny_ctx, tmp_path: Path, scheme: str) -> None:
     """Static and per-token layers run ONNX Runtime's U8U8 / U8S8 kernels (uint8 codes q + 128,
     zero point 128), not its S8S8 one (several times slower on AVX2), and stay exact vs torch."""
     adapter, model, ctx = tiny_ctx

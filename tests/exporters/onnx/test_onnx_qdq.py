@@ -67,7 +67,7 @@ def test_static_scheme_math_scale_saturation_and_numpy_emulation() -> None:
         smooth=smooth,
         input_scale=static_input_scale((calib / smooth).abs().amax(0)),
     )
-    s2 = float(qs.input_scale)  # type: ignore[arg-type]
+    s2 = float(qs.input_scale)
     np.testing.assert_allclose(
         qs(x).detach().double().numpy(),
         _numpy_static_linear(x.double().numpy(), qs, s2, smooth.double().numpy()),
@@ -84,7 +84,7 @@ def test_static_scheme_math_scale_saturation_and_numpy_emulation() -> None:
         Int8Linear.from_linear(lin, "dynamic_per_token", input_scale=1.0)
 
 
-def _static(tiny_ctx, target: str = "a100", **cfg):  # type: ignore[no-untyped-def]
+def _static(tiny_ctx, target: str = "a100", **cfg):
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target(target)
     opts = {"targets": ("encoder.*",), "activations": "static_per_tensor", **cfg}
@@ -92,7 +92,7 @@ def _static(tiny_ctx, target: str = "a100", **cfg):  # type: ignore[no-untyped-d
     return adapter, out.model, ctx, out
 
 
-def test_quantize_pass_calibrates_static_scales(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_quantize_pass_calibrates_static_scales(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     float_model = copy.deepcopy(model)
     _, q, ctx, out = _static(tiny_ctx, smoothquant=True, alpha=0.5)
@@ -115,7 +115,7 @@ def test_quantize_pass_calibrates_static_scales(tiny_ctx) -> None:  # type: igno
     assert mean_cos > 0.995, mean_cos
 
 
-def _export(adapter, q, ctx, tmp_path: Path, **cfg):  # type: ignore[no-untyped-def]
+def _export(adapter, q, ctx, tmp_path: Path, **cfg):
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
     return ectx, OnnxQdqExporter(OnnxQdqExportConfig(**cfg)).export(q, ectx, tmp_path)
 
@@ -152,7 +152,7 @@ def _qdq_linears(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarra
     return found
 
 
-def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> None:
     adapter, q, ctx, _ = _static(tiny_ctx, smoothquant=True, alpha=0.5)
     ectx, res = _export(adapter, q, ctx, tmp_path)
     assert res.artifacts == {"onnx_qdq": "model.qdq.onnx"}
@@ -183,7 +183,7 @@ def test_qdq_placement_and_ort_agrees_with_torch(tiny_ctx, tmp_path: Path) -> No
     assert float(cos.min()) >= 0.999
 
 
-def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) -> None:
     """float_dtype: fp16: every float tensor of the graph is fp16 (Q/DQ scales included, so the
     int8 GEMMs feed fp16), the output stays fp32, and ONNX Runtime still agrees with torch."""
     adapter, q, ctx, _ = _static(tiny_ctx, smoothquant=True, alpha=0.5)
@@ -218,7 +218,7 @@ def test_fp16_float_parts_for_strongly_typed_builds(tiny_ctx, tmp_path: Path) ->
         parse_recipe({"target": "a100", "exports": [{"format": "onnx_qdq", "float_dtype": "fp16"}]})
 
 
-def test_dynamic_scheme_and_fp8_are_refused(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dynamic_scheme_and_fp8_are_refused(tiny_ctx, tmp_path: Path) -> None:
     adapter, model, ctx = tiny_ctx
     ctx.target = get_target("a100")
     dyn = QuantizePass(quantize_config(targets=("encoder.*",))).run(copy.deepcopy(model), ctx).model
@@ -235,7 +235,7 @@ def test_dynamic_scheme_and_fp8_are_refused(tiny_ctx, tmp_path: Path) -> None:  
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def test_24_pattern_survives_in_the_int8_initializers(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_24_pattern_survives_in_the_int8_initializers(tiny_ctx, tmp_path: Path) -> None:
     from compressor.passes.sparsity.sparsify import SparsifyConfig, SparsifyPass
 
     adapter, model, ctx = tiny_ctx
@@ -256,13 +256,13 @@ def test_24_pattern_survives_in_the_int8_initializers(tiny_ctx, tmp_path: Path) 
         assert (w != 0).mean() > 0.4  # still a real weight, not wiped out
 
 
-def test_disagreement_fails_the_export_and_leaves_no_file(tiny_ctx, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_disagreement_fails_the_export_and_leaves_no_file(tiny_ctx, tmp_path: Path, monkeypatch) -> None:
     import compressor.exporters.onnx.onnx_qdq as qdq
 
     adapter, q, ctx, _ = _static(tiny_ctx)
     real = qdq.verify_onnx
 
-    def against_a_different_model(path, model, c, sizes, lengths):  # type: ignore[no-untyped-def]
+    def against_a_different_model(path, model, c, sizes, lengths):
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, Int8Linear):
@@ -275,7 +275,7 @@ def test_disagreement_fails_the_export_and_leaves_no_file(tiny_ctx, tmp_path: Pa
     assert not (tmp_path / "model.qdq.onnx").exists()
 
 
-def test_static_scheme_in_the_onnx_runtime_flavour(tiny_ctx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_static_scheme_in_the_onnx_runtime_flavour(tiny_ctx, tmp_path: Path) -> None:
     """The ORT flavour lowers static layers to int8 codes with the calibrated scale (S8S8 MatMulInteger)."""
     adapter, q, ctx, _ = _static(tiny_ctx, target="cpu", smoothquant=True, alpha=0.5)
     ectx = ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)

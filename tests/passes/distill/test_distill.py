@@ -26,7 +26,7 @@ def test_squarehead_is_normalised_per_layer() -> None:
     assert abs(float(squarehead_loss(s, t, mask)) - 0.01) < 1e-6
 
 
-def test_quantization_aware_distillation_recovers_and_keeps_scales(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_quantization_aware_distillation_recovers_and_keeps_scales(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     q = QuantizePass(Int8Config(targets=("encoder.*",))).run(model, ctx).model
     scales = {n: m.weight_scale.clone() for n, m in q.named_modules() if isinstance(m, Int8Linear)}
@@ -48,7 +48,7 @@ def test_quantization_aware_distillation_recovers_and_keeps_scales(tiny_ctx) -> 
     assert all(not p.requires_grad for p in ctx.teacher.parameters())
 
 
-def test_distillation_batches_group_texts_by_length(tiny_bert_dir) -> None:  # type: ignore[no-untyped-def]
+def test_distillation_batches_group_texts_by_length(tiny_bert_dir) -> None:
     """Grouped batches hold the same texts as plain ones, each once, with far less padding."""
     from compressor.adapters.hf_encoder import HFEncoderAdapter
     from compressor.recipe import DataSpec
@@ -60,7 +60,7 @@ def test_distillation_batches_group_texts_by_length(tiny_bert_dir) -> None:  # t
     grouped = adapter.make_data(spec, seed=0).train
     again = adapter.make_data(spec, seed=0).train
 
-    def texts(batches):  # type: ignore[no-untyped-def]
+    def texts(batches):
         return sorted(
             tuple(ids[m.bool()].tolist())
             for b in batches

@@ -12,10 +12,7 @@ from compressor.passes.quantize.quantize import QuantizePass, activation_absmax,
 from compressor.planning import PlanState
 from compressor.targets import get_target
 from tests.conftest import add_activation_outliers_
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()).detach())
+from tests.helpers.metrics import sqnr_db
 
 
 def test_int8_linear_matches_the_integer_computation() -> None:
@@ -70,7 +67,7 @@ def test_straight_through_gradient_reaches_master_weights() -> None:
     assert not q.weight_scale.requires_grad and torch.equal(q.weight_scale, scale_before)
 
 
-def test_quantize_pass_on_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_quantize_pass_on_tiny_bert(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     cfg = quantize_config(
         targets=("encoder.*",), smoothquant=True, max_float_layers=2, target_mean_cosine=1.0
@@ -93,7 +90,7 @@ def test_quantize_pass_on_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untype
     assert m["weight_bytes"] < adapter.metrics(ctx.teacher, ctx.teacher, ctx.data.eval)["weight_bytes"]
 
 
-def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     add_activation_outliers_(model)
     ctx.teacher = copy.deepcopy(model)
@@ -106,7 +103,7 @@ def test_smoothquant_helps_when_activations_have_outliers(tiny_ctx) -> None:  # 
     assert 1 - scores[True] < 0.8 * (1 - scores[False]), scores
 
 
-def test_plan_checks(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_plan_checks(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match="target pattern 'decoder.\\*' matches no Linear layer"):
         QuantizePass(quantize_config(targets=("decoder.*",))).plan(
@@ -121,7 +118,7 @@ def test_plan_checks(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
     )
 
 
-def test_nan_in_calibration_is_named(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_nan_in_calibration_is_named(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     with torch.no_grad():
         model.encoder.layer[0].attention.output.dense.weight[0, 0] = float("nan")
@@ -140,7 +137,7 @@ def test_quantize_weight_saturates() -> None:
 
 
 @pytest.mark.parametrize("target", ["a100", "orin", "cpu"])
-def test_fp8_plan_refused_before_any_work(tiny_ctx, target: str) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_plan_refused_before_any_work(tiny_ctx, target: str) -> None:
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match=f"quantize.method: fp8 is not supported on target '{target}'"):
         QuantizePass(quantize_config(method="fp8")).plan(
@@ -148,7 +145,7 @@ def test_fp8_plan_refused_before_any_work(tiny_ctx, target: str) -> None:  # typ
         )
 
 
-def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:
     from compressor.kernels.fp8_linear import Fp8Linear
 
     adapter, model, ctx = tiny_ctx
@@ -168,7 +165,7 @@ def test_fp8_on_h100_quantizes_to_e4m3(tiny_ctx) -> None:  # type: ignore[no-unt
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
-def test_int4_compiles_to_matmulnbits_verified_in_onnx_runtime(tiny_bert_dir, tmp_path, algorithm) -> None:  # type: ignore[no-untyped-def]
+def test_int4_compiles_to_matmulnbits_verified_in_onnx_runtime(tiny_bert_dir, tmp_path, algorithm) -> None:
     import onnx
 
     from compressor.app.compile import compile_recipe
@@ -203,7 +200,7 @@ def test_int4_compiles_to_matmulnbits_verified_in_onnx_runtime(tiny_bert_dir, tm
     assert (sum(n.op_type == "Div" for n in graph.node) >= 12) is (algorithm == "awq")
 
 
-def test_int4_group_size_must_divide_every_layer(tiny_bert_dir) -> None:  # type: ignore[no-untyped-def]
+def test_int4_group_size_must_divide_every_layer(tiny_bert_dir) -> None:
     from compressor.app.compile import plan
     from compressor.errors import PlanError, RecipeError
     from compressor.recipe import parse_recipe
@@ -221,7 +218,7 @@ def test_int4_group_size_must_divide_every_layer(tiny_bert_dir) -> None:  # type
         parse_recipe({**base, "passes": [{"pass": "quantize", "method": "int4", "group_size": 48}]}, "r.yaml")
 
 
-def _budget_recipe(tiny_bert_dir, **quantize):  # type: ignore[no-untyped-def]
+def _budget_recipe(tiny_bert_dir, **quantize):
     from compressor.recipe import parse_recipe
 
     return parse_recipe(
@@ -239,11 +236,11 @@ def _budget_recipe(tiny_bert_dir, **quantize):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def _quantize_record(manifest) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _quantize_record(manifest) -> dict:
     return next(r for r in manifest["passes"] if r["pass"] == "quantize")
 
 
-def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny_bert_dir, tmp_path) -> None:
     from compressor.app.compile import compile_recipe
 
     adapter, model, ctx = tiny_ctx
@@ -271,7 +268,7 @@ def test_fidelity_budget_keeps_the_most_sensitive_layers_in_float(tiny_ctx, tiny
             assert x["precision"] == "int8" and f"meets fidelity_budget {budget:g}" in x["why"], x
 
 
-def test_fidelity_budget_is_a_drop_from_the_model_the_pass_receives(tiny_bert_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fidelity_budget_is_a_drop_from_the_model_the_pass_receives(tiny_bert_dir, tmp_path) -> None:
     """After a prune has cost fidelity, the budget bounds what int8 adds, not the total: keeping
     layers in float cannot win back what pruning lost, so it must not be spent on it."""
     from compressor.app.compile import compile_recipe
@@ -296,7 +293,7 @@ def test_fidelity_budget_is_a_drop_from_the_model_the_pass_receives(tiny_bert_di
     assert pruned["metrics"]["mean_cosine"] < 0.99
 
 
-def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_path, caplog) -> None:
     from compressor.app.compile import compile_recipe
 
     with caplog.at_level("WARNING", logger="compressor.passes.quantize.int8"):
@@ -318,7 +315,7 @@ def test_impossible_fidelity_budget_is_reported_as_missed(tiny_bert_dir, tmp_pat
 def test_fidelity_budget_is_validated_with_its_key() -> None:
     from compressor.errors import RecipeError
 
-    def parse(**kw):  # type: ignore[no-untyped-def]
+    def parse(**kw):
         return QuantizePass.config_from_dict(kw, "r.yaml: passes[0]")
 
     assert parse(fidelity_budget=0.003, max_float_layers=4).fidelity_target().mean_cosine == pytest.approx(

@@ -14,7 +14,7 @@ from tests.compressor.adapters.test_causal_lm import SPEC, _save_tiny
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):  # type: ignore[no-untyped-def]
+def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):
     path = _save_tiny("llama", tmp_path_factory.mktemp("int4-llama"), minilm_path)
     adapter = CausalLMAdapter()
     model = adapter.load(str(path))
@@ -27,7 +27,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):  # type: ign
 
 
 @pytest.fixture(scope="module")
-def kl_by_algorithm(lm) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def kl_by_algorithm(lm) -> dict[str, float]:
     adapter, model, data = lm
     out = {}
     for key in ("rtn", "gptq", "awq", "awq_fold_only"):
@@ -70,7 +70,7 @@ def test_gptq_and_awq_beat_rtn_on_held_out_text(kl_by_algorithm: dict[str, float
     assert kl["awq"] < 0.6 * kl["rtn"], kl
 
 
-def test_int4_keeps_a_24_mask_and_refuses_unknown_algorithms(lm) -> None:  # type: ignore[no-untyped-def]
+def test_int4_keeps_a_24_mask_and_refuses_unknown_algorithms(lm) -> None:
     from compressor.passes.sparsity.sparsify import apply_mask_, mask_24_by_magnitude
 
     adapter, model, data = lm
@@ -87,7 +87,7 @@ def test_int4_keeps_a_24_mask_and_refuses_unknown_algorithms(lm) -> None:  # typ
         quantize_int4_(student, [], "int3", 32, True, data.calibration, adapter.forward)
 
 
-def test_awq_beats_rtn_on_a_tiny_bert(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_awq_beats_rtn_on_a_tiny_bert(tiny_ctx) -> None:
     """Post-LN BERT (every scale an input divisor), outlier channels as trained models have."""
     from tests.conftest import add_activation_outliers_
 

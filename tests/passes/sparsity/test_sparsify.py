@@ -24,7 +24,7 @@ def test_mask_keeps_the_two_largest_of_every_four() -> None:
     assert not is_24_sparse(w)
 
 
-def test_24_survives_distillation_and_quantization(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_24_survives_distillation_and_quantization(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     p = SparsifyPass(SparsifyConfig(targets=("encoder.*",)))
     state = p.plan(PlanState.from_model(model, ctx.target, adapter))
@@ -54,7 +54,7 @@ def test_24_survives_distillation_and_quantization(tiny_ctx) -> None:  # type: i
         assert is_24_sparse(m.qweight().float())
 
 
-def test_sparsify_refuses_patterns_that_match_nothing(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_sparsify_refuses_patterns_that_match_nothing(tiny_ctx) -> None:
     adapter, model, ctx = tiny_ctx
     with pytest.raises(PlanError, match="sparsify: target pattern 'encoder.layer.9.\\*' matches no"):
         SparsifyPass(SparsifyConfig(targets=("encoder.layer.9.*",))).plan(
@@ -62,7 +62,7 @@ def test_sparsify_refuses_patterns_that_match_nothing(tiny_ctx) -> None:  # type
         )
 
 
-def test_sparsegpt_beats_magnitude_on_the_model(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_sparsegpt_beats_magnitude_on_the_model(tiny_ctx) -> None:
     import copy
 
     adapter, model, ctx = tiny_ctx
@@ -85,7 +85,7 @@ def _dense_encoder_layers(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def test_mixed_sparsity_keeps_the_most_sensitive_layers_dense_until_the_budget_holds(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_sparsity_keeps_the_most_sensitive_layers_dense_until_the_budget_holds(tiny_ctx) -> None:
     import copy
 
     adapter, model, ctx = tiny_ctx
@@ -132,7 +132,7 @@ def test_mixed_sparsity_budget_needs_dense_layers() -> None:
         from_dict(SparsifyConfig, {"fidelity_budget": 1.5, "max_dense_layers": 2}, "p")
 
 
-def test_sparsify_plan_marks_the_selected_float_layers_and_refuses_odd_widths(tiny_ctx) -> None:  # type: ignore[no-untyped-def]
+def test_sparsify_plan_marks_the_selected_float_layers_and_refuses_odd_widths(tiny_ctx) -> None:
     import dataclasses
 
     adapter, model, ctx = tiny_ctx
