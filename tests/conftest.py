@@ -50,6 +50,22 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """A tiny random Llama folder (``tests.helpers.tiny.save_tiny_lm``)."""
+    from tests.helpers.tiny import save_tiny_lm
+
+    return save_tiny_lm("llama", tmp_path_factory.mktemp("tiny-llama"), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """A tiny random Qwen2 folder: its q/k/v projections carry biases."""
+    from tests.helpers.tiny import save_tiny_lm
+
+    return save_tiny_lm("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), minilm_path)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
     """A randomly initialised 2-layer BERT (hidden 32, 4 heads) with MiniLM's tokenizer.
 

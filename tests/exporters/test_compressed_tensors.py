@@ -25,19 +25,9 @@ from compressor.passes.quantize.quantize import QuantizePass, quantize_config
 from compressor.pipeline import PassContext
 from compressor.recipe import parse_recipe
 from compressor.targets import get_target
-from tests.compressor.adapters.test_causal_lm import SPEC, _save_tiny
+from tests.helpers.tiny import LM_SPEC
 
 pytest.importorskip("compressed_tensors")
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    return _save_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), minilm_path)  # q/k/v carry biases
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), minilm_path)
 
 
 def _recipe(lm_dir: Path, target: str = "a100", **quantize: Any) -> Any:
@@ -64,7 +54,7 @@ def _quantized(lm_dir: Path, **quantize: Any) -> tuple[nn.Module, ExportContext]
         target=get_target("a100"),
         adapter=adapter,
         teacher=copy.deepcopy(model),
-        data=adapter.make_data(SPEC, 0),
+        data=adapter.make_data(LM_SPEC, 0),
     )
     q = QuantizePass(quantize_config(targets=("model.layers.*",), **quantize)).run(model, ctx).model
     return q, ExportContext(target=ctx.target, adapter=adapter, data=ctx.data, reference_model=q)
@@ -95,7 +85,7 @@ def test_w8a8_per_token_checkpoint_reloads_in_transformers(tiny_qwen_dir: Path, 
     adapter = CausalLMAdapter()
     teacher = adapter.load(str(tiny_qwen_dir))
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    data = adapter.make_data(SPEC, seed=0)
+    data = adapter.make_data(LM_SPEC, seed=0)
     m = adapter.metrics(loaded, teacher, data.eval)
     assert m["top1_agreement"] > 0.8 and m["kl_per_token"] < 0.05, m
 
@@ -141,7 +131,7 @@ def test_24_sparsity_config_is_declared_on_request(tiny_llama_dir: Path, tmp_pat
     adapter = CausalLMAdapter()
     model = adapter.load(str(tiny_llama_dir))
     ctx = PassContext(target=get_target("a100"), adapter=adapter, teacher=copy.deepcopy(model),
-                      data=adapter.make_data(SPEC, 0))  # fmt: skip
+                      data=adapter.make_data(LM_SPEC, 0))  # fmt: skip
     dense = (
         QuantizePass(quantize_config(targets=("model.layers.*",), **quantize))
         .run(copy.deepcopy(model), ctx)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from compressor.recipe import DataSpec
+
+LM_SPEC = DataSpec(calibration_samples=16, train_samples=32, eval_samples=16, max_length=32, batch_size=8)
+"""The data of the tiny-LM tests: small splits of the stdlib docstring corpus."""
 
 
 def correlated_inputs(n: int, din: int, seed: int = 0, outliers: int = 0) -> torch.Tensor:
@@ -61,3 +69,31 @@ def model_output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     with torch.no_grad():
         out = model(**batch)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def save_tiny_lm(family: str, out: Path, minilm_path: str) -> Path:
+    """A tiny random Llama or Qwen2 saved as a Hugging Face folder with MiniLM's tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import TOKENIZER_FILES
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # wide enough that compression errors are measurable
+    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.eval().save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:  # MiniLM's WordPiece vocabulary: 30522 tokens, real text
+        if (Path(minilm_path) / name).exists():
+            shutil.copy(Path(minilm_path) / name, out / name)
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import onnx
@@ -16,53 +15,20 @@ from compressor.adapters.causal_lm import CausalLMAdapter, lm_fidelity
 from compressor.app.compile import compile_recipe
 from compressor.errors import RecipeError
 from compressor.kernels.int8_linear import Int8Linear
-from compressor.recipe import DataSpec, parse_recipe
-from tests.conftest import TOKENIZER_FILES
-
-
-def _save_tiny(family: str, out: Path, minilm_path: str) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,  # wide enough that compression errors are measurable
-    )
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    model.eval().save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:  # MiniLM's WordPiece vocabulary: 30522 tokens, real text
-        if (Path(minilm_path) / name).exists():
-            shutil.copy(Path(minilm_path) / name, out / name)
-    return out
+from compressor.recipe import parse_recipe
+from tests.helpers.tiny import LM_SPEC, save_tiny_lm
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny_lm_dir(request, tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    return _save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), minilm_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), minilm_path)
-
-
-SPEC = DataSpec(calibration_samples=16, train_samples=32, eval_samples=16, max_length=32, batch_size=8)
+    return save_tiny_lm(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), minilm_path)
 
 
 def test_perplexity_is_transformers_loss_and_self_fidelity_is_perfect(tiny_lm_dir: Path) -> None:
     adapter = make_adapter("auto", str(tiny_lm_dir))
     assert isinstance(adapter, CausalLMAdapter)
     model = adapter.load(str(tiny_lm_dir))
-    data = adapter.make_data(SPEC, seed=0)
+    data = adapter.make_data(LM_SPEC, seed=0)
     full = [b for b in data.eval if bool(b["attention_mask"].all())] or [
         {k: v[:1, : int(b["attention_mask"][0].sum())] for k, v in b.items()} for b in data.eval[:1]
     ]
@@ -124,7 +90,7 @@ def test_smoothquant_folds_into_rmsnorm_and_the_lm_compiles_to_verified_onnx(
 
     teacher = copy.deepcopy(student)
     ctx = PassContext(
-        target=get_target("cpu"), adapter=adapter, teacher=teacher, data=adapter.make_data(SPEC, 0)
+        target=get_target("cpu"), adapter=adapter, teacher=teacher, data=adapter.make_data(LM_SPEC, 0)
     )
     out = QuantizePass(quantize_config(targets=("model.layers.*",), smoothquant=True, alpha=0.5)).run(
         student, ctx
@@ -166,7 +132,7 @@ def test_kl_distillation_recovers_a_damaged_lm(tiny_llama_dir: Path) -> None:
 
     adapter = CausalLMAdapter()
     teacher = adapter.load(str(tiny_llama_dir))
-    data = adapter.make_data(SPEC, seed=0)
+    data = adapter.make_data(LM_SPEC, seed=0)
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         for p in student.model.layers[1].mlp.parameters():

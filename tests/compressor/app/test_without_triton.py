@@ -216,9 +216,9 @@ def test_causal_lm_compressed_tensors_compiles_without_triton(tmp_path: Path, mi
     """A tiny Llama to a compressed-tensors checkpoint, W8A8 and W4A16 (the int4 export unpacks
     the W4A16 codes, which used to import the Triton kernel file)."""
     pytest.importorskip("compressed_tensors")
-    from tests.compressor.adapters.test_causal_lm import _save_tiny
+    from tests.helpers.tiny import save_tiny_lm
 
-    lm = _save_tiny("llama", tmp_path / "tiny-llama", minilm_path)
+    lm = save_tiny_lm("llama", tmp_path / "tiny-llama", minilm_path)
     result, _ = run_without_triton(
         f"""
         import json

@@ -10,12 +10,12 @@ import torch
 from compressor.adapters.causal_lm import CausalLMAdapter
 from compressor.kernels.int4_linear import Int4Linear
 from compressor.passes.quantize.weight_only import quantize_int4_
-from tests.compressor.adapters.test_causal_lm import SPEC, _save_tiny
+from tests.helpers.tiny import LM_SPEC, save_tiny_lm
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):
-    path = _save_tiny("llama", tmp_path_factory.mktemp("int4-llama"), minilm_path)
+    path = save_tiny_lm("llama", tmp_path_factory.mktemp("int4-llama"), minilm_path)
     adapter = CausalLMAdapter()
     model = adapter.load(str(path))
     # trained LMs have outlier input channels; AWQ exists for them
@@ -23,7 +23,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):
         for layer in model.model.layers:
             layer.input_layernorm.weight[:4] = 20.0
             layer.post_attention_layernorm.weight[:4] = 20.0
-    return adapter, model, adapter.make_data(SPEC, seed=0)
+    return adapter, model, adapter.make_data(LM_SPEC, seed=0)
 
 
 @pytest.fixture(scope="module")
