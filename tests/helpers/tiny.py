@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.recipe import DataSpec
 
 LM_SPEC = DataSpec(calibration_samples=16, train_samples=32, eval_samples=16, max_length=32, batch_size=8)
@@ -97,3 +99,21 @@ def save_tiny_lm(family: str, out: Path, minilm_path: str) -> Path:
         if (Path(minilm_path) / name).exists():
             shutil.copy(Path(minilm_path) / name, out / name)
     return out
+
+
+class TinyAdapter(ModelAdapter):
+    """The least adapter a pass needs: a model's output, no data or metrics of its own."""
+
+    name = "tiny"
+
+    def load(self, source: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_data(self, spec: object, seed: int) -> DataSplits:
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_output(model, batch)
+
+    def metrics(self, model, teacher, batches: Sequence) -> dict[str, float]:
+        return {}

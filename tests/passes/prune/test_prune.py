@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.adapters.base import DataSplits
 from compressor.config import from_dict
 from compressor.distill.losses import layer_map, origin_layers, squarehead_loss
 from compressor.errors import PassError, PlanError, RecipeError
@@ -26,23 +25,7 @@ from compressor.passes.prune.structure import count_parameters, describe_model
 from compressor.pipeline import PASS_REGISTRY, PassContext, PassOutput
 from compressor.planning import PlanState
 from compressor.targets import TARGETS
-from tests.helpers.tiny import model_output, tiny_bert, tiny_llama, token_batches
-
-
-class TinyAdapter(ModelAdapter):
-    name = "tiny"
-
-    def load(self, source: str) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def make_data(self, spec: object, seed: int) -> DataSplits:
-        raise NotImplementedError
-
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model_output(model, batch)
-
-    def metrics(self, model, teacher, batches: Sequence) -> dict[str, float]:
-        return {}
+from tests.helpers.tiny import TinyAdapter, model_output, tiny_bert, tiny_llama, token_batches
 
 
 def _ctx(model: torch.nn.Module, batches: list) -> PassContext:

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import pytest
 import torch
 
-from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.adapters.base import DataSplits
 from compressor.errors import PassError, PlanError
 from compressor.passes.prune.prune import StructuredPruneConfig, StructuredPrunePass
 from compressor.passes.sparsity.sparsify import SparsifyConfig, SparsifyPass
 from compressor.pipeline import PassContext, PassOutput
 from compressor.planning import PlanState, plan_passes
 from compressor.targets import TARGETS
-from tests.helpers.tiny import model_output, tiny_bert, tiny_llama, token_batches
-
-
-class TinyAdapter(ModelAdapter):
-    name = "tiny"
-
-    def load(self, source: str) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def make_data(self, spec: object, seed: int) -> DataSplits:
-        raise NotImplementedError
-
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model_output(model, batch)
-
-    def metrics(self, model, teacher, batches: Sequence) -> dict[str, float]:
-        return {}
+from tests.helpers.tiny import TinyAdapter, tiny_bert, tiny_llama, token_batches
 
 
 def _state(model: torch.nn.Module) -> PlanState:
