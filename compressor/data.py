@@ -1,11 +1,21 @@
-"""Real text that ships on every machine: docstrings of the Python standard library.
+"""Real text that ships on every machine, in three domains.
 
 Calibration, distillation and evaluation need natural text, and a compiler must not
-fetch data sets at run time. Every CPython install carries thousands of docstring
-paragraphs written by people. They are read from the stdlib *source files* with
-``ast`` (nothing is imported, so no module runs), cleaned into prose paragraphs, and
-assigned to a split by a hash of their text: the same paragraph always lands in the
-same split, so held-out text stays held out across runs and Python versions.
+fetch data sets at run time. What every machine with compressor installed has:
+
+- ``python-docstrings``: docstring paragraphs of the Python standard library (PSF licence),
+  read from the stdlib *source files* with ``ast`` (nothing is imported, so no module runs);
+- ``python-reference``: the prose of the Python language and library reference that CPython
+  ships for ``help()`` (``pydoc_data/topics.py``, PSF licence; read as a literal, not imported);
+- ``dataset-descriptions``: scikit-learn's descriptions of its bundled data sets
+  (``sklearn/datasets/descr/*.rst``, BSD-3-Clause): scientific writing about measurements,
+  studies and their references. This domain is **held out whole**: no calibration or
+  training text comes from it, so its fidelity is the out-of-domain figure.
+
+Each paragraph is assigned to a split by a hash of its text: the same paragraph always
+lands in the same split, so held-out text stays held out across runs and Python versions.
+No package on PyPI ships general English prose (news, fiction) that installs cleanly with
+its licence stated; the reference prose and the descriptions are the broadest text at hand.
 """
 
 from __future__ import annotations
@@ -123,6 +133,45 @@ def stdlib_docstring_splits() -> TextSplits:
 
 
 @lru_cache(maxsize=1)
+def python_reference_paragraphs() -> tuple[str, ...]:
+    """Prose paragraphs of the Python reference's ``help()`` topics, sorted; empty when this
+    Python ships no ``pydoc_data`` (the file is parsed as a literal: nothing runs)."""
+    spec = importlib.util.find_spec("pydoc_data")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "topics.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return ()
+    topics: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "topics" for t in node.targets):
+            topics = ast.literal_eval(node.value)
+    return tuple(sorted({p for text in topics.values() for p in _paragraphs(text)}))
+
+
+_RST_MARKUP = re.compile(r"^(:|\.\.|\||\*\*Data Set Characteristics)")
+
+
+@lru_cache(maxsize=1)
+def dataset_description_paragraphs() -> tuple[str, ...]:
+    """Prose paragraphs of scikit-learn's data set descriptions, sorted (field lists, directives
+    and tables left out); empty when scikit-learn is not installed (found, never imported)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        return ()
+    folder = os.path.join(os.path.dirname(spec.origin), "datasets", "descr")
+    out: set[str] = set()
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".rst"):
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                out.update(p for p in _paragraphs(f.read()) if not _RST_MARKUP.match(p))
+    return tuple(sorted(out))
+
+
+@lru_cache(maxsize=1)
 def stdlib_wide_train() -> tuple[str, ...]:
     """Training paragraphs from every library source file of the stdlib, not only ``STDLIB_MODULES``.
 
@@ -156,6 +205,17 @@ def train_texts(wide: bool) -> tuple[str, ...]:
     return stdlib_wide_train() if wide else stdlib_docstring_splits().train
 
 
+split_of = _split_of
+
+
+def hashed_splits(texts: tuple[str, ...]) -> TextSplits:
+    """``texts`` split by ``split_of`` (each list keeps the input's order)."""
+    parts: dict[str, list[str]] = {"calibration": [], "train": [], "eval": []}
+    for text in texts:
+        parts[split_of(text)].append(text)
+    return TextSplits(tuple(parts["calibration"]), tuple(parts["train"]), tuple(parts["eval"]))
+
+
 def sample(texts: tuple[str, ...], n: int, seed: int) -> list[str]:
     """``n`` texts drawn without replacement by a seeded shuffle (all of them if fewer)."""
     import random
@@ -180,3 +240,7 @@ def length_grouped(texts: list[str], lengths: list[int], batch_size: int, seed: 
     batches = [[texts[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
     random.Random(seed).shuffle(batches)
     return batches
+
+
+# public name of the split rule, for user data (compressor.sources) to share it
+split_of = _split_of

@@ -11,6 +11,10 @@ a compile:
   and what to use instead (a gate that could never be judged would pass every compile);
 - ``fidelity_gate`` after the pipeline, before the bundle is written: a final metric that
   breaks a gate, or a gated metric that is missing or not a number, fails the compile.
+
+Where the held-out data has several evaluation domains (``compressor.text_data``), a gate
+judges the **worst domain** (``mean_cosine@domain=...``), so a model that holds up on the
+text it was trained on cannot hide a domain it never saw behind the average.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from compressor.adapters.base import Headline, ModelAdapter
+from compressor.adapters.base import Headline, ModelAdapter, worst_group_value
 from compressor.errors import PassError, RecipeError
 from compressor.recipe import EvaluationSpec
 
@@ -37,9 +41,24 @@ class Gate:
     def broken_by(self, value: float) -> bool:
         return value < self.limit if self.metric.higher_is_better else value > self.limit
 
-    def describe(self, value: float) -> str:
+    def describe(self, value: float, where: str = "") -> str:
         side = "below" if self.metric.higher_is_better else "above"
-        return f"final {self.metric.label} {value:.5f} is {side} {self.option} {self.limit}"
+        return f"final {self.metric.label}{where} {value:.5f} is {side} {self.option} {self.limit}"
+
+    def judged_value(self, metrics: Mapping[str, float]) -> tuple[float | None, str]:
+        """The value this gate judges: the worst evaluation domain's where there are domains,
+        else the metric over all held-out data; and words saying which."""
+        key, higher = self.metric.key, self.metric.higher_is_better
+        worst = worst_group_value(dict(metrics), key, higher, "domain")
+        if worst is None:
+            value = metrics.get(key)
+            return (None if value is None else float(value)), ""
+        domain = next(
+            k.split("=", 1)[1]
+            for k, v in metrics.items()
+            if k.startswith(f"{key}@domain=") and float(v) == worst
+        )
+        return worst, f" on its worst evaluation domain ({domain})"
 
 
 def headline_of(adapter: ModelAdapter) -> Headline | None:
@@ -94,7 +113,7 @@ def fidelity_gate(
     """After the pipeline: raise ``PassError`` when the final metrics break a gate, or when a
     gated metric is missing or not a finite number (a gate never passes unjudged)."""
     for gate in gates(evaluation, adapter):
-        value = final_metrics.get(gate.metric.key)
+        value, where = gate.judged_value(final_metrics)
         if value is None or not math.isfinite(float(value)):
             got = "is missing from" if value is None else f"is {value} in"
             raise PassError(
@@ -102,4 +121,4 @@ def fidelity_gate(
                 f"so the gate cannot be judged ({_headline_hint(adapter)}); no bundle was written"
             )
         if gate.broken_by(float(value)):
-            raise PassError(f"{gate.describe(float(value))}; no bundle was written")
+            raise PassError(f"{gate.describe(float(value), where)}; no bundle was written")

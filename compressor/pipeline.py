@@ -155,7 +155,8 @@ class MetricsInstrument:
         pass
 
     def after_pass(self, p: Pass | None, model: nn.Module, ctx: PassContext, result: PassResult) -> None:
-        result.metrics.update(ctx.adapter.metrics(model, ctx.teacher, ctx.data.eval))
+        data = ctx.data
+        result.metrics.update(ctx.adapter.grouped_metrics(model, ctx.teacher, data.eval, data.eval_groups))
 
 
 class Pipeline:

@@ -53,10 +53,28 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    corpus: Literal["stdlib-docstrings", "sklearn-digits"] = option(
-        "stdlib-docstrings",
-        help="real data shipped on every machine: Python standard library docstrings (text), "
-        "or scikit-learn's 8x8 digits (images, for the diffusers adapter)",
+    corpus: Literal["broad-text", "stdlib-docstrings", "sklearn-digits"] = option(
+        "broad-text",
+        help="real data shipped on every machine, used when no `source` is given: broad-text = Python "
+        "standard library docstrings and the Python reference's prose (calibration, training and held-out "
+        "evaluation) plus scikit-learn's dataset descriptions (a whole domain held out for evaluation only); "
+        "stdlib-docstrings = the docstrings alone; sklearn-digits = scikit-learn's 8x8 digits (images, "
+        "for the diffusers adapter)",
+    )
+    source: str | None = option(
+        None,
+        help="your own data instead of the corpus: a text file (one example per line), a .jsonl / .csv / "
+        ".parquet file (the `field` column), a folder written by datasets' save_to_disk, or for the "
+        "diffusers adapter an image folder (class subfolders, or image + .txt caption pairs); split into "
+        "calibration / train / held-out eval by a hash of each example",
+    )
+    field: str = option("text", help="the column of a .jsonl / .csv / .parquet / datasets source that holds the text")
+    calibration_source: str | None = option(
+        None, help="a separate source for the calibration split (same formats as `source`)"
+    )
+    train_source: str | None = option(None, help="a separate source for the training (distillation) split")
+    eval_source: str | None = option(
+        None, help="a separate source for the held-out evaluation split (never calibrated or trained on)"
     )
     calibration_samples: int = option(
         256, help="texts used to calibrate quantization and importance scores", le=100_000
@@ -64,12 +82,24 @@ class DataSpec:
     train_samples: int = option(2048, help="texts used for distillation (recovery)")
     wide_train: bool = option(
         False,
-        help="stdlib-docstrings: draw the distillation texts from every library source file of the "
+        help="stdlib corpora: draw the distillation docstrings from every library source file of the "
         "standard library, not only the listed modules (train-split paragraphs only; calibration and "
         "held-out texts unchanged): 6,304 instead of 3,548 on Python 3.11",
     )
-    eval_samples: int = option(512, help="held-out texts used for fidelity", le=100_000)
-    max_length: int = option(128, help="token length the texts are truncated to", le=131_072)
+    eval_samples: int = option(512, help="held-out texts used for fidelity (per evaluation domain)", le=100_000)
+    max_length: int | None = option(
+        None,
+        help="token length the texts are truncated to; default: the model's serving length "
+        "(sentence-transformers' max_seq_length, else the tokenizer's and position table's limit)",
+        le=131_072,
+    )
+    long_fraction: float = option(
+        0.25,
+        help="share of calibration, training and evaluation examples built from consecutive texts of one "
+        "domain joined up to the serving length, so the long inputs the model serves are covered",
+        ge=0.0,
+        le=1.0,
+    )
     batch_size: int = option(32, help="batch size for calibration, distillation and evaluation", le=65_536)
     group_by_length: bool = option(
         True,
@@ -78,13 +108,24 @@ class DataSpec:
     )
 
     def validate(self, path: str) -> None:
-        for name in ("calibration_samples", "eval_samples", "max_length", "batch_size"):
+        for name in ("calibration_samples", "eval_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{path}.{name}: must be at least 1")
+        if self.max_length is not None and self.max_length < 1:
+            raise RecipeError(f"{path}.max_length: must be at least 1")
         if self.train_samples < 0:
             raise RecipeError(f"{path}.train_samples: must not be negative")
-        if self.wide_train and self.corpus != "stdlib-docstrings":
-            raise RecipeError(f"{path}.wide_train: only the stdlib-docstrings corpus has more training text")
+        if self.wide_train and self.corpus == "sklearn-digits":
+            raise RecipeError(f"{path}.wide_train: only the text corpora have more training text")
+        for name in ("source", "calibration_source", "train_source", "eval_source"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise RecipeError(f"{path}.{name}: is empty; give a file or folder path, or leave it out")
+        if self.source is None and self.calibration_source is None and self.train_source is None:
+            if self.eval_source is not None:
+                raise RecipeError(
+                    f"{path}.eval_source: needs `source` or `calibration_source` too (the data to calibrate on)"
+                )
 
 
 @dataclass(frozen=True)

@@ -132,14 +132,12 @@ class _Int8LinearOnnx(torch.autograd.Function):
                 g.op("Div", amax, g.op("Constant", value_t=torch.tensor(127.0))),
                 g.op("Constant", value_t=torch.tensor(_EPS)),
             )
-            r = g.op("Round", g.op("Div", x, s))
-            r = g.op(
-                "Clip",
-                r,
-                g.op("Constant", value_t=torch.tensor(-127.0)),
-                g.op("Constant", value_t=torch.tensor(127.0)),
-            )
-            q = g.op("Cast", g.op("Add", r, g.op("Constant", value_t=torch.tensor(128.0))), to_i=DT.UINT8)
+            # round(x / s) + 128, saturated to uint8, is QuantizeLinear(x * (1 / s), 1, 128): one pass
+            # over the activation instead of Div, Round, Clip, Add and Cast (the reciprocal is one
+            # number per row). x * (1 / s) and x / s can round apart only at exact .5 ties.
+            inv = g.op("Reciprocal", s)
+            one = g.op("Constant", value_t=torch.tensor(1.0))
+            q = g.op("QuantizeLinear", g.op("Mul", x, inv), one, zp)
             acc = g.op("MatMulInteger", q, qweight_t, zp)
             # per-column scale first, the per-row one after: ONNX Runtime fuses
             # Cast -> Mul(Mul(a_scale, b_scale)) into MatMulIntegerToFloat, whose a_scale is one

@@ -27,6 +27,23 @@ class DataSplits:
     train: list[Batch]
     eval: list[Batch]
     info: dict[str, Any] = field(default_factory=dict)
+    # named groups of ``eval`` (batch indices): ``domain=NAME`` per evaluation domain,
+    # ``len=LO-HI`` per token-length bucket (``compressor.adapters.text_batches``)
+    eval_groups: dict[str, list[int]] = field(default_factory=dict)
+
+
+def group_metric_key(metric: str, group: str) -> str:
+    """The key of ``metric`` measured on one eval group: ``mean_cosine@domain=python-reference``."""
+    return f"{metric}@{group}"
+
+
+def worst_group_value(metrics: dict[str, float], metric: str, higher_is_better: bool, kind: str) -> float | None:
+    """The worst value of ``metric`` over the groups of ``kind`` (``domain``), None without any."""
+    prefix = f"{metric}@{kind}="
+    values = [float(v) for k, v in metrics.items() if k.startswith(prefix)]
+    if not values:
+        return None
+    return min(values) if higher_is_better else max(values)
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,22 @@ class ModelAdapter(ABC):
     @abstractmethod
     def metrics(self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
         """Fidelity vs the teacher plus size figures, measured on ``batches``."""
+
+    def grouped_metrics(
+        self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch], groups: dict[str, list[int]]
+    ) -> dict[str, float]:
+        """``metrics`` on all ``batches``, plus each fidelity metric on each group (keys from
+        ``group_metric_key``). Default: the model runs once more per group; an adapter whose
+        outputs can be scored in parts overrides it to run once."""
+        out = self.metrics(model, teacher, batches)
+        for group, idx in groups.items():
+            part = self.metrics(model, teacher, [batches[i] for i in idx])
+            out.update({group_metric_key(k, group): v for k, v in part.items() if k in self.fidelity_metrics})
+        return out
+
+    def serving_length(self) -> int | None:
+        """The longest input (tokens) the model serves, once loaded; None where length means nothing."""
+        return None
 
     def linear_names(self, model: nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -38,7 +38,13 @@ from compressor.adapters.base import (
     SmoothGroup,
     token_cases,
 )
-from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, train_text_groups, weight_stats
+from compressor.adapters.hf_encoder import (
+    resolve_source,
+    serving_length_of,
+    text_splits,
+    tokenize_texts,
+    weight_stats,
+)
 from compressor.errors import DataError, RecipeError
 
 
@@ -112,6 +118,7 @@ class CausalLMAdapter(ModelAdapter):
 
     def __init__(self) -> None:
         self.tokenizer: Any = None
+        self.max_positions: int | None = None
 
     def load(self, source: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -125,7 +132,9 @@ class CausalLMAdapter(ModelAdapter):
                 f"model.source: {str(path)!r} is not a causal language model (config.json names no "
                 "*ForCausalLM architecture); use adapter hf-encoder for encoders"
             )
-        self.tokenizer = load_tokenizer(path, read_model_config(path))
+        config = read_model_config(path)
+        self.tokenizer = load_tokenizer(path, config)
+        self.max_positions = int(config.get("max_position_embeddings") or 0) or None
         if self.tokenizer.pad_token is None:  # decoder tokenizers often have none: pad with EOS
             if self.tokenizer.eos_token is None:
                 raise RecipeError(
@@ -146,34 +155,15 @@ class CausalLMAdapter(ModelAdapter):
         enc = tokenize_texts(self.tokenizer, texts, max_length, pad_to_max)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def serving_length(self) -> int | None:
+        """The recipe's context where it sets ``data.max_length``; else the tokenizer's and the
+        position table's limit, capped at 512 tokens (calibrating a 128k context on a CPU is not
+        what a default should do)."""
+        limit = serving_length_of(None, self.tokenizer, self.max_positions)
+        return min(limit, 512) if limit else None
+
     def make_data(self, spec: Any, seed: int) -> DataSplits:
-        from compressor.data import sample, stdlib_docstring_splits, train_texts
-
-        if spec.corpus != "stdlib-docstrings":
-            raise RecipeError(
-                f"data.corpus: {spec.corpus!r} is not text; language models need stdlib-docstrings"
-            )
-        splits = stdlib_docstring_splits()
-        parts = {
-            "calibration": sample(splits.calibration, spec.calibration_samples, seed),
-            "train": sample(train_texts(spec.wide_train), spec.train_samples, seed),
-            "eval": sample(splits.eval, spec.eval_samples, seed),
-        }
-        if not parts["calibration"] or not parts["eval"]:
-            raise DataError("the stdlib docstring corpus is empty on this Python install")
-        bs, n = spec.batch_size, spec.max_length
-
-        def batched(texts: list[str]) -> list[Batch]:
-            return [self.tokenize(texts[i : i + bs], n) for i in range(0, len(texts), bs)]
-
-        return DataSplits(
-            calibration=batched(parts["calibration"]),
-            train=[
-                self.tokenize(g, n) for g in train_text_groups(self.tokenizer, parts["train"], spec, seed)
-            ],
-            eval=batched(parts["eval"]),
-            info={"corpus": spec.corpus, **{k: len(v) for k, v in parts.items()}},
-        )
+        return text_splits(self, spec, seed)
 
     # ---- running ----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:

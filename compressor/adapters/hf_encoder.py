@@ -33,6 +33,7 @@ from compressor.adapters.base import (
     Headline,
     ModelAdapter,
     SmoothGroup,
+    group_metric_key,
     token_cases,
 )
 from compressor.errors import DataError, RecipeError
@@ -109,7 +110,9 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int, pad_to
     )
 
 
-def train_text_groups(tokenizer: Any, texts: list[str], spec: Any, seed: int) -> list[list[str]]:
+def train_text_groups(
+    tokenizer: Any, texts: list[str], spec: Any, seed: int, max_length: int
+) -> list[list[str]]:
     """The distillation texts in batches of ``spec.batch_size``: of similar token length
     (``spec.group_by_length``, see ``compressor.data.length_grouped``) or in sampled order."""
     from compressor.data import length_grouped
@@ -117,8 +120,53 @@ def train_text_groups(tokenizer: Any, texts: list[str], spec: Any, seed: int) ->
     bs = spec.batch_size
     if not spec.group_by_length or not texts:
         return [texts[i : i + bs] for i in range(0, len(texts), bs)]
-    enc = tokenizer(texts, truncation=True, max_length=spec.max_length)
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
     return length_grouped(texts, [len(ids) for ids in enc["input_ids"]], bs, seed)
+
+
+def serving_length_of(folder: Path | None, tokenizer: Any, max_positions: int | None) -> int | None:
+    """The longest input a text model serves: ``sentence_bert_config.json``'s ``max_seq_length``
+    in its folder, else the smaller of the tokenizer's ``model_max_length`` and ``max_positions``."""
+    import json
+
+    if folder is not None and (folder / "sentence_bert_config.json").is_file():
+        try:
+            value = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+            if isinstance(value.get("max_seq_length"), int) and value["max_seq_length"] > 0:
+                return int(value["max_seq_length"])
+        except (OSError, ValueError, AttributeError):
+            pass
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None), max_positions) if n]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
+def text_splits(adapter: Any, spec: Any, seed: int) -> DataSplits:
+    """A text adapter's batches for ``spec``: calibration, length-grouped training batches, and
+    held-out batches grouped by domain and length (``compressor.text_data``)."""
+    from compressor.adapters.text_batches import grouped_eval_batches
+    from compressor.text_data import text_data
+
+    max_length = spec.max_length or adapter.serving_length() or 128
+    positions = getattr(adapter, "max_positions", None)
+    if positions and max_length > positions:
+        raise DataError(
+            f"data.max_length {max_length} is past the model's {positions} positions; "
+            f"set it to {positions} or less (or leave it out: the model's serving length)"
+        )
+    texts = text_data(spec, seed, max_length)
+    bs = spec.batch_size
+    evals, groups = grouped_eval_batches(adapter.tokenizer, adapter.tokenize, texts.eval, bs, max_length)
+    return DataSplits(
+        calibration=[adapter.tokenize(texts.calibration[i : i + bs], max_length) for i in range(0, len(texts.calibration), bs)],
+        train=[
+            adapter.tokenize(g, max_length)
+            for g in train_text_groups(adapter.tokenizer, texts.train, spec, seed, max_length)
+        ],
+        eval=evals,
+        info=texts.info,
+        eval_groups=groups,
+    )
 
 
 def weight_stats(model: nn.Module) -> dict[str, float]:
@@ -244,6 +292,7 @@ class HFEncoderAdapter(ModelAdapter):
     def __init__(self) -> None:
         self.tokenizer: Any = None
         self.source_path: Path | None = None
+        self.max_positions: int | None = None
 
     def load(self, source: str) -> nn.Module:
         from transformers import AutoModel
@@ -253,7 +302,9 @@ class HFEncoderAdapter(ModelAdapter):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_source(source)
         self.source_path = path
-        self.tokenizer = load_tokenizer(path, read_model_config(path))
+        config = read_model_config(path)
+        self.tokenizer = load_tokenizer(path, config)
+        self.max_positions = int(config.get("max_position_embeddings") or 0) or None
         model = load_pretrained(AutoModel, path)
         if not (
             hasattr(model, "embeddings") and hasattr(model, "encoder") and hasattr(model.encoder, "layer")
@@ -276,24 +327,13 @@ class HFEncoderAdapter(ModelAdapter):
             self.tokenize(texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)
         ]
 
-    def make_data(self, spec: Any, seed: int) -> DataSplits:
-        from compressor.data import sample, stdlib_docstring_splits, train_texts
+    def serving_length(self) -> int | None:
+        """sentence-transformers' ``max_seq_length`` where the folder has one (all-MiniLM-L6-v2:
+        256), else the tokenizer's and the position table's limit."""
+        return serving_length_of(self.source_path, self.tokenizer, self.max_positions)
 
-        splits = stdlib_docstring_splits()
-        cal = sample(splits.calibration, spec.calibration_samples, seed)
-        train = sample(train_texts(spec.wide_train), spec.train_samples, seed)
-        ev = sample(splits.eval, spec.eval_samples, seed)
-        if not cal or not ev:
-            raise DataError("the stdlib docstring corpus is empty on this Python install")
-        return DataSplits(
-            calibration=self.batches(cal, spec.batch_size, spec.max_length),
-            train=[
-                self.tokenize(g, spec.max_length)
-                for g in train_text_groups(self.tokenizer, train, spec, seed)
-            ],
-            eval=self.batches(ev, spec.batch_size, spec.max_length),
-            info={"corpus": spec.corpus, "calibration": len(cal), "train": len(train), "eval": len(ev)},
-        )
+    def make_data(self, spec: Any, seed: int) -> DataSplits:
+        return text_splits(self, spec, seed)
 
     # ---- running ----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -319,6 +359,19 @@ class HFEncoderAdapter(ModelAdapter):
         stats.update(weight_stats(model))
         return stats
 
+    def grouped_metrics(
+        self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch], groups: dict[str, list[int]]
+    ) -> dict[str, float]:
+        """Every batch embedded once; the groups are scored from slices of those embeddings."""
+        student = [self.embed(model, [b]) for b in batches]
+        ref = [self.embed(teacher, [b]) for b in batches]
+        stats = embedding_fidelity(torch.cat(student), torch.cat(ref))
+        stats.update(weight_stats(model))
+        for group, idx in groups.items():
+            part = embedding_fidelity(torch.cat([student[i] for i in idx]), torch.cat([ref[i] for i in idx]))
+            stats.update({group_metric_key(k, group): v for k, v in part.items()})
+        return stats
+
     # ---- structure --------------------------------------------------------------------
     def smooth_groups(self, model: nn.Module) -> list[SmoothGroup]:
         """Linears reading the same activation. BERT is post-LN: every LayerNorm output is also
@@ -341,16 +394,18 @@ class HFEncoderAdapter(ModelAdapter):
         return token_cases(batch, batch_sizes, lengths)
 
     def bench_inputs(self) -> BenchInputs:
-        """Held-out stdlib docstrings: 2 for the trace, the first ``batch`` padded for timing,
-        ``n`` sampled with the recipe's seed for fidelity (scored as sentence embeddings)."""
-        from compressor.data import sample, stdlib_docstring_splits
+        """Held-out text of every default domain (``compressor.text_data.held_out_texts``): 2 for
+        the trace, ``batch`` padded to the timed length, ``n`` sampled with the recipe's seed for
+        fidelity (scored as sentence embeddings)."""
+        from compressor.text_data import held_out_texts
 
-        held_out = stdlib_docstring_splits().eval
         return BenchInputs(
-            example=lambda: self.tokenize(sample(held_out, 2, 0), 16),
-            timing=lambda batch, seq_len: self.tokenize(sample(held_out, batch, 1), seq_len, pad_to_max=True),
+            example=lambda: self.tokenize(held_out_texts(2, 0, 16), 16),
+            timing=lambda batch, seq_len: self.tokenize(
+                held_out_texts(batch, 1, seq_len), seq_len, pad_to_max=True
+            ),
             fidelity=lambda n, seed, batch_size, max_length: self.batches(
-                sample(held_out, n, seed), batch_size, max_length
+                held_out_texts(n, seed, max_length), batch_size, max_length
             ),
             score=embedding_fidelity,
         )

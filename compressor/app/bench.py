@@ -292,7 +292,8 @@ def _score(
     """Each engine's fidelity on the recipe's held-out samples, into its ``status``."""
     data = run.recipe.data
     n = cfg.fidelity_texts or data.eval_samples
-    batches = run.inputs.fidelity(n, run.recipe.seed, data.batch_size, data.max_length)
+    max_length = data.max_length or run.adapter.serving_length() or 128
+    batches = run.inputs.fidelity(n, run.recipe.seed, data.batch_size, max_length)
     texts = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     for name, fid in _fidelity(engines, run.original, run.adapter, run.inputs, batches).items():
         status[name]["fidelity"] = None if fid is None else dict(fid, texts=texts)

@@ -80,7 +80,7 @@ def test_minilm_recipes_plan_against_the_real_model(name: str) -> None:
         (_recipe(data={"batch_size": 0}), r"data\.batch_size: must be at least 1"),
         (
             _recipe(data={"corpus": "sklearn-digits", "wide_train": True}),
-            r"data\.wide_train: only the stdlib-docstrings corpus",
+            r"data\.wide_train: only the text corpora have more training text",
         ),
         (
             _recipe(passes=[{"pass": "distill", "teacher_cache_mb": -1}]),
