@@ -65,6 +65,7 @@ _OPTIONAL = (
     "target",
     "model",
     "data",
+    "batch_invariance",
     "passes",
     "verification",
     "benchmark_skipped",
@@ -88,6 +89,7 @@ class Manifest:
     target: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
+    batch_invariance: dict[str, Any] | None = None
     passes: list[dict[str, Any]] | None = None
     verification: dict[str, Any] | None = None
     benchmark_skipped: str | None = None

@@ -63,3 +63,17 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def batch_invariance(model: nn.Module) -> dict[str, object]:
+    """Whether each output row of ``model`` depends on its own input only, not on its batch-mates.
+
+    A layer that quantizes its activations with one dynamic scale over the whole tensor
+    (``act_scheme == "dynamic_per_tensor"``: ONNX Runtime's ``DynamicQuantizeLinear``, FP8)
+    takes that scale from every row of the batch, padding included, so a sentence's output
+    moves with the longest sentence beside it. Per-token and calibrated static scales do not."""
+    shared = [name for name, m in model.named_modules() if getattr(m, "act_scheme", None) == "dynamic_per_tensor"]
+    out: dict[str, object] = {"batch_invariant": not shared}
+    if shared:
+        out["why_not"] = f"{len(shared)} layers scale their activations per tensor (e.g. {shared[0]})"
+    return out

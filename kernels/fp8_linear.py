@@ -32,6 +32,7 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class Fp8Linear(nn.Module):
+    act_scheme = "dynamic_per_tensor"  # one activation scale over the whole input tensor
     weight_scale: torch.Tensor
     weight_mask: torch.Tensor | None
 

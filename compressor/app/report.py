@@ -234,6 +234,33 @@ def render_bench_markdown(bench: dict[str, Any], title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def group_table(manifest: dict[str, Any]) -> list[list[str]]:
+    """The final model's fidelity per evaluation domain and per input-length bucket (the
+    ``metric@group`` keys of its metrics; ``compressor.adapters.text_batches``); [] without any."""
+    final = (manifest.get("passes") or [{}])[-1].get("metrics", {})
+    per_group: dict[str, dict[str, float]] = {}
+    for key, value in final.items():
+        if "@" in key:
+            metric, group = key.split("@", 1)
+            per_group.setdefault(group, {})[metric] = value
+    if not per_group:
+        return []
+    metrics = sorted({m for g in per_group.values() for m in g})
+    held_out = set(manifest.get("data", {}).get("held_out_domains", []))
+    rows = [["group", *metrics]]
+    for group in sorted(per_group, key=lambda g: (not g.startswith("domain="), _group_order(g))):
+        label = group + (" (held out whole)" if group.split("=", 1)[1] in held_out else "")
+        rows.append([label, *[_fmt(m, "{:.5f}", per_group[group].get(m)) for m in metrics]])
+    return rows
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    """Length buckets by their lower bound, domains by name."""
+    kind, _, rest = group.partition("=")
+    lo = rest.split("-", 1)[0]
+    return (int(lo), "") if kind == "len" and lo.isdigit() else (0, rest)
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -252,6 +279,9 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         "",
         markdown_table(pass_table(manifest["passes"])),
     ]
+    groups = group_table(manifest)
+    if groups:
+        parts += ["", "## Final fidelity by evaluation domain and input length (tokens)", "", markdown_table(groups)]
     notes = measurement_notes(manifest)
     if notes:
         parts += ["", "## What was measured", ""] + [f"- {n}" for n in notes]
@@ -323,6 +353,9 @@ def render_bench_html(bench: dict[str, Any], title: str) -> str:
 def render_html(manifest: dict[str, Any]) -> str:
     title = f"{manifest.get('name', 'bundle')}: {manifest.get('target', {}).get('name', '')}"
     body = ["<h2>Passes</h2>", _html_table(pass_table(manifest["passes"]))]
+    groups = group_table(manifest)
+    if groups:
+        body += ["<h2>Final fidelity by evaluation domain and input length (tokens)</h2>", _html_table(groups)]
     notes = measurement_notes(manifest)
     if notes:
         body += ["<h2>What was measured</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]

@@ -110,11 +110,6 @@ class QuantizePass(Pass[QuantizeConfig]):
         cfg = self.config
         target = state.target
         target.require_precision(cfg.method, "quantize.method")
-        if isinstance(cfg, Int8Config) and target.device == "cpu" and cfg.activations == "dynamic_per_token":
-            raise PlanError(
-                "quantize.activations: dynamic_per_token has no fast ONNX Runtime CPU kernel; "
-                "use dynamic_per_tensor (or auto) for target cpu"
-            )
         # run() selects among the model's float Linears: a layer an earlier pass quantized is not one
         floats = state.replace(linears={n: lin for n, lin in state.linears.items() if lin.form == FLOAT})
         names = floats.select(cfg.targets, cfg.ignore, what="quantize")
