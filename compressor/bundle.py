@@ -213,7 +213,7 @@ class VerifiedBundle:
     manifest_bytes: bytes
 
 
-def _relative(rel: object, where: str) -> str:
+def relative_path(rel: object, where: str) -> str:
     """``rel`` as a normalised relative POSIX path that cannot leave the bundle, or an error."""
     if not isinstance(rel, str) or not rel:
         raise CompressorError(f"{where}: expected a path relative to the bundle, got {rel!r}")
@@ -229,7 +229,7 @@ def _relative(rel: object, where: str) -> str:
     return p.as_posix()
 
 
-def _inside(root: Path, rel: str, where: str) -> tuple[Path, os.stat_result]:
+def confined_path(root: Path, rel: str, where: str) -> tuple[Path, os.stat_result]:
     """``root/rel`` where no component is a symlink and the result stays in ``root``."""
     cur = root
     st: os.stat_result | None = None
@@ -248,7 +248,7 @@ def _inside(root: Path, rel: str, where: str) -> tuple[Path, os.stat_result]:
     return cur, st
 
 
-def _files_table(manifest: dict[str, Any], where: str) -> dict[str, tuple[str, int | None]]:
+def files_table(manifest: dict[str, Any], where: str) -> dict[str, tuple[str, int | None]]:
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise CompressorError(
@@ -256,7 +256,7 @@ def _files_table(manifest: dict[str, Any], where: str) -> dict[str, tuple[str, i
         )
     out: dict[str, tuple[str, int | None]] = {}
     for rel, info in files.items():
-        key = _relative(rel, f"{where}: files")
+        key = relative_path(rel, f"{where}: files")
         sha = info.get("sha256") if isinstance(info, dict) else None
         size = info.get("bytes") if isinstance(info, dict) else None
         if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX64):
@@ -273,10 +273,10 @@ def _artifacts_table(manifest: dict[str, Any], where: str) -> dict[str, str]:
         raise CompressorError(
             f"{where}: artifacts: expected an object of name -> path, got {type(arts).__name__}"
         )
-    return {str(k): _relative(v, f"{where}: artifacts.{k}") for k, v in arts.items()}
+    return {str(k): relative_path(v, f"{where}: artifacts.{k}") for k, v in arts.items()}
 
 
-def _onnx_external_files(path: Path) -> list[str]:
+def onnx_external_files(path: Path) -> list[str]:
     """The external-data files an ONNX model names (relative to its folder); [] if it does
     not parse (ONNX Runtime then refuses it too)."""
     import onnx
@@ -327,17 +327,17 @@ def check_bundle(bundle: Path) -> VerifiedBundle:
     where = str(root / MANIFEST)
     data = read_manifest_bytes(root)
     manifest = parse_manifest(data, where)
-    files = _files_table(manifest, where)
+    files = files_table(manifest, where)
     artifacts = _artifacts_table(manifest, where)
     real = root.resolve()
     stats = {}
     for rel in files:
-        _, st = _inside(real, rel, f"{where}: files")
+        _, st = confined_path(real, rel, f"{where}: files")
         if not stat.S_ISREG(st.st_mode):
             raise CompressorError(f"{where}: files: {rel} is not a regular file")
         stats[rel] = st
     for key, rel in artifacts.items():
-        path, st = _inside(real, rel, f"{where}: artifacts.{key}")
+        path, st = confined_path(real, rel, f"{where}: artifacts.{key}")
         if stat.S_ISREG(st.st_mode):
             if rel not in files:
                 raise CompressorError(
@@ -366,8 +366,8 @@ def check_bundle(bundle: Path) -> VerifiedBundle:
     for rel in files:
         if rel.endswith(".onnx"):
             base = PurePosixPath(rel).parent
-            for loc in _onnx_external_files(real / rel):
-                ext = _relative((base / loc).as_posix(), f"{where}: {rel}: external data")
+            for loc in onnx_external_files(real / rel):
+                ext = relative_path((base / loc).as_posix(), f"{where}: {rel}: external data")
                 if ext not in files:
                     raise CompressorError(
                         f"{where}: {rel}: its external data {loc!r} is not a file listed in files: refused"
@@ -381,7 +381,7 @@ def check_paths(bundle: Path, manifest: dict[str, Any]) -> None:
     where = str(Path(bundle) / MANIFEST)
     real = Path(bundle).resolve()
     for key, rel in _artifacts_table(manifest, where).items():
-        _inside(real, rel, f"{where}: artifacts.{key}")
+        confined_path(real, rel, f"{where}: artifacts.{key}")
 
 
 def verify_bundle(bundle: Path) -> dict[str, Any]:

@@ -72,7 +72,9 @@ def batch_invariance(model: nn.Module) -> dict[str, object]:
     (``act_scheme == "dynamic_per_tensor"``: ONNX Runtime's ``DynamicQuantizeLinear``, FP8)
     takes that scale from every row of the batch, padding included, so a sentence's output
     moves with the longest sentence beside it. Per-token and calibrated static scales do not."""
-    shared = [name for name, m in model.named_modules() if getattr(m, "act_scheme", None) == "dynamic_per_tensor"]
+    shared = [
+        name for name, m in model.named_modules() if getattr(m, "act_scheme", None) == "dynamic_per_tensor"
+    ]
     out: dict[str, object] = {"batch_invariant": not shared}
     if shared:
         out["why_not"] = f"{len(shared)} layers scale their activations per tensor (e.g. {shared[0]})"

@@ -66,7 +66,9 @@ def _join_long(texts: tuple[str, ...], n: int, chars: int, seed: int) -> list[st
         return []
     order = list(texts)
     random.Random(seed).shuffle(order)
-    out, cur, i = [], [], 0
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
     while len(out) < n and i < len(order) * 4:
         cur.append(order[i % len(order)])
         i += 1
@@ -92,7 +94,9 @@ def _domains(spec: Any) -> dict[str, TextSplits]:
         fixed = stdlib_docstring_splits()
         return {"python-docstrings": TextSplits(fixed.calibration, train_texts(spec.wide_train), fixed.eval)}
     if spec.corpus != "broad-text":
-        raise DataError(f"data.corpus: {spec.corpus!r} is not text; text models need broad-text or stdlib-docstrings")
+        raise DataError(
+            f"data.corpus: {spec.corpus!r} is not text; text models need broad-text or stdlib-docstrings"
+        )
     fixed = stdlib_docstring_splits()
     held_out = dataset_description_paragraphs()
     if not held_out:

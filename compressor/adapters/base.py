@@ -37,7 +37,9 @@ def group_metric_key(metric: str, group: str) -> str:
     return f"{metric}@{group}"
 
 
-def worst_group_value(metrics: dict[str, float], metric: str, higher_is_better: bool, kind: str) -> float | None:
+def worst_group_value(
+    metrics: dict[str, float], metric: str, higher_is_better: bool, kind: str
+) -> float | None:
     """The worst value of ``metric`` over the groups of ``kind`` (``domain``), None without any."""
     prefix = f"{metric}@{kind}="
     values = [float(v) for k, v in metrics.items() if k.startswith(prefix)]

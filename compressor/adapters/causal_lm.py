@@ -38,13 +38,8 @@ from compressor.adapters.base import (
     SmoothGroup,
     token_cases,
 )
-from compressor.adapters.hf_encoder import (
-    resolve_source,
-    serving_length_of,
-    text_splits,
-    tokenize_texts,
-    weight_stats,
-)
+from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, weight_stats
+from compressor.adapters.text_batches import serving_length_of, text_splits
 from compressor.errors import DataError, RecipeError
 
 

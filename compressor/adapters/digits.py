@@ -41,7 +41,9 @@ def _sklearn() -> Any:
 
 @dataclass(frozen=True)
 class DigitsSplit:
-    """Images in [-1, 1] as (N, 1, 8, 8) float32, labels as (N,) int64."""
+    """Images in [-1, 1] as (N, C, H, W) float32 ((N, 1, 8, 8) for the digits), labels as (N,) int64.
+
+    The digits' own split, or one made from the user's image folder (``images_to_tensor``)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -66,8 +68,18 @@ def load_digits_split(eval_fraction: float = 1 / 3, seed: int = 0) -> DigitsSpli
     )
 
 
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, H, W, C) -> (N, C, H, W) float32 in [-1, 1], the digits' range."""
+    x = (images.astype(np.float32) / 255.0) * 2.0 - 1.0
+    t = torch.from_numpy(x)
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+
 class DigitsClassifier:
-    """An MLP (64 -> 128 -> 64 -> 10) on real digits; its 64-d hidden layer is the FD feature space."""
+    """An MLP (64 -> 128 -> 64 -> 10) on real digits; its 64-d hidden layer is the FD feature space.
+
+    Trained on a user's image folder, its input is the flattened C*H*W pixels and its output
+    that folder's classes."""
 
     def __init__(self, split: DigitsSplit, seed: int = 0) -> None:
         sk = _sklearn()
@@ -76,11 +88,11 @@ class DigitsClassifier:
         )
         self.mlp.fit(self._flat(split.train_images), split.train_labels.numpy())
         self.heldout_accuracy = float((self.predict(split.eval_images) == split.eval_labels.numpy()).mean())
-        log.info("digits classifier: held-out accuracy %.3f", self.heldout_accuracy)
+        log.info("feature classifier: held-out accuracy %.3f", self.heldout_accuracy)
 
     @staticmethod
     def _flat(images: torch.Tensor) -> np.ndarray:
-        # (N, 1, 8, 8) in [-1, 1] -> (N, 64) in [0, 1], the classifier's input scale
+        # (N, C, H, W) in [-1, 1] -> (N, C*H*W) in [0, 1], the classifier's input scale
         x = images.detach().float().clamp(-1, 1).reshape(images.shape[0], -1).cpu().numpy()
         return (x + 1.0) / 2.0
 

@@ -14,8 +14,9 @@ every word to ``[UNK]``. Here each is refused by name, before and after loading:
   unpickled), so a truncated or random file is named before Transformers touches it;
 - after loading: every weight the model needs came from the file with the shape the config
   gives (no randomly initialised layer), and every weight is finite;
-- the tokenizer: its files exist, its vocabulary fits the model's embedding and is not a
-  stub, and a probe sentence of plain English is not mostly unknown tokens.
+- the tokenizer: its files exist, it has a fast form (``tokenizers``: what a bundle carries
+  as ``tokenizer.json`` for ``compressor.runtime``), its vocabulary fits the model's embedding
+  and is not a stub, and a probe sentence of plain English is not mostly unknown tokens.
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def load_tokenizer(folder: Path, config: dict[str, Any]) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # a damaged tokenizer.json, a missing merges.txt, ...
         raise RecipeError(f"{folder}: the tokenizer does not load ({_one_line(e)})") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None and not (folder / "tokenizer.json").is_file():
+        raise RecipeError(
+            f"{folder}: the tokenizer has no fast form (no tokenizer.json, and {type(tokenizer).__name__} "
+            "does not convert to one); add the model's tokenizer.json to the folder"
+        )
     check_tokenizer(tokenizer, folder, config)
     return tokenizer
 

@@ -15,6 +15,7 @@ output against the original model in torch on held-out texts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.adapters.base import BenchInputs, ModelAdapter
+from compressor.adapters.base import BenchInputs, ModelAdapter, group_metric_key
 from compressor.app.engines import BASELINES, CODE_ENGINES, ENGINE_ARTIFACTS, Engine, EngineUnavailable
 from compressor.app.timing import bench_inputs_of, latency_stats, time_side_by_side
 from compressor.bundle import check_bundle, check_paths
@@ -289,30 +290,51 @@ def bench_bundle(
 def _score(
     engines: Mapping[str, Engine], status: dict[str, dict[str, Any]], cfg: BenchConfig, run: _Loaded
 ) -> None:
-    """Each engine's fidelity on the recipe's held-out samples, into its ``status``."""
+    """Each engine's fidelity on the recipe's held-out samples, into its ``status``: for a text
+    model the very held-out texts the compile judged (its domains and lengths, the user's own
+    data included), else ``n`` held-out samples of the adapter's bench inputs."""
     data = run.recipe.data
-    n = cfg.fidelity_texts or data.eval_samples
-    max_length = data.max_length or run.adapter.serving_length() or 128
-    batches = run.inputs.fidelity(n, run.recipe.seed, data.batch_size, max_length)
+    groups: dict[str, list[int]] = {}
+    if not cfg.fidelity_texts and run.adapter.serving_length() is not None:
+        held_out = run.adapter.make_data(dataclasses.replace(data, train_samples=0), run.recipe.seed)
+        batches, groups = (
+            held_out.eval,
+            {g: i for g, i in held_out.eval_groups.items() if g.startswith("domain=")},
+        )
+    else:
+        n = cfg.fidelity_texts or data.eval_samples
+        max_length = data.max_length or run.adapter.serving_length() or 128
+        batches = run.inputs.fidelity(n, run.recipe.seed, data.batch_size, max_length)
     texts = sum(int(next(iter(b.values())).shape[0]) for b in batches)
-    for name, fid in _fidelity(engines, run.original, run.adapter, run.inputs, batches).items():
+    for name, fid in _fidelity(engines, run.original, run.adapter, run.inputs, batches, groups).items():
         status[name]["fidelity"] = None if fid is None else dict(fid, texts=texts)
 
 
 def _fidelity(
-    engines: Mapping[str, Engine], original: nn.Module, adapter: Any, inputs: BenchInputs, batches: list[Any]
+    engines: Mapping[str, Engine],
+    original: nn.Module,
+    adapter: Any,
+    inputs: BenchInputs,
+    batches: list[Any],
+    groups: Mapping[str, list[int]] | None = None,
 ) -> dict[str, dict[str, float] | None]:
     """Each engine's outputs on ``batches`` against the original model in torch (None for an
-    engine that returns no outputs: the native runner)."""
+    engine that returns no outputs: the native runner), over all batches and per group
+    (``metric@group`` keys, as the compile's metrics)."""
     with torch.no_grad():
-        ref = torch.cat([adapter.forward(original, b) for b in batches])
+        refs = [adapter.forward(original, b) for b in batches]
+    ref = torch.cat(refs)
     scores: dict[str, dict[str, float] | None] = {}
     for name, engine in engines.items():
         if engine.measure is not None:
             scores[name] = None
             continue
-        out = torch.cat([engine.to_tensor(engine.bind(b)()) for b in batches])
-        scores[name] = {k: round(v, 6) for k, v in inputs.score(out, ref).items()}
+        outs = [engine.to_tensor(engine.bind(b)()) for b in batches]
+        score = {k: round(v, 6) for k, v in inputs.score(torch.cat(outs), ref).items()}
+        for group, idx in (groups or {}).items():
+            part = inputs.score(torch.cat([outs[i] for i in idx]), torch.cat([refs[i] for i in idx]))
+            score.update({group_metric_key(k, group): round(v, 6) for k, v in part.items()})
+        scores[name] = score
     return scores
 
 

@@ -25,10 +25,12 @@ from compressor.adapters import make_adapter
 from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.app.report import render_html, render_markdown
 from compressor.bundle import BundleWriter
+from compressor.bundle_assets import write_runtime_assets
 from compressor.errors import CompressorError
 from compressor.exporters import EXPORTERS
 from compressor.exporters.base import ExportContext, Exporter
 from compressor.fidelity import check_evaluation, fidelity_gate
+from compressor.modules import batch_invariance
 from compressor.output_paths import Protected, check_work_dir, kept_work_dir, temp_work_dir
 from compressor.passes import PASSES
 from compressor.pipeline import Pass, PassContext, PassResult, Pipeline
@@ -158,6 +160,7 @@ def export_bundle(
     m.target = {"name": target.name, "arch": target.arch, "device": target.device}
     m.model = {"source": recipe.model.source, "adapter": c.adapter.name}
     m.data = c.data.info
+    m.batch_invariance = batch_invariance(c.model)
     m.passes = [r.to_dict() for r in c.results]
     m.verification = {}
     assert bundle.path is not None
@@ -174,6 +177,7 @@ def export_bundle(
         res = e.export(c.model, ectx, bundle.path)
         bundle.add_artifacts(res.artifacts)
         m.verification.update(res.verification)
+    write_runtime_assets(c.adapter, c.model, bundle)  # its tokenizer, for compressor.runtime
     _bench_after_export(c, bundle, stage, bench)
     bundle.write_text("report.md", render_markdown(m.to_dict()))
     bundle.write_text("report.html", render_html(m.to_dict()))

@@ -102,14 +102,34 @@ def percentile_note(bench: dict[str, Any]) -> str | None:
 
 
 def fidelity_table(bench: dict[str, Any]) -> list[list[str]]:
-    rows = [["engine", "what runs", "timed", "mean cos", "min cos", "spearman", "held-out texts"]]
+    rows = [
+        [
+            "engine",
+            "what runs",
+            "timed",
+            "mean cos",
+            "worst domain mean cos",
+            "min cos",
+            "spearman",
+            "held-out texts",
+        ]
+    ]
     for name in _timed_engines(bench):
         s = bench["engines"][name]
         f = s.get("fidelity")
+        domains = {k.split("=", 1)[1]: v for k, v in (f or {}).items() if k.startswith("mean_cosine@domain=")}
+        worst = min(domains, key=lambda d: domains[d]) if domains else None
+        worst_cell = f"{domains[worst]:.5f} ({worst})" if worst else "-"
         cells = (
-            [f"{f['mean_cosine']:.5f}", f"{f['min_cosine']:.5f}", f"{f['spearman']:.5f}", str(f["texts"])]
+            [
+                f"{f['mean_cosine']:.5f}",
+                worst_cell,
+                f"{f['min_cosine']:.5f}",
+                f"{f['spearman']:.5f}",
+                str(f["texts"]),
+            ]
             if f
-            else ["-", "-", "-", "-"]
+            else ["-", "-", "-", "-", "-"]
         )
         rows.append([name, _engine_label(bench, name), s.get("timed", "")] + cells)
     return rows
@@ -281,7 +301,12 @@ def render_markdown(manifest: dict[str, Any]) -> str:
     ]
     groups = group_table(manifest)
     if groups:
-        parts += ["", "## Final fidelity by evaluation domain and input length (tokens)", "", markdown_table(groups)]
+        parts += [
+            "",
+            "## Final fidelity by evaluation domain and input length (tokens)",
+            "",
+            markdown_table(groups),
+        ]
     notes = measurement_notes(manifest)
     if notes:
         parts += ["", "## What was measured", ""] + [f"- {n}" for n in notes]
@@ -355,7 +380,10 @@ def render_html(manifest: dict[str, Any]) -> str:
     body = ["<h2>Passes</h2>", _html_table(pass_table(manifest["passes"]))]
     groups = group_table(manifest)
     if groups:
-        body += ["<h2>Final fidelity by evaluation domain and input length (tokens)</h2>", _html_table(groups)]
+        body += [
+            "<h2>Final fidelity by evaluation domain and input length (tokens)</h2>",
+            _html_table(groups),
+        ]
     notes = measurement_notes(manifest)
     if notes:
         body += ["<h2>What was measured</h2><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]

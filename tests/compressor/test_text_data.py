@@ -55,7 +55,9 @@ def test_text_data_is_deterministic_and_held_out_texts_mix_domains() -> None:
     assert any(t in set(python_reference_paragraphs()) for t in mixed)
 
 
-def test_fidelity_is_reported_per_domain_and_length_and_the_gate_judges_the_worst_domain(tiny_bert_dir) -> None:
+def test_fidelity_is_reported_per_domain_and_length_and_the_gate_judges_the_worst_domain(
+    tiny_bert_dir,
+) -> None:
     import copy
 
     import torch
