@@ -68,7 +68,9 @@ class DataSpec:
         "diffusers adapter an image folder (class subfolders, or image + .txt caption pairs); split into "
         "calibration / train / held-out eval by a hash of each example",
     )
-    field: str = option("text", help="the column of a .jsonl / .csv / .parquet / datasets source that holds the text")
+    field: str = option(
+        "text", help="the column of a .jsonl / .csv / .parquet / datasets source that holds the text"
+    )
     calibration_source: str | None = option(
         None, help="a separate source for the calibration split (same formats as `source`)"
     )
@@ -86,7 +88,9 @@ class DataSpec:
         "standard library, not only the listed modules (train-split paragraphs only; calibration and "
         "held-out texts unchanged): 6,304 instead of 3,548 on Python 3.11",
     )
-    eval_samples: int = option(512, help="held-out texts used for fidelity (per evaluation domain)", le=100_000)
+    eval_samples: int = option(
+        512, help="held-out texts used for fidelity (per evaluation domain)", le=100_000
+    )
     max_length: int | None = option(
         None,
         help="token length the texts are truncated to; default: the model's serving length "
@@ -325,8 +329,17 @@ SHIPPED_BASE = Path(__file__).resolve().parent.parent
 
 
 def _resolve_model_source(recipe: Recipe, base: Path) -> Recipe:
-    """A relative ``model.source`` resolved against ``base`` (the recipe file's folder; the
-    checkout for shipped recipes), not the current directory; ``default`` stays as it is."""
+    """A relative ``model.source`` and relative data sources resolved against ``base`` (the
+    recipe file's folder; the checkout for shipped recipes), not the current directory;
+    ``default`` stays as it is."""
+    data = recipe.data
+    paths = {
+        name: str((base / value).resolve())
+        for name in ("source", "calibration_source", "train_source", "eval_source")
+        if (value := getattr(data, name)) is not None and not Path(value).is_absolute()
+    }
+    if paths:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(data, **paths))
     src = recipe.model.source
     if src == "default" or Path(src).is_absolute():
         return recipe

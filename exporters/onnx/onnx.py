@@ -32,6 +32,7 @@ from torch import nn
 from compressor.config import option
 from compressor.errors import ExportError, RecipeError
 from compressor.exporters.base import ExportContext, Exporter, ExportResult, register_exporter
+from compressor.exporters.onnx.ort_fusions import fuse_column_scales_
 from compressor.exporters.onnx.ort_int8 import INT8_WEIGHT_CHOICES, encode_int8_weights_
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ def export_onnx(
     proto = onnx.load(str(path))
     merged = dedupe_initializers_(proto)
     encoding = encode_int8_weights_(proto, int8_weights)
-    if merged or encoding["uint8_rewritten"]:
+    encoding["column_scales_fused"] = fuse_column_scales_(proto)
+    if merged or encoding["uint8_rewritten"] or encoding["column_scales_fused"]:
         onnx.save(proto, str(path))
     return encoding
 

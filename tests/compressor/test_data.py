@@ -25,7 +25,11 @@ def test_wide_train_reaches_the_adapters_training_batches(tiny_bert_dir) -> None
     adapter = HFEncoderAdapter()
     adapter.load(str(tiny_bert_dir))
     spec = DataSpec(
-        corpus="stdlib-docstrings", calibration_samples=8, train_samples=100_000, eval_samples=8, batch_size=64
+        corpus="stdlib-docstrings",
+        calibration_samples=8,
+        train_samples=100_000,
+        eval_samples=8,
+        batch_size=64,
     )
     narrow = adapter.make_data(spec, seed=0)
     wide = adapter.make_data(DataSpec(**{**spec.__dict__, "wide_train": True}), seed=0)

@@ -43,7 +43,7 @@ def _alone_and_batched(adapter, sess) -> tuple[np.ndarray, np.ndarray, int]:
 def test_per_token_int8_is_batch_invariant_in_onnx_runtime(tiny_ctx, tmp_path: Path) -> None:
     adapter, q, sess, proto = _bundle(tiny_ctx, tmp_path, "dynamic_per_token")
     ops = {n.op_type for n in proto.graph.node}
-    assert "DynamicQuantizeLinear" not in ops and {"QuantizeLinear", "MatMulInteger"} <= ops
+    assert "DynamicQuantizeLinear" not in ops and {"QuantizeLinear", "MatMulIntegerToFloat"} <= ops
     a, b, padded = _alone_and_batched(adapter, sess)
     assert padded > 3 * len(adapter.tokenize([SHORT], 128)["input_ids"][0])
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -282,7 +282,8 @@ def test_static_scheme_in_the_onnx_runtime_flavour(tiny_ctx, tmp_path: Path) -> 
     res = OnnxExporter(OnnxExportConfig()).export(q, ectx, tmp_path)
     assert res.verification["onnx"]["min_cosine"] >= 0.999
     ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 12 and "DynamicQuantizeLinear" not in ops
+    assert ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat") == 12
+    assert "DynamicQuantizeLinear" not in ops
 
 
 def test_fp16_rewrite_keeps_float_inputs_and_outputs_fp32() -> None:

@@ -142,7 +142,9 @@ def test_plan_judges_the_layers_as_the_passes_before_leave_them() -> None:
 def test_plan_refusals() -> None:
     with pytest.raises(PlanError, match="quantize.method: fp8 is not supported on target 'a100'"):
         QuantizePass(_parse(method="fp8")).plan(_state("a100"))
-    assert QuantizePass(_parse(activations="dynamic_per_token")).plan(_state("cpu")).forms()  # allowed on the CPU
+    assert (
+        QuantizePass(_parse(activations="dynamic_per_token")).plan(_state("cpu")).forms()
+    )  # allowed on the CPU
     with pytest.raises(PlanError, match="target pattern 'decoder.\\*' matches no Linear layer"):
         QuantizePass(_parse(targets=["decoder.*"])).plan(_state())
     assert FLOAT not in _state().forms()
