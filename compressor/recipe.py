@@ -333,7 +333,7 @@ def _resolve_model_source(recipe: Recipe, base: Path) -> Recipe:
     recipe file's folder; the checkout for shipped recipes), not the current directory;
     ``default`` stays as it is."""
     data = recipe.data
-    paths = {
+    paths: dict[str, Any] = {
         name: str((base / value).resolve())
         for name in ("source", "calibration_source", "train_source", "eval_source")
         if (value := getattr(data, name)) is not None and not Path(value).is_absolute()

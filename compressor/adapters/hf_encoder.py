@@ -235,6 +235,8 @@ class HFEncoderAdapter(ModelAdapter):
         self.tokenizer: Any = None
         self.source_path: Path | None = None
         self.max_positions: int | None = None
+        # (teacher, batches, its embeddings): see grouped_metrics
+        self._teacher_embeddings: tuple[nn.Module, Sequence[Batch], list[torch.Tensor]] | None = None
 
     def load(self, source: str) -> nn.Module:
         from transformers import AutoModel
@@ -304,9 +306,21 @@ class HFEncoderAdapter(ModelAdapter):
     def grouped_metrics(
         self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch], groups: dict[str, list[int]]
     ) -> dict[str, float]:
-        """Every batch embedded once; the groups are scored from slices of those embeddings."""
+        """Every batch embedded once; the groups are scored from slices of those embeddings. The
+        frozen teacher's embeddings of the same batches are kept for the next call (the pipeline
+        measures after every pass on the same held-out batches)."""
         student = [self.embed(model, [b]) for b in batches]
-        ref = [self.embed(teacher, [b]) for b in batches]
+        cached = self._teacher_embeddings
+        if (
+            cached is not None
+            and cached[0] is teacher
+            and cached[1] is batches
+            and len(cached[2]) == len(batches)
+        ):
+            ref = cached[2]
+        else:
+            ref = [self.embed(teacher, [b]) for b in batches]
+            self._teacher_embeddings = (teacher, batches, ref)
         stats = embedding_fidelity(torch.cat(student), torch.cat(ref))
         stats.update(weight_stats(model))
         for group, idx in groups.items():
