@@ -262,6 +262,7 @@ def load_shared(args: argparse.Namespace) -> Shared:
     for p in teacher.parameters():
         p.requires_grad_(False)
     spec = DataSpec(
+        corpus="stdlib-docstrings",  # the corpus its recorded results were measured on
         calibration_samples=args.calibration,
         train_samples=args.train,
         eval_samples=args.eval_texts,

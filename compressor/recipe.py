@@ -99,7 +99,7 @@ class DataSpec:
     )
     long_fraction: float = option(
         0.25,
-        help="share of calibration, training and evaluation examples built from consecutive texts of one "
+        help="share of calibration and evaluation examples built from consecutive texts of one "
         "domain joined up to the serving length, so the long inputs the model serves are covered",
         ge=0.0,
         le=1.0,

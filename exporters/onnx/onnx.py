@@ -158,8 +158,17 @@ def ort_session(path: Path, threads: int = 0):
 def verify_onnx(
     path: Path, model: nn.Module, ctx: ExportContext, batch_sizes: tuple[int, ...], lengths: tuple[int, ...]
 ) -> dict[str, Any]:
-    """Worst-case agreement of ONNX Runtime with the torch model over the held-out grid."""
-    source = max(ctx.data.eval, key=lambda b: next(iter(b.values())).numel())
+    """Worst-case agreement of ONNX Runtime with the torch model over the held-out grid; the
+    held-out data's longest inputs (the serving length) are checked too when they run past
+    ``lengths``."""
+    first = [next(iter(b.values())) for b in ctx.data.eval]
+    source = ctx.data.eval[max(range(len(first)), key=lambda i: first[i].numel())]
+    longest = max((int(t.shape[-1]) for t in first if t.dim() > 1), default=0)
+    if lengths and longest > max(lengths):
+        source = ctx.data.eval[
+            max(range(len(first)), key=lambda i: (int(first[i].shape[-1]), first[i].numel()))
+        ]
+        lengths = (*lengths, longest)
     cases = ctx.adapter.verification_cases(source, batch_sizes, lengths)
     with torch.no_grad():
         model.eval()

@@ -151,8 +151,8 @@ class Int8Config(MixedPrecisionOptions, SmoothQuantOptions, QuantizeOptions):
     activations: Activations = option(
         "auto",
         help="activation scales: dynamic_per_token = one scale per row (GPU kernels; on the CPU batch-invariant, "
-        "a sentence's output independent of its batch-mates, measured 1.19-1.25x the per-tensor latency on an "
-        "AVX2 host); dynamic_per_tensor = one scale over the whole batch (ONNX Runtime's fused "
+        "a sentence's output independent of its batch-mates; MiniLM measured 1.12x the per-tensor bundle's "
+        "latency at 32x128 on an AVX2 host, benchmarks/results/minilm_cpu.md); dynamic_per_tensor = one scale over the whole batch (ONNX Runtime's fused "
         "DynamicQuantizeMatMul, not batch-invariant); auto: per tensor on cpu, per token on GPUs; "
         "static_per_tensor = one scale per layer calibrated on the calibration data (TensorRT Q/DQ)",
     )
