@@ -25,7 +25,7 @@ from compressor.errors import CompressorError
 from compressor.manifest import sha256_file
 from compressor.runtime import BundleLoadError, CausalLM, SentenceEncoder, load
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG = " ".join(["A much longer sentence pads the short one in the batch, many times over."] * 30)
 TEXTS = ["a compressed sentence encoder", "Hello, world!", "Numbers 3.14 and café naïve."]
 
