@@ -31,7 +31,7 @@ from compressor.adapters.base import BenchInputs, ModelAdapter, group_metric_key
 from compressor.app.engines import BASELINES, CODE_ENGINES, ENGINE_ARTIFACTS, Engine, EngineUnavailable
 from compressor.app.timing import bench_inputs_of, latency_stats, time_side_by_side
 from compressor.bundle import check_bundle, check_paths
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, DataError
 from compressor.trust import Trust
 
 log = logging.getLogger(__name__)
@@ -295,12 +295,15 @@ def _score(
     data included), else ``n`` held-out samples of the adapter's bench inputs."""
     data = run.recipe.data
     groups: dict[str, list[int]] = {}
+    held_out = None
     if not cfg.fidelity_texts and run.adapter.serving_length() is not None:
-        held_out = run.adapter.make_data(dataclasses.replace(data, train_samples=0), run.recipe.seed)
-        batches, groups = (
-            held_out.eval,
-            {g: i for g, i in held_out.eval_groups.items() if g.startswith("domain=")},
-        )
+        try:
+            held_out = run.adapter.make_data(dataclasses.replace(data, train_samples=0), run.recipe.seed)
+        except DataError as e:  # the recipe's own data is not on this machine
+            log.warning("bench: %s; scoring on the default held-out text instead", e)
+    if held_out is not None:
+        batches = held_out.eval
+        groups = {g: i for g, i in held_out.eval_groups.items() if g.startswith("domain=")}
     else:
         n = cfg.fidelity_texts or data.eval_samples
         max_length = data.max_length or run.adapter.serving_length() or 128

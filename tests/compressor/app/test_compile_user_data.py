@@ -66,3 +66,28 @@ def test_too_little_data_is_one_line_and_no_bundle(tiny_bert_dir: Path, tmp_path
         len(errors) == 1 and "calibration examples" in errors[0] and "data.calibration_samples" in errors[0]
     )
     assert not out.exists()
+
+
+def test_bench_judges_the_users_held_out_data_and_falls_back_without_it(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from compressor import api
+    from compressor.app.bench import BenchConfig
+
+    (tmp_path / "model").symlink_to(tiny_bert_dir)
+    (tmp_path / "s.txt").write_text("\n".join(_sentences()) + "\n")
+    data = {
+        "source": "s.txt",
+        "calibration_samples": 8,
+        "eval_samples": 16,
+        "train_samples": 0,
+        "batch_size": 8,
+    }
+    out = tmp_path / "bundle"
+    assert main(["compile", "--recipe", str(_recipe(tmp_path, data)), "--out", str(out)]) == 0
+    config = BenchConfig(batch_sizes=(2,), seq_len=16, warmup=1, repeats=2, threads=1)
+    own = api.bench(out, config)["engines"]["ort"]["fidelity"]
+    assert own["texts"] == 16 and "mean_cosine@domain=source" in own  # the compile's held-out split
+    (tmp_path / "s.txt").unlink()  # benched where the user's data is not
+    fallback = api.bench(out, config)["engines"]["ort"]["fidelity"]
+    assert "mean_cosine@domain=source" not in fallback and fallback["texts"] == 16
