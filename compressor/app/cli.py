@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from compressor.app.bench_outputs import check_bench_outputs, write_atomic
 from compressor.app.info_commands import cmd_kernels, cmd_passes, cmd_recipe, cmd_targets
+from compressor.app.tune.cli import add_tune, add_tune_arguments
 from compressor.errors import CompressorError
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compressor.progress import tqdm_progress
     from compressor.targets import get_target
 
-    recipe = _load(args)
+    recipe = _tuned(args) if args.tune else _load(args)
     get_target(recipe.target)
     out = Path(args.out or f"out/{recipe.name}-{recipe.target}")
     if args.no_bench:
@@ -102,6 +103,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     _print_compile_summary(manifest, out, recipe.name)
     return 0
+
+
+def _tuned(args: argparse.Namespace) -> Recipe:
+    """``compile --tune``: the search (unverified: the compile that follows is its verification,
+    and its fidelity floor is the budget) and the recipe it writes."""
+    from compressor.app.tune.cli import options_from_args, run_tune
+    from compressor.app.tune.report import summary_lines
+    from compressor.recipe import parse_recipe
+
+    if not args.budget:
+        raise CompressorError('compile --tune: needs --budget, e.g. --budget "mean_cosine>=0.97"')
+    args.no_verify = True
+    opts = options_from_args(args, "tuned")
+    result = run_tune(opts)
+    print("\n".join(summary_lines(result)), file=sys.stderr)
+    if result.recipe is None:
+        raise CompressorError(f"compile --tune: no plan meets {opts.budget.text} by the estimates")
+    return parse_recipe(result.recipe, source="compile --tune")
 
 
 def _print_compile_summary(manifest: dict, out: Path, recipe_name: str) -> None:
@@ -217,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_bench(sub)
     _add_listing(sub)
+    add_tune(sub)
     p.description = f"{p.description}\n\ncommands:\n{command_synopses(sub)}"
     return p
 
@@ -248,6 +268,13 @@ def _add_compile(sub: Subparsers) -> None:
         help="scratch dir for the passes, kept across runs: a rerun resumes distillation from its "
         "checkpoints (checkpoint_every); default a temporary dir",
     )
+    c.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose the plan with the tuner first (--budget and the tune options below); the recipe's "
+        "--recipe/--model/--target give the model, data and target",
+    )
+    add_tune_arguments(c, compile_flags=True)
     c.set_defaults(func=cmd_compile)
 
 

@@ -145,3 +145,29 @@ def scatter_chart(points: Mapping[str, tuple[float, float]], title: str, xlabel:
         out.append(_legend(i, name, color))
     out.append("</svg>")
     return "".join(out)
+
+
+def series_scatter(
+    series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str
+) -> str:
+    """Points in series (one colour and legend entry each), linear axes padded around the data,
+    under a visible ``title``: a Pareto front and the points placed against it."""
+    if not title.strip():
+        raise ValueError("series_scatter: every chart needs a title")
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.1, (max(ys) - min(ys)) * 0.1 or 0.001
+    xlo, xhi, ylo, yhi = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
+    fx = _scale(xlo, xhi, False, LEFT, WIDTH - RIGHT)
+    fy = _scale(ylo, yhi, False, HEIGHT - BOTTOM, TOP)
+    out = _frame(title, xlabel, ylabel) + _ticks(
+        _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi), fx, fy, linear=True
+    )
+    for i, (name, pts) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        out += [f"<circle cx='{fx(x):.1f}' cy='{fy(y):.1f}' r='4' fill='{color}'/>" for x, y in pts]
+        out.append(_legend(i, name, color))
+    out.append("</svg>")
+    return "".join(out)

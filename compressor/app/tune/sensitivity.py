@@ -1,0 +1,100 @@
+"""What each candidate form costs in fidelity, layer by layer, on the calibration data.
+
+The cost of a form on a layer is the calibration mean cosine (against the teacher) lost
+when only that layer takes the form and every other layer stays as the structure left
+it: the one-layer-at-a-time sensitivity that mixed precision already ranks layers by
+(``compressor.passes.quantize.mixed_precision``), extended from int8-or-float to every
+form the profile kept. Int8 forms are built as the ``quantize`` pass builds them
+(``quantize_linears_``, SmoothQuant at ``alpha`` with this layer's own divisor), int4 by
+round-to-nearest in its groups, 2:4 by magnitude. The held-out split is never read here:
+it judges the chosen plan afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compressor.adapters.base import Batch, ModelAdapter
+from compressor.app.tune.forms import FORMS
+from compressor.kernels.int8_linear import Int8Linear
+from compressor.modules import get_linear, set_module
+from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine, quantize_linears_
+
+INT8_SCHEMES = {
+    "int8": "dynamic_per_tensor",
+    "int8_per_token": "dynamic_per_token",
+    "int8_static": "static_per_tensor",
+}
+
+
+class SensitivityProbe:
+    """Scores models against the teacher's outputs on the calibration batches."""
+
+    def __init__(
+        self, adapter: ModelAdapter, teacher: nn.Module, batches: Sequence[Batch], alpha: float = 0.8
+    ) -> None:
+        self.adapter = adapter
+        self.batches = list(batches)
+        self.alpha = alpha
+        with torch.no_grad():
+            self.reference = torch.cat([adapter.forward(teacher, b) for b in self.batches])
+
+    @torch.no_grad()
+    def fidelity(self, model: nn.Module) -> float:
+        out = torch.cat([self.adapter.forward(model, b) for b in self.batches])
+        return mean_cosine(out, self.reference)
+
+    def with_form(
+        self, model: nn.Module, name: str, form: str, stats: Mapping[str, torch.Tensor]
+    ) -> nn.Module:
+        """A copy of ``model`` with layer ``name`` alone in ``form``."""
+        m = copy.deepcopy(model).eval()
+        f = FORMS[form]
+        if form in INT8_SCHEMES:
+            groups = [g for g in self.adapter.smooth_groups(m) if name in g.linears]
+            quantize_linears_(m, [name], INT8_SCHEMES[form], groups, dict(stats), self.alpha, False)
+        elif form == "2:4+int8":
+            sparse = FORMS["2:4"].build(get_linear(m, name), None)
+            set_module(m, name, Int8Linear.from_linear(sparse, "dynamic_per_tensor"))
+        else:
+            set_module(m, name, f.build(get_linear(m, name), None))
+        return m
+
+    def costs(
+        self,
+        model: nn.Module,
+        forms_of: Mapping[str, Sequence[str]],
+        on_step: Callable[[int, int], object] | None = None,
+    ) -> tuple[float, dict[str, dict[str, float]], list[str]]:
+        """The model's own calibration fidelity, ``costs[layer][form]`` for every form of
+        ``forms_of`` but float (cost 0), and the inert layers: those no form changes the
+        output of by a single bit (a pooler whose output the embedding never reads), left
+        out of ``costs`` since no latency they save is real. A cost below 0 (a form that
+        happens to help on the calibration data) counts as 0: the search must not buy speed
+        with noise."""
+        model = model.eval()
+        names = [n for n, fs in forms_of.items() if any(f != "float" for f in fs)]
+        stats = activation_absmax(model, names, self.adapter.forward, self.batches)
+        base = self.fidelity(model)
+        total = sum(len([f for f in forms_of[n] if f != "float"]) for n in names)
+        done = 0
+        out: dict[str, dict[str, float]] = {}
+        inert: list[str] = []
+        for n in names:
+            raw: dict[str, float] = {}
+            for form in forms_of[n]:
+                if form == "float":
+                    continue
+                raw[form] = base - self.fidelity(self.with_form(model, n, form, stats))
+                done += 1
+                if on_step is not None:
+                    on_step(done, total)
+            if all(v == 0.0 for v in raw.values()):
+                inert.append(n)
+                continue
+            out[n] = {"float": 0.0, **{f: max(0.0, v) for f, v in raw.items()}}
+        return base, out, inert

@@ -1,0 +1,335 @@
+"""`compressor tune`: the plan chosen per layer by latency measured on the target's engine.
+
+1. **Profile** (``profile``): every block shape the model can be pruned to (depth x FFN
+   width) timed as a whole float model, every Linear shape those contain timed in every
+   legal form, in ONNX Runtime on this host at the declared batch x sequence shapes,
+   each beside its float twin; cached by host fingerprint. A GPU target without its GPU
+   here gets a roofline estimate instead (``roofline``), labelled ``estimated``.
+2. **Never slower** (``search.drop_slower_forms``): a form the engine does not run faster
+   than float at every declared shape is dropped, with its ratio, before anything else.
+3. **Fidelity**: each pruned shape worth trying gets a short-recovery probe (prune +
+   ``probe_steps`` of distillation), mildest first, stopping at the first that misses the
+   budget; every kept form of every layer gets its one-layer cost on the calibration data
+   (``sensitivity``).
+4. **Search** (``search``): the Pareto front of predicted latency against estimated
+   fidelity, per structure and merged; the fastest plan within the budget is chosen.
+5. **Verify**: the plan is compiled as the recipe it becomes (full recovery, SmoothQuant,
+   QAD), judged on the held-out data (worst domain) and timed as a whole model beside the
+   original in the engine. A plan that misses the budget moves the choice back along the
+   front by the fidelity it was short, and the report says so.
+
+The held-out split judges only the verification: probes and costs are measured on the
+calibration data, so a plan cannot buy speed by fitting the text that judges it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.adapters import make_adapter
+from compressor.app.tune.forms import FORMS
+from compressor.app.tune.measure import MeasureSteps, linear_shapes
+from compressor.app.tune.options import ORIGINAL, Budget, TuneOptions, TuneResult
+from compressor.app.tune.plan_recipe import plan_recipe
+from compressor.app.tune.profile import (
+    EngineProfile,
+)
+from compressor.app.tune.search import (
+    Choice,
+    LayerOptions,
+    Plan,
+    Rejected,
+    Structure,
+    choose,
+    drop_slower_forms,
+    merge_fronts,
+    pareto_front,
+)
+from compressor.app.tune.sensitivity import SensitivityProbe
+from compressor.app.tune.verify import VerifySteps
+from compressor.errors import CompressorError, RecipeError
+from compressor.progress import ProgressSetting, progress_bar
+from compressor.recipe import Recipe, load_recipe, parse_recipe
+from compressor.targets import get_target
+
+log = logging.getLogger(__name__)
+
+
+class Tuner(MeasureSteps, VerifySteps):
+    """One tune: holds the model, data and profile while the steps run."""
+
+    structures: list[dict[str, Any]]  # one record per structure, for the report
+    rejected: list[Rejected]
+    models: dict[str, nn.Module]  # the searched structures' models (probed)
+    margin: float
+    baseline_ms: float
+
+    def __init__(
+        self, opts: TuneOptions, progress: ProgressSetting = False, stage: Callable[[str], None] = log.info
+    ) -> None:
+        self.opts = opts
+        self.progress = progress
+        self.stage = stage
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        base = load_recipe(opts.recipe or _default_recipe(opts.target))
+        base = base.with_target(opts.target)
+        if opts.model:
+            base = base.with_model(opts.model)
+        self.base: Recipe = base
+        self.target = get_target(opts.target)
+        for f in opts.forms or ():
+            if f not in FORMS:
+                raise RecipeError(f"--forms: {f!r} is not one of {', '.join(FORMS)}")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.opts.time_limit_s
+
+    def _mark(self, what: str, since: float) -> None:
+        self.timings[what] = round(time.monotonic() - since, 1)
+
+    def load(self) -> None:
+        t = time.monotonic()
+        recipe = self.base
+        self.stage(f"loading {recipe.model.source} and building calibration / training / held-out data")
+        self.adapter = make_adapter(recipe.model.adapter, recipe.model.source)
+        if self.adapter.bench_inputs() is None:
+            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no bench inputs to time")
+        torch.manual_seed(recipe.seed)
+        self.model = self.adapter.load(recipe.model.source).eval()
+        self.teacher = copy.deepcopy(self.model).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.data = self.adapter.make_data(recipe.data, recipe.seed)
+        self.probe = SensitivityProbe(
+            self.adapter, self.teacher, self.data.calibration[: self.opts.calibration_batches]
+        )
+        self._mark("load", t)
+
+    # -- profile --
+    def probe_structure(self, layers: int, ffn: int, work: Path) -> tuple[nn.Module, float]:
+        """Prune to the shape with activation importance, recover ``probe_steps``, and score
+        the result on the calibration data."""
+        from compressor.api import compress
+
+        recipe = self._recipe(
+            [
+                {
+                    "pass": "prune",
+                    "layers": layers,
+                    "ffn": ffn,
+                    "ffn_multiple_of": 64,
+                    "recover": {
+                        "steps": self.opts.probe_steps,
+                        "lr": 1.0e-3,
+                        "warmup_steps": max(1, self.opts.probe_steps // 10),
+                    },
+                }
+            ],
+            f"probe-{layers}x{ffn}",
+        )
+        c = compress(
+            recipe,
+            model=copy.deepcopy(self.model),
+            adapter=self.adapter,
+            data=self.data,
+            teacher=self.teacher,
+            work_dir=work,
+            progress=self.progress,
+            measure=False,
+        )
+        return c.model.eval(), self.probe.fidelity(c.model)
+
+    def _recipe(self, passes: list[dict[str, Any]], name: str, floor: float | None = None) -> Recipe:
+        base = self.base.to_dict()
+        data = {k: v for k, v in base["data"].items() if v is not None}
+        ev = {"bench": base["evaluation"]["bench"], "run_bench": False}
+        if floor is not None:
+            ev["min_mean_cosine"] = floor
+        return parse_recipe(
+            {
+                "name": name,
+                "description": name,
+                "model": base["model"],
+                "target": base["target"],
+                "seed": base["seed"],
+                "data": data,
+                "passes": passes,
+                "exports": base["exports"],
+                "evaluation": ev,
+            },
+            source=self.base.source,
+        )
+
+    def structure_options(
+        self,
+        prof: EngineProfile,
+        model: nn.Module,
+        kept: Mapping[str, set[str]],
+        costs: Mapping[str, Mapping[str, float]],
+    ) -> tuple[LayerOptions, ...]:
+        b, s = self.opts.primary
+        out = []
+        for name, (k, n) in linear_shapes(model).items():
+            float_ms = prof.form_ms(k, n, b, s, "float")
+            choices = [Choice("float", 0.0, 0.0)]
+            for form in sorted(kept.get(name, set()) - {"float"}):
+                if form not in costs.get(name, {}):
+                    continue
+                delta = (prof.ratio(k, n, b, s, form) - 1.0) * float_ms
+                choices.append(Choice(form, delta, costs[name][form]))
+            out.append(LayerOptions(name, tuple(choices)))
+        return tuple(out)
+
+    # -- run --
+
+    def _fidelity_of(
+        self, name: str, ms: float, rec: dict[str, Any], work: Path
+    ) -> tuple[nn.Module, float] | None:
+        """The structure's model and estimated fidelity (a probe for a pruned one), or None
+        with ``rec["skipped"]`` saying why it is not searched."""
+        opts = self.opts
+        if name == ORIGINAL:
+            return self.model, 1.0
+        if ms > self.baseline_ms * (1.0 - self.margin):
+            rec["skipped"] = "its float model is not faster than the original's beyond the noise floor"
+            return None
+        if self.out_of_time():
+            rec["skipped"] = f"the time limit ({opts.time_limit_s:.0f} s) was spent"
+            return None
+        milder = [
+            r
+            for r in self.structures
+            if r.get("probe_fidelity", 1.0) < opts.budget.value and r["float_ms"] >= ms
+        ]
+        if milder:
+            rec["skipped"] = (
+                f"the milder {milder[0]['name']} probed at {milder[0]['probe_fidelity']:.5f}, under the budget"
+            )
+            return None
+        layers, ffn = (int(x) for x in name.split("x"))
+        self.stage(f"probe {name}: prune + {opts.probe_steps} recovery steps")
+        tp = time.monotonic()
+        model, fid = self.probe_structure(layers, ffn, work)
+        rec.update(probe_seconds=round(time.monotonic() - tp, 1), probe_fidelity=round(fid, 6))
+        self._prunes[name] = {"layers": layers, "ffn": ffn}
+        if fid < opts.budget.value:
+            rec["skipped"] = f"probe fidelity {fid:.5f} is under the budget {opts.budget.value}"
+            return None
+        return model, fid
+
+    def _search_structure(self, prof: EngineProfile, name: str, work: Path) -> list[Plan]:
+        """Probe, cost and search one structure; its front (empty when it is skipped)."""
+        ms, _ = self.structure_ms(prof, name)
+        rec: dict[str, Any] = {
+            "name": name,
+            "float_ms": round(ms, 3),
+            "float_ratio": round(ms / self.baseline_ms, 4),
+        }
+        self.structures.append(rec)
+        got = self._fidelity_of(name, ms, rec, work)
+        if got is None:
+            return []
+        model, fid = got
+        kept, rejected = drop_slower_forms(self.layer_ratios(prof, model), self.margin)
+        seen = {(x.layer, x.form) for x in self.rejected}
+        self.rejected.extend(r for r in rejected if (r.layer, r.form) not in seen)
+        forms_of = {n: sorted(fs) for n, fs in kept.items()}
+        total = sum(len(fs) - 1 for fs in forms_of.values())
+        self.stage(f"{name}: costing {total} layer forms on the calibration data")
+        with progress_bar(self.progress, f"tune: {name} layer costs", total, "eval") as bar:
+            base_fid, costs, inert = self.probe.costs(model, forms_of, lambda d, n: bar.update(1))
+        if inert:
+            self.notes.append(
+                f"{name}: {', '.join(inert)} change(s) no output under any form (not on the path to the output): left as they are"
+            )
+        rec["calibration_fidelity"] = round(base_fid, 6)
+        rec["costs"] = {n: {f: round(c, 7) for f, c in cs.items()} for n, cs in costs.items()}
+        st = Structure(name, ms, fid, self.structure_options(prof, model, kept, costs))
+        front = pareto_front(st, self.baseline_ms, max_cost=max(0.0, fid - self.opts.budget.value) + 0.01)
+        rec["front_points"] = len(front)
+        self.models[name] = model
+        return front
+
+    def run(self) -> TuneResult:
+        opts = self.opts
+        self.load()
+        self.structures, self.rejected, self.models, self._prunes = [], [], {}, {}
+        with tempfile.TemporaryDirectory(prefix="compressor-tune-") as tmp:
+            work = Path(tmp)
+            prof, shapes = self.measure_profile(work)
+            self.margin = self.noise_margin(prof, shapes)
+            _, self.baseline_ms = self.structure_ms(prof, ORIGINAL)
+            t = time.monotonic()
+            order = sorted(shapes, key=lambda n: -self.structure_ms(prof, n)[0])  # mildest (slowest) first
+            front = merge_fronts([self._search_structure(prof, name, work) for name in order])
+            self._mark("probes and costs", t)
+            chosen = choose(front, opts.budget.value)
+            stats = {
+                "measured": prof.measured,
+                "reused": prof.reused,
+                "file": str(prof.path) if prof.path else None,
+            }
+            result = TuneResult(
+                opts, prof.fingerprint, prof.estimated, stats, self.margin, self.structures, self.rejected,
+                front, chosen, None, timings=self.timings, notes=self.notes,
+            )  # fmt: skip
+            result.references = self.reference_points(prof, self.models, self.baseline_ms)
+            if chosen is None:
+                self.notes.append(f"no plan reaches {opts.budget.text} by the estimates")
+            else:
+                result.recipe = self.recipe_of(chosen)
+                if opts.verify and not prof.estimated:
+                    self.verify_loop(result, front, work)
+                elif opts.verify:
+                    self.notes.append(
+                        "not verified: the latencies are estimates and the engine is not on this host"
+                    )
+        result.timings["total"] = round(self.elapsed(), 1)
+        return result
+
+    def recipe_of(self, plan: Plan) -> dict[str, Any]:
+        base = {k: v for k, v in self.base.to_dict().items()}
+        base["data"] = {k: v for k, v in base["data"].items() if v is not None}
+        return plan_recipe(
+            plan,
+            self._prunes.get(plan.structure),
+            base,
+            name=self.opts.name,
+            budget_key="min_mean_cosine",
+            budget_value=self.opts.budget.value,
+            batches=self.opts.batches,
+            seq_len=self.opts.seq_len,
+            threads=self.opts.threads,
+            recover_steps=self.opts.recover_steps,
+            qad_steps=self.opts.qad_steps,
+        )
+
+
+def _default_recipe(target: str) -> str:
+    from compressor.app.cli import default_recipe
+
+    return default_recipe(target)
+
+
+def tune(
+    opts: TuneOptions, progress: ProgressSetting = False, stage: Callable[[str], None] = log.info
+) -> TuneResult:
+    """Run the whole tune (profile, probes, costs, search, verification)."""
+    return Tuner(opts, progress, stage).run()
+
+
+__all__ = ["Budget", "TuneOptions", "TuneResult", "Tuner", "tune"]

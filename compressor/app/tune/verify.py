@@ -1,0 +1,135 @@
+"""The tuner's verification: the chosen plan compiled as its recipe, judged and timed whole.
+
+The plan runs as the recipe it becomes (full recovery, SmoothQuant's alpha search, QAD),
+in memory on the tuner's model, data and teacher; its held-out fidelity is judged as the
+recipe's floor judges it (the worst evaluation domain) and its ONNX export is timed beside
+the original's plain fp32 export, as ``compressor bench`` times them. A plan that misses
+moves the choice back along the front by what it was short.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.app.tune.options import TuneOptions, TuneResult, Verification
+from compressor.app.tune.search import (
+    Plan,
+    choose,
+)
+from compressor.app.tune.sensitivity import SensitivityProbe
+from compressor.progress import ProgressSetting
+from compressor.recipe import Recipe, parse_recipe
+from compressor.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+class VerifySteps:
+    """The verifying half of ``Tuner`` (the attributes are the tuner's)."""
+
+    opts: TuneOptions
+    target: Target
+    adapter: ModelAdapter
+    model: nn.Module
+    teacher: nn.Module
+    data: DataSplits
+    base: Recipe
+    progress: ProgressSetting
+    stage: Callable[[str], None]
+    notes: list[str]
+    timings: dict[str, float]
+    signatures: dict[str, str]
+    probe: SensitivityProbe
+    _prunes: dict[str, dict[str, int]]
+
+    def _mark(self, what: str, since: float) -> None:
+        self.timings[what] = round(time.monotonic() - since, 1)
+
+    def recipe_of(self, plan: Plan) -> dict[str, Any]:
+        raise NotImplementedError  # Tuner's
+
+    def verify_loop(self, result: TuneResult, front: Sequence[Plan], work: Path) -> None:
+        plan = result.chosen
+        tried: set[int] = set()
+        margin = 0.0
+        while plan is not None and len(result.verifications) < self.opts.max_verify:
+            tried.add(id(plan))
+            self.stage(
+                f"verify: compiling the plan ({plan.structure}, {plan.counts()}) with its full recovery"
+            )
+            v = self.verify(plan, work)
+            result.verifications.append(v)
+            if v.met:
+                result.chosen = plan
+                result.recipe = self.recipe_of(plan)
+                return
+            short = plan.fidelity - (v.fidelity if v.fidelity is not None else 0.0)
+            margin = max(margin, short)
+            nxt = choose(front, self.opts.budget.value + margin)
+            if nxt is None or id(nxt) in tried:
+                nxt = next(
+                    (
+                        p
+                        for p in sorted(front, key=lambda p: p.latency_ms)
+                        if p.fidelity > plan.fidelity and id(p) not in tried
+                    ),
+                    None,
+                )
+            self.notes.append(
+                f"plan {plan.structure} {plan.counts()} measured {v.fidelity}{v.where}, under {self.opts.budget.text}: "
+                + ("stepping back along the front" if nxt is not None else "no plan left on the front")
+            )
+            plan = nxt
+        result.chosen = (
+            None if not result.verifications or not result.verifications[-1].met else result.chosen
+        )
+        if result.chosen is None:
+            result.recipe = None
+
+    def verify(self, plan: Plan, work: Path) -> Verification:
+        from compressor.app.compile import apply_recipe
+        from compressor.exporters.onnx.onnx import export_onnx
+        from compressor.fidelity import gates
+        from compressor.recipe import EvaluationSpec
+
+        t = time.monotonic()
+        recipe_dict = self.recipe_of(plan)
+        recipe_dict["evaluation"] = {**recipe_dict["evaluation"], "run_bench": False}
+        recipe_dict["evaluation"].pop("min_mean_cosine", None)
+        recipe = parse_recipe(recipe_dict, source=self.base.source)
+        c = apply_recipe(
+            recipe, self.adapter, work, self.progress, self.stage, model=copy.deepcopy(self.model),
+            data=self.data, teacher=self.teacher,
+        )  # fmt: skip
+        metrics = {k: float(v) for k, v in c.metrics.items() if isinstance(v, int | float)}
+        gate = gates(EvaluationSpec(min_mean_cosine=self.opts.budget.value), self.adapter)[0]
+        value, where = gate.judged_value(metrics)
+        path = work / f"verify-{len(plan.forms)}-{plan.structure}.onnx"
+        example = self.adapter.verification_cases(self.data.eval[0], (2,), (16,))[0]
+        spec = self.adapter.export_spec(c.model, example)
+        export_onnx(spec.module, spec, path, 17)
+        latency = self.time_against_original(path, work)
+        met = value is not None and value >= self.opts.budget.value
+        return Verification(plan, value, where, metrics, latency, met, round(time.monotonic() - t, 1))
+
+    def time_against_original(self, path: Path, work: Path) -> dict[str, dict[str, float]]:
+        """The compiled model's ONNX beside the original's plain fp32 export, as ``compressor
+        bench`` times them, at every declared shape."""
+        from compressor.app.timing import time_onnx_against_fp32
+
+        out = {}
+        for b, s in self.opts.io_shapes:
+            res = time_onnx_against_fp32(
+                self.adapter, self.model, {"tuned": path}, work, b, s, self.opts.threads, warmup=2, repeats=10
+            )
+            base, tuned = res["ort_fp32"]["median_ms"], res["tuned"]["median_ms"]
+            out[f"{b}x{s}"] = {"ms": tuned, "baseline_ms": base, "speedup": round(base / tuned, 3)}
+        return out

@@ -1,0 +1,107 @@
+"""`compressor tune` end to end on a tiny BERT: real ONNX Runtime timings, a real probe and
+verification, and the recipe it writes compiled back by `compressor compile`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compressor.app.cli import main
+from compressor.app.tune.plan_recipe import MARKER
+
+DATA = {"calibration_samples": 16, "train_samples": 32, "eval_samples": 24, "max_length": 32, "batch_size": 8}
+
+
+def _base(tmp_path: Path, tiny: Path) -> Path:
+    recipe = {
+        "name": "tiny-base",
+        "target": "cpu",
+        "model": {"source": str(tiny)},
+        "data": DATA,
+        "passes": [{"pass": "quantize", "targets": ["encoder.*"]}],
+        "exports": [{"format": "onnx", "min_cosine": 0.99}],
+        "evaluation": {"run_bench": False},
+    }
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _tune(tmp_path: Path, tiny: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["tune", "--recipe", str(_base(tmp_path, tiny)), "--model", str(tiny), "--out", str(out),
+         "--budget", "mean_cosine>=0.9", "--batch", "2,8", "--seq-len", "32", "--threads", "1",
+         "--probe-steps", "3", "--recover-steps", "5", *extra]
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_tune_writes_a_recipe_that_compiles_and_reuses_its_profile(
+    tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys
+) -> None:
+    out = tmp_path / "t" / "tuned.yaml"
+    assert _tune(tmp_path, tiny_bert_dir, out, "--structures", "1x64") == 0
+    text = out.read_text()
+    assert text.splitlines()[0] == MARKER
+    recipe = yaml.safe_load(text)
+    assert recipe["evaluation"]["min_mean_cosine"] == 0.9
+    record = json.loads((out.parent / "tune.json").read_text())
+    assert record["latency"] == "measured" and record["fingerprint"]["threads"] == 1
+    assert record["profile"]["measured"] > 0
+    names = {s["name"] for s in record["structures"]}
+    assert names == {"original", "1x64"}
+    # every rejected form was measured no faster than float (or its parent) at some shape
+    for r in record["rejected"]:
+        assert r["ratio"] > 1.0 - record["noise_margin"] - 1e-9 or "than int8" in r["why"]
+    chosen = record["chosen"]
+    assert chosen is not None and record["verifications"]
+    last = record["verifications"][-1]
+    assert last["met"] and last["fidelity"] >= 0.9
+    assert set(last["latency"]) == {"2x32", "8x32"}
+    assert "<svg" in (out.parent / "tune-report.html").read_text()
+    # the recipe compiles as it is, its floor the budget
+    bundle = tmp_path / "bundle"
+    assert main(["compile", "--recipe", str(out), "--out", str(bundle), "--no-bench"]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["passes"][-1]["metrics"]["mean_cosine"] >= 0.9
+    # a second tune on this host reads the timings back from the cache
+    capsys.readouterr()
+    assert _tune(tmp_path, tiny_bert_dir, out, "--structures", "1x64", "--overwrite", "--no-verify") == 0
+    again = json.loads((out.parent / "tune.json").read_text())
+    assert again["profile"]["measured"] == 0 and again["profile"]["reused"] > 0
+
+
+def test_tune_never_writes_over_the_users_files(
+    tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys
+) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: my own recipe\n")
+    assert _tune(tmp_path, tiny_bert_dir, mine, "--structures", "none") == 2
+    assert mine.read_text() == "name: my own recipe\n"
+    assert "not a recipe compressor tune wrote" in capsys.readouterr().err
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "tune.json").write_text('{"mine": true}')
+    assert _tune(tmp_path, tiny_bert_dir, folder / "tuned.yaml", "--structures", "none") == 2
+    assert (folder / "tune.json").read_text() == '{"mine": true}'
+    assert not (folder / "tuned.yaml").exists()
+    assert not cache.exists()  # refused before any timing
+
+
+def test_bad_budgets_are_one_line_errors(tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys) -> None:
+    for budget, words in (("cosine 0.9", "METRIC>=VALUE"), ("perplexity_ratio>=1.1", "mean_cosine budgets"),
+                          ("mean_cosine>=1.5", "not in (0, 1)")):  # fmt: skip
+        code = main(
+            ["tune", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "x.yaml"), "--budget", budget]
+        )
+        assert code == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
