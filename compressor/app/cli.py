@@ -20,24 +20,13 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from compressor.app.bench_outputs import check_bench_outputs, write_atomic
+from compressor.app.defaults import DEFAULT_GPU_RECIPE, DEFAULT_RECIPE, default_recipe
 from compressor.app.info_commands import cmd_kernels, cmd_passes, cmd_recipe, cmd_targets
 from compressor.app.tune.cli import add_tune, add_tune_arguments
 from compressor.errors import CompressorError
 
 if TYPE_CHECKING:
     from compressor.recipe import Recipe
-
-DEFAULT_RECIPE = "minilm-cpu-int8"  # target cpu (and no --target)
-DEFAULT_GPU_RECIPE = "minilm-gpu-int8"  # --target a100 | h100 | orin: Q/DQ ONNX, TensorRT script, Triton
-
-
-def default_recipe(target: str | None) -> str:
-    """The shipped recipe `compile` runs without --recipe: what ``target`` deploys."""
-    if target is None:
-        return DEFAULT_RECIPE
-    from compressor.targets import get_target
-
-    return DEFAULT_GPU_RECIPE if get_target(target).device == "cuda" else DEFAULT_RECIPE
 
 
 def _int_list(text: str) -> tuple[int, ...]:

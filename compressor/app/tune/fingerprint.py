@@ -55,6 +55,8 @@ class HostFingerprint:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
+        if self.device != "cpu":
+            return f"{self.device}: {self.cpu}, {self.engine}"
         isa = " ".join(self.isa) or "no known GEMM flags"
         return f"{self.cpu} ({isa}), {self.engine}, {self.threads} thread(s)"
 

@@ -246,6 +246,8 @@ def profile_linears(
             have = profile.linears.get(key, {})
             if "float" in have and all(f.name in have for f in forms):
                 profile.reused += 1
+                if on_step is not None:
+                    on_step(f"reused {key}")
             else:
                 if on_step is not None:
                     on_step(f"timing {key}: {', '.join(f.name for f in forms)}")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from compressor.adapters import make_adapter
+from compressor.app.defaults import default_recipe
 from compressor.app.tune.forms import FORMS
 from compressor.app.tune.measure import MeasureSteps, linear_shapes
 from compressor.app.tune.options import ORIGINAL, Budget, TuneOptions, TuneResult
@@ -51,6 +52,7 @@ from compressor.app.tune.search import (
     Structure,
     choose,
     drop_slower_forms,
+    extrapolate_recovery,
     merge_fronts,
     pareto_front,
 )
@@ -82,7 +84,7 @@ class Tuner(MeasureSteps, VerifySteps):
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
-        base = load_recipe(opts.recipe or _default_recipe(opts.target))
+        base = load_recipe(opts.recipe or default_recipe(opts.target))
         base = base.with_target(opts.target)
         if opts.model:
             base = base.with_model(opts.model)
@@ -106,6 +108,13 @@ class Tuner(MeasureSteps, VerifySteps):
         recipe = self.base
         self.stage(f"loading {recipe.model.source} and building calibration / training / held-out data")
         self.adapter = make_adapter(recipe.model.adapter, recipe.model.source)
+        headline = getattr(type(self.adapter), "headline", None)
+        if headline is None or headline.key != self.opts.budget.metric:
+            raise CompressorError(
+                f"tune: --budget {self.opts.budget.text} needs a model whose fidelity is {self.opts.budget.metric}; "
+                f"the {self.adapter.name} adapter's is {getattr(headline, 'key', 'not declared')} "
+                "(tune handles sentence encoders so far)"
+            )
         if self.adapter.bench_inputs() is None:
             raise CompressorError(f"tune: the {self.adapter.name} adapter declares no bench inputs to time")
         torch.manual_seed(recipe.seed)
@@ -120,38 +129,29 @@ class Tuner(MeasureSteps, VerifySteps):
         self._mark("load", t)
 
     # -- profile --
-    def probe_structure(self, layers: int, ffn: int, work: Path) -> tuple[nn.Module, float]:
-        """Prune to the shape with activation importance, recover ``probe_steps``, and score
-        the result on the calibration data."""
+    def probe_structure(self, layers: int, ffn: int, work: Path) -> tuple[nn.Module, float, dict[str, float]]:
+        """Prune to the shape with activation importance and recover ``probe_steps`` in two
+        halves, scoring the calibration fidelity after each; the fidelity the full recovery
+        (``recover_steps``) should reach is extrapolated from the two
+        (``search.extrapolate_recovery``). Returns the probed model, that estimate and the
+        probe's own scores."""
         from compressor.api import compress
 
-        recipe = self._recipe(
-            [
-                {
-                    "pass": "prune",
-                    "layers": layers,
-                    "ffn": ffn,
-                    "ffn_multiple_of": 64,
-                    "recover": {
-                        "steps": self.opts.probe_steps,
-                        "lr": 1.0e-3,
-                        "warmup_steps": max(1, self.opts.probe_steps // 10),
-                    },
-                }
-            ],
-            f"probe-{layers}x{ffn}",
-        )
-        c = compress(
-            recipe,
-            model=copy.deepcopy(self.model),
-            adapter=self.adapter,
-            data=self.data,
-            teacher=self.teacher,
-            work_dir=work,
-            progress=self.progress,
-            measure=False,
-        )
-        return c.model.eval(), self.probe.fidelity(c.model)
+        half = max(1, self.opts.probe_steps // 2)
+        recover = {"steps": half, "lr": 1.0e-3, "warmup_steps": max(1, half // 10)}
+        prune = {"pass": "prune", "layers": layers, "ffn": ffn, "ffn_multiple_of": 64, "recover": recover}
+        scores: dict[str, float] = {}
+        model = copy.deepcopy(self.model)
+        for i, passes in enumerate(([prune], [{"pass": "distill", **recover, "lr": 5.0e-4}])):
+            c = compress(
+                self._recipe(passes, f"probe-{layers}x{ffn}-{i}"), model=model, adapter=self.adapter,
+                data=self.data, teacher=self.teacher, work_dir=work, progress=self.progress, measure=False,
+            )  # fmt: skip
+            model = c.model.eval()
+            scores[f"after_{half * (i + 1)}_steps"] = round(self.probe.fidelity(model), 6)
+        f_half, f_full = scores[f"after_{half}_steps"], scores[f"after_{2 * half}_steps"]
+        estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps)
+        return model, estimate, scores
 
     def _recipe(self, passes: list[dict[str, Any]], name: str, floor: float | None = None) -> Recipe:
         base = self.base.to_dict()
@@ -223,11 +223,13 @@ class Tuner(MeasureSteps, VerifySteps):
         layers, ffn = (int(x) for x in name.split("x"))
         self.stage(f"probe {name}: prune + {opts.probe_steps} recovery steps")
         tp = time.monotonic()
-        model, fid = self.probe_structure(layers, ffn, work)
-        rec.update(probe_seconds=round(time.monotonic() - tp, 1), probe_fidelity=round(fid, 6))
+        model, fid, scores = self.probe_structure(layers, ffn, work)
+        rec.update(probe_seconds=round(time.monotonic() - tp, 1), probe=scores, probe_fidelity=round(fid, 6))
         self._prunes[name] = {"layers": layers, "ffn": ffn}
         if fid < opts.budget.value:
-            rec["skipped"] = f"probe fidelity {fid:.5f} is under the budget {opts.budget.value}"
+            rec["skipped"] = (
+                f"probe fidelity {fid:.5f} (extrapolated to {opts.recover_steps} steps) is under the budget {opts.budget.value}"
+            )
             return None
         return model, fid
 
@@ -292,14 +294,29 @@ class Tuner(MeasureSteps, VerifySteps):
                 self.notes.append(f"no plan reaches {opts.budget.text} by the estimates")
             else:
                 result.recipe = self.recipe_of(chosen)
-                if opts.verify and not prof.estimated:
+                self.check_recipe(result.recipe)
+                if opts.verify and not prof.estimated and not self.on_gpu:
                     self.verify_loop(result, front, work)
                 elif opts.verify:
+                    why = (
+                        "the latencies are estimates and the engine is not on this host"
+                        if prof.estimated
+                        else "compile the recipe and time it with compressor bench BUNDLE --device cuda"
+                    )
+                    self.notes.append(f"not verified here: {why}")
+                if set(chosen.forms.values()) == {"float"}:
                     self.notes.append(
-                        "not verified: the latencies are estimates and the engine is not on this host"
+                        "no compressed form pays on this engine at these shapes: every layer stays float"
                     )
         result.timings["total"] = round(self.elapsed(), 1)
         return result
+
+    def check_recipe(self, recipe: dict[str, Any]) -> None:
+        """The written recipe passes ``compressor compile``'s whole plan check (every pass and
+        export on this model and target), or the tune fails here, before anything is written."""
+        from compressor.app.compile import plan
+
+        plan(parse_recipe(recipe, source=f"tune --out ({self.opts.name})"), self.adapter, self.model)
 
     def recipe_of(self, plan: Plan) -> dict[str, Any]:
         base = {k: v for k, v in self.base.to_dict().items()}
@@ -317,12 +334,6 @@ class Tuner(MeasureSteps, VerifySteps):
             recover_steps=self.opts.recover_steps,
             qad_steps=self.opts.qad_steps,
         )
-
-
-def _default_recipe(target: str) -> str:
-    from compressor.app.cli import default_recipe
-
-    return default_recipe(target)
 
 
 def tune(

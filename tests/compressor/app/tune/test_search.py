@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -153,3 +154,16 @@ def test_sparse_int8_must_beat_plain_int8_not_just_float() -> None:
     assert kept == {"a": {"float", "int8"}, "b": {"float", "int8", "2:4+int8"}}
     assert [(r.layer, r.form) for r in rejected] == [("a", "2:4+int8")]
     assert "than int8" in rejected[0].why
+
+
+def test_recovery_is_extrapolated_as_a_power_law_and_never_below_the_probe() -> None:
+    from compressor.app.tune.search import extrapolate_recovery
+
+    # loss 0.08 -> 0.04 over 50 -> 100 steps: k = 1, so 1000 steps leave 0.004
+    assert extrapolate_recovery(0.92, 0.96, 100, 1000) == pytest.approx(0.996)
+    # loss 0.05 -> 0.04: k = log2(1.25) ~ 0.32; 800 steps: 0.04 * 8^-0.32 ~ 0.0205
+    assert extrapolate_recovery(0.95, 0.96, 100, 800) == pytest.approx(1 - 0.04 * 8 ** -math.log2(1.25))
+    assert extrapolate_recovery(0.96, 0.95, 100, 1000) == 0.95  # got worse: no gain predicted
+    assert extrapolate_recovery(0.90, 0.96, 100, 100) == 0.96  # nothing left to extrapolate
+    # a loss falling faster than 1/t is not extrapolated faster than 1/t
+    assert extrapolate_recovery(0.80, 0.96, 100, 1000) == pytest.approx(1 - 0.04 / 10)

@@ -105,3 +105,69 @@ def test_bad_budgets_are_one_line_errors(tiny_bert_dir: Path, tmp_path: Path, ca
         assert code == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_tune_runs_the_search_inside_a_compile(
+    tiny_bert_dir: Path, tmp_path: Path, cache: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    code = main(
+        ["compile", "--tune", "--recipe", str(_base(tmp_path, tiny_bert_dir)), "--budget", "mean_cosine>=0.9",
+         "--batch", "2,8", "--seq-len", "32", "--threads", "1", "--structures", "none", "--out", str(bundle),
+         "--no-bench"]
+    )  # fmt: skip
+    assert code == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["recipe"]["evaluation"]["min_mean_cosine"] == 0.9
+    assert [p["pass"] for p in manifest["recipe"]["passes"]][-1] == "distill"
+    quantized = [p for p in manifest["recipe"]["passes"] if p["pass"] == "quantize"]
+    assert quantized and all(p["targets"] for p in quantized)
+    assert manifest["passes"][-1]["metrics"]["mean_cosine"] >= 0.9
+
+
+def test_compile_tune_needs_a_budget(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["compile", "--tune", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "b")]) == 2
+    assert "needs --budget" in capsys.readouterr().err
+
+
+def test_a_gpu_target_without_its_gpu_is_estimated_and_says_so(
+    tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys
+) -> None:
+    out = tmp_path / "gpu" / "tuned.yaml"
+    code = main(
+        ["tune", "--target", "h100", "--model", str(tiny_bert_dir), "--out", str(out), "--budget", "mean_cosine>=0.9",
+         "--batch", "2,8", "--seq-len", "32", "--structures", "none"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ESTIMATED" in printed and "not verified here" in printed
+    record = json.loads((out.parent / "tune.json").read_text())
+    assert record["latency"] == "estimated" and record["verifications"] == []
+    assert record["fingerprint"]["device"] == "h100"
+    assert "ESTIMATED" in out.read_text().splitlines()[2]
+    assert not cache.exists()  # an estimate is never cached as a measurement
+    # the recipe it wrote is one `compressor compile` accepts for the h100
+    from compressor.app.compile import plan
+    from compressor.recipe import load_recipe
+
+    plan(load_recipe(out))
+
+
+def test_a_model_without_a_mean_cosine_is_refused_by_name(
+    tiny_llama_dir: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(
+        [
+            "tune",
+            "--model",
+            str(tiny_llama_dir),
+            "--out",
+            str(tmp_path / "t.yaml"),
+            "--budget",
+            "mean_cosine>=0.9",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "hf-causal-lm" in err and "sentence encoders" in err
+    assert not (tmp_path / "t.yaml").exists()
