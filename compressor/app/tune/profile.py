@@ -251,9 +251,27 @@ def profile_linears(
             else:
                 if on_step is not None:
                     on_step(f"timing {key}: {', '.join(f.name for f in forms)}")
-                profile.linears[key] = {**have, **timer(k, n, b, s, forms, profile.fingerprint.threads)}
+                profile.linears[key] = {
+                    **have,
+                    **_steady(timer, k, n, b, s, forms, profile.fingerprint.threads),
+                }
                 profile.measured += 1
                 profile.save()
+
+
+RETIME_NOISE = 0.04
+"""A rotation whose float twin strays more than this from float is timed again (once)."""
+
+
+def _steady(timer: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
+    """``timer(*args)``, repeated once when its control says the host was noisy during it;
+    the rotation whose control strayed least is kept."""
+    best = timer(*args)
+    if abs(best.get(f"{CONTROL}/ratio", 1.0) - 1.0) > RETIME_NOISE:
+        again = timer(*args)
+        if abs(again.get(f"{CONTROL}/ratio", 1.0) - 1.0) < abs(best[f"{CONTROL}/ratio"] - 1.0):
+            best = again
+    return best
 
 
 def block_key(signature: str, batch: int, seq: int) -> str:

@@ -104,3 +104,18 @@ def test_legal_forms_follow_the_target_and_the_shape() -> None:
     assert [f.name for f in legal_forms(get_target("cpu"), 96)] == [
         n for n in FORMS if n not in ("int4_g64", "int4_g128")
     ]
+
+
+def test_a_rotation_the_control_calls_noisy_is_timed_again(tmp_path: Path) -> None:
+    calls = []
+
+    def timer(k, n, b, s, forms, threads) -> dict[str, float]:
+        calls.append(1)
+        noisy = len(calls) == 1
+        return {"float": 10.0, "float/ratio": 1.0, "float_twin/ratio": 1.2 if noisy else 1.01,
+                "int8": 7.0, "int8/ratio": 1.1 if noisy else 0.7}  # fmt: skip
+
+    prof = load_profile(HOST, tmp_path)
+    profile_linears(prof, [(384, 384)], [(32, 128)], _forms, timer=timer)
+    assert len(calls) == 2
+    assert prof.ratio(384, 384, 32, 128, "int8") == pytest.approx(0.7)
