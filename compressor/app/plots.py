@@ -125,20 +125,24 @@ def line_chart(
     return "".join(out)
 
 
+def _linear_axes(points: Sequence[tuple[float, float]], title: str, xlabel: str, ylabel: str):
+    """The frame and ticks of linear axes padded around ``points``, and their scales."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.1, (max(ys) - min(ys)) * 0.1 or 0.001
+    xlo, xhi, ylo, yhi = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
+    fx = _scale(xlo, xhi, False, LEFT, WIDTH - RIGHT)
+    fy = _scale(ylo, yhi, False, HEIGHT - BOTTOM, TOP)
+    ticks = _ticks(_nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi), fx, fy, linear=True)
+    return fx, fy, _frame(title, xlabel, ylabel) + ticks
+
+
 def scatter_chart(points: Mapping[str, tuple[float, float]], title: str, xlabel: str, ylabel: str) -> str:
     """One labelled point per entry, linear axes padded around the data, under a visible ``title``."""
     if not title.strip():
         raise ValueError("scatter_chart: every chart needs a title")
     if not points:
         return ""
-    xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
-    xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.1, (max(ys) - min(ys)) * 0.1 or 0.001
-    xlo, xhi, ylo, yhi = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
-    fx = _scale(xlo, xhi, False, LEFT, WIDTH - RIGHT)
-    fy = _scale(ylo, yhi, False, HEIGHT - BOTTOM, TOP)
-    out = _frame(title, xlabel, ylabel) + _ticks(
-        _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi), fx, fy, linear=True
-    )
+    fx, fy, out = _linear_axes(list(points.values()), title, xlabel, ylabel)
     for i, (name, (x, y)) in enumerate(points.items()):
         color = COLORS[i % len(COLORS)]
         out.append(f"<circle cx='{fx(x):.1f}' cy='{fy(y):.1f}' r='5' fill='{color}'/>")
@@ -157,14 +161,7 @@ def series_scatter(
     points = [p for pts in series.values() for p in pts]
     if not points:
         return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.1, (max(ys) - min(ys)) * 0.1 or 0.001
-    xlo, xhi, ylo, yhi = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
-    fx = _scale(xlo, xhi, False, LEFT, WIDTH - RIGHT)
-    fy = _scale(ylo, yhi, False, HEIGHT - BOTTOM, TOP)
-    out = _frame(title, xlabel, ylabel) + _ticks(
-        _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi), fx, fy, linear=True
-    )
+    fx, fy, out = _linear_axes(points, title, xlabel, ylabel)
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         out += [f"<circle cx='{fx(x):.1f}' cy='{fy(y):.1f}' r='4' fill='{color}'/>" for x, y in pts]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.app.tune.fingerprint import HostFingerprint, cpu_fingerprint
 from compressor.app.tune.forms import legal_forms
-from compressor.app.tune.options import ORIGINAL, TuneOptions
+from compressor.app.tune.options import ORIGINAL
 from compressor.app.tune.profile import (
     CONTROL,
     EngineProfile,
@@ -32,9 +32,9 @@ from compressor.app.tune.profile import (
     time_models_onnx,
 )
 from compressor.app.tune.roofline import RooflineProfile
-from compressor.app.tune.sensitivity import SensitivityProbe
+from compressor.app.tune.state import TunerState
 from compressor.errors import CompressorError
-from compressor.progress import ProgressSetting, progress_bar
+from compressor.progress import progress_bar
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import Target
 
@@ -90,28 +90,8 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 # ---- the tuner -------------------------------------------------------------------------------
 
 
-class MeasureSteps:
+class MeasureSteps(TunerState):
     """The measuring half of ``Tuner`` (the attributes are the tuner's)."""
-
-    opts: TuneOptions
-    target: Target
-    adapter: ModelAdapter
-    model: nn.Module
-    teacher: nn.Module
-    data: DataSplits
-    base: Recipe
-    progress: ProgressSetting
-    stage: Callable[[str], None]
-    notes: list[str]
-    timings: dict[str, float]
-    signatures: dict[str, str]
-    probe: SensitivityProbe
-    _prunes: dict[str, dict[str, int]]
-    on_gpu: bool
-    structures: list[dict[str, Any]]
-
-    def _mark(self, what: str, since: float) -> None:
-        self.timings[what] = round(time.monotonic() - since, 1)
 
     def fingerprint(self) -> HostFingerprint:
         if self.target.device == "cpu":

@@ -100,9 +100,6 @@ class Tuner(MeasureSteps, VerifySteps):
     def out_of_time(self) -> bool:
         return self.elapsed() > self.opts.time_limit_s
 
-    def _mark(self, what: str, since: float) -> None:
-        self.timings[what] = round(time.monotonic() - since, 1)
-
     def load(self) -> None:
         t = time.monotonic()
         recipe = self.base

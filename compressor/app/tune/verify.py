@@ -12,46 +12,23 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from compressor.adapters.base import DataSplits, ModelAdapter
-from compressor.app.tune.options import TuneOptions, TuneResult, Verification
+from compressor.app.tune.options import TuneResult, Verification
 from compressor.app.tune.search import (
     Plan,
     choose,
 )
-from compressor.app.tune.sensitivity import SensitivityProbe
-from compressor.progress import ProgressSetting
-from compressor.recipe import Recipe, parse_recipe
-from compressor.targets import Target
+from compressor.app.tune.state import TunerState
+from compressor.recipe import parse_recipe
 
 log = logging.getLogger(__name__)
 
 
-class VerifySteps:
+class VerifySteps(TunerState):
     """The verifying half of ``Tuner`` (the attributes are the tuner's)."""
-
-    opts: TuneOptions
-    target: Target
-    adapter: ModelAdapter
-    model: nn.Module
-    teacher: nn.Module
-    data: DataSplits
-    base: Recipe
-    progress: ProgressSetting
-    stage: Callable[[str], None]
-    notes: list[str]
-    timings: dict[str, float]
-    signatures: dict[str, str]
-    probe: SensitivityProbe
-    _prunes: dict[str, dict[str, int]]
-
-    def _mark(self, what: str, since: float) -> None:
-        self.timings[what] = round(time.monotonic() - since, 1)
 
     def recipe_of(self, plan: Plan) -> dict[str, Any]:
         raise NotImplementedError  # Tuner's

@@ -1,0 +1,44 @@
+"""What the tuner's steps share: the model, data and options a ``Tuner`` holds while it runs.
+
+``MeasureSteps`` and ``VerifySteps`` are the two halves of ``Tuner`` kept in their own
+modules; both read these attributes, which ``Tuner`` sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.app.tune.options import TuneOptions
+from compressor.app.tune.sensitivity import SensitivityProbe
+from compressor.progress import ProgressSetting
+from compressor.recipe import Recipe
+from compressor.targets import Target
+
+
+class TunerState:
+    """The attributes a ``Tuner`` holds (set by ``Tuner.__init__``, ``load`` and ``run``)."""
+
+    opts: TuneOptions
+    target: Target
+    adapter: ModelAdapter
+    model: nn.Module
+    teacher: nn.Module
+    data: DataSplits
+    base: Recipe
+    progress: ProgressSetting
+    stage: Callable[[str], None]
+    notes: list[str]
+    timings: dict[str, float]
+    signatures: dict[str, str]
+    probe: SensitivityProbe
+    _prunes: dict[str, dict[str, int]]
+    on_gpu: bool
+    structures: list[dict[str, Any]]
+
+    def _mark(self, what: str, since: float) -> None:
+        self.timings[what] = round(time.monotonic() - since, 1)
