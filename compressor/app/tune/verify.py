@@ -61,7 +61,8 @@ class VerifySteps(TunerState):
                     None,
                 )
             self.notes.append(
-                f"plan {plan.structure} {plan.counts()} measured {v.fidelity}{v.where}, under {self.opts.budget.text}: "
+                f"plan {plan.structure} {plan.counts()} measured {v.fidelity or 0.0:.5f}{v.where}, under "
+                f"{self.opts.budget.text}: "
                 + ("stepping back along the front" if nxt is not None else "no plan left on the front")
             )
             plan = nxt
@@ -82,9 +83,12 @@ class VerifySteps(TunerState):
         recipe_dict["evaluation"] = {**recipe_dict["evaluation"], "run_bench": False}
         recipe_dict["evaluation"].pop("min_mean_cosine", None)
         recipe = parse_recipe(recipe_dict, source=self.base.source)
+        # the data the written recipe names, built as its compile will build it (a pruned plan
+        # trains on more texts than the probes did): the verification is that compile
+        data = self.data if recipe.data == self.base.data else None
         c = apply_recipe(
             recipe, self.adapter, work, self.progress, self.stage, model=copy.deepcopy(self.model),
-            data=self.data, teacher=self.teacher,
+            data=data, teacher=self.teacher,
         )  # fmt: skip
         metrics = {k: float(v) for k, v in c.metrics.items() if isinstance(v, int | float)}
         gate = gates(EvaluationSpec(min_mean_cosine=self.opts.budget.value), self.adapter)[0]
