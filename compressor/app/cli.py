@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from compressor.app.arguments import int_list
 from compressor.app.bench_outputs import check_bench_outputs, write_atomic
 from compressor.app.defaults import DEFAULT_GPU_RECIPE, DEFAULT_RECIPE, default_recipe
 from compressor.app.info_commands import cmd_kernels, cmd_passes, cmd_recipe, cmd_targets
@@ -27,16 +28,6 @@ from compressor.errors import CompressorError
 
 if TYPE_CHECKING:
     from compressor.recipe import Recipe
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
-    return values
 
 
 def _load(args: argparse.Namespace) -> Recipe:
@@ -277,7 +268,7 @@ def _add_bench(sub: Subparsers) -> None:
         "a comma list of ort_fp32, torch_original, ort, ort_qdq, torch_eager, torch_compile, aoti, "
         "native, tensorrt",
     )
-    b.add_argument("--batch", type=_int_list, default=(1, 32), help="batch sizes, e.g. 1,8,32")
+    b.add_argument("--batch", type=int_list, default=(1, 32), help="batch sizes, e.g. 1,8,32")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--warmup", type=int, default=3)

@@ -82,7 +82,8 @@ class Compressed:
         return dict(self.results[-1].metrics)
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with no parameter that trains: a teacher."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -121,7 +122,7 @@ def apply_recipe(
     stage(f"planning {recipe.name} for target {recipe.target}")
     target, adapter, model, passes, exporters = plan(recipe, adapter, model)
     if teacher is None:
-        teacher = _frozen_copy(model)
+        teacher = frozen_copy(model)
     if data is None:
         stage("building calibration / training / held-out data")
         data = adapter.make_data(recipe.data, recipe.seed)

@@ -144,7 +144,10 @@ def dedupe_initializers_(model) -> int:
     return len(rename)
 
 
-def ort_session(path: Path, threads: int = 0):
+def ort_session(path: Path, threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session. ``spinning`` False makes its worker threads sleep between
+    runs: where several sessions are timed in turns, the one just run would otherwise spin on
+    the cores the next one is timed on."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -152,6 +155,8 @@ def ort_session(path: Path, threads: int = 0):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -17,19 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compressor.app.arguments import int_list
 from compressor.errors import CompressorError
 
 TUNE_FILES = ("tune-report.html", "tune.json")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise CompressorError(f"{text!r}: expected comma-separated integers, e.g. 1,32") from None
-    if not values or min(values) < 1:
-        raise CompressorError(f"{text!r}: expected positive integers, e.g. 1,32")
-    return values
 
 
 def parse_duration(text: str) -> float:
@@ -113,7 +104,7 @@ def options_from_args(args: argparse.Namespace, name: str) -> Any:
         target=args.target or "cpu",
         recipe=getattr(args, "recipe", None),
         model=None if args.model in (None, "default") else args.model,
-        batches=_int_list(args.batch),
+        batches=tuple(args.batch),
         seq_len=args.seq_len,
         threads=args.threads,
         time_limit_s=parse_duration(args.time),
@@ -190,7 +181,10 @@ def add_tune_arguments(p: argparse.ArgumentParser, compile_flags: bool = False) 
         help='the fidelity floor on held-out data, e.g. "mean_cosine>=0.97"',
     )
     p.add_argument(
-        "--batch", default="1,32", help="batch sizes to tune for (the largest is minimised; default 1,32)"
+        "--batch",
+        type=int_list,
+        default=(1, 32),
+        help="batch sizes to tune for (the largest is minimised; default 1,32)",
     )
     p.add_argument(
         "--seq-len", type=int, default=128, help="sequence length of the tuned shapes (default 128)"

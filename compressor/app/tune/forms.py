@@ -66,6 +66,11 @@ class LayerForm:
     def is_float(self) -> bool:
         return self.precision == "fp32" and not self.sparse24
 
+    @property
+    def int8_scheme(self) -> str | None:
+        """The activation scheme of a dense int8 form (what ``quantize_linears_`` takes)."""
+        return self.quantize.get("activations") if self.precision == "int8" and not self.sparse24 else None
+
 
 def _float(linear: nn.Linear, amax: torch.Tensor | None) -> nn.Module:
     return linear

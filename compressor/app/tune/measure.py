@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.adapters.base import DataSplits, ModelAdapter
 from compressor.app.tune.fingerprint import HostFingerprint, cpu_fingerprint
-from compressor.app.tune.forms import legal_forms
+from compressor.app.tune.forms import FORMS, legal_forms
 from compressor.app.tune.options import ORIGINAL
 from compressor.app.tune.profile import (
     CONTROL,
@@ -29,6 +29,7 @@ from compressor.app.tune.profile import (
     load_profile,
     model_signature,
     profile_linears,
+    time_linear_forms,
     time_models_onnx,
 )
 from compressor.app.tune.roofline import RooflineProfile
@@ -106,7 +107,7 @@ class MeasureSteps(TunerState):
         from compressor.app.tune.cuda_profile import cuda_fingerprint, cuda_matches, time_linear_forms_cuda
 
         if self.target.device == "cpu":
-            return load_profile(self.fingerprint(), self.opts.cache), _cpu_timer
+            return load_profile(self.fingerprint(), self.opts.cache), time_linear_forms
         if cuda_matches(self.target):
             self.on_gpu = True
             return load_profile(cuda_fingerprint(), self.opts.cache), time_linear_forms_cuda
@@ -180,21 +181,13 @@ class MeasureSteps(TunerState):
                 res = time_models_cuda(shapes, inputs.timing(b, s), ORIGINAL)
             else:
                 self.stage(f"timing {len(shapes)} whole float models at {b}x{s} in ONNX Runtime")
-                files = {n: self._export_float(m, work / f"block-{n}.onnx") for n, m in shapes.items()}
+                files = {n: self.export_onnx(m, work / f"block-{n}.onnx") for n, m in shapes.items()}
                 feed = {k: v.numpy() for k, v in inputs.timing(b, s).items()}
                 res = time_models_onnx(files, feed, self.opts.threads, ORIGINAL)
             for n in shapes:
                 prof.blocks[key(n, b, s)] = {"ms": res[n], "ratio": res[f"{n}/ratio"]}
             prof.measured += len(shapes)
             prof.save()
-
-    def _export_float(self, model: nn.Module, path: Path) -> Path:
-        from compressor.exporters.onnx.onnx import export_onnx
-
-        example = self.adapter.verification_cases(self.data.eval[0], (2,), (16,))[0]
-        spec = self.adapter.export_spec(model, example)
-        export_onnx(spec.module, spec, path, 17)
-        return path
 
     def structure_ms(self, prof: EngineProfile, name: str) -> tuple[float, float]:
         """A structure's float latency at the primary shape, from the ratio to the original
@@ -272,9 +265,8 @@ class MeasureSteps(TunerState):
                 ffn = p.config.ffn if isinstance(p.config.ffn, int) else a.intermediate_size
                 shape = structure_name(layers, ffn)
             if p.name == "quantize":
-                forms = {"dynamic_per_token": "int8_per_token", "static_per_tensor": "int8_static"}.get(
-                    getattr(p.config, "activations", ""), "int8"
-                )
+                act = getattr(p.config, "activations", "")
+                forms = next((f.name for f in FORMS.values() if f.int8_scheme == act), "int8")
         if shape not in self.signatures or shape not in models:
             return {}
         model = models[shape]
@@ -299,9 +291,3 @@ class MeasureSteps(TunerState):
             "fidelity": round(fidelity, 6),
             "note": f"every costed layer {forms}, predicted and estimated like the front (the recipe's float layers not modelled)",
         }
-
-
-def _cpu_timer(k: int, n: int, b: int, s: int, forms: Sequence[Any], threads: int) -> dict[str, float]:
-    from compressor.app.tune.profile import time_linear_forms
-
-    return time_linear_forms(k, n, b, s, forms, threads, turns=15)

@@ -4,9 +4,9 @@ A layer form is timed as a one-layer ONNX graph (our kernels' module, lowered by
 ``onnx`` exporter's own path, so the graph is the one a bundle ships: ``MatMulInteger``
 with uint8 activations for int8, ``MatMulNBits`` for int4, a masked ``MatMul`` for 2:4)
 on the real input shape ``[batch, seq, in_features]``, in ONNX Runtime with the bundle's
-thread count. Every form of one shape runs in one rotation with its float twin
-(``compressor.app.timing.time_side_by_side``), so the ratio form / float survives a noisy
-host. A block shape (the model pruned to a depth and FFN width) is timed as the whole
+thread count. Every form of one shape runs in one rotation with its float twin and a
+second float copy, the control (``time_in_turns``); the ratio form / float is the median of
+per-turn pairs, so it survives a noisy host, and the control's ratio is the noise floor. A block shape (the model pruned to a depth and FFN width) is timed as the whole
 float model, in rotation with the unpruned one.
 
 Timings are cached in one JSON file per host fingerprint (``fingerprint.HostFingerprint``)
@@ -128,17 +128,10 @@ def load_profile(fingerprint: HostFingerprint, folder: Path | None = None) -> En
 
 
 def _ort_session(path: Path, threads: int):
-    """An ONNX Runtime CPU session whose worker threads sleep between runs: a rotation holds
-    a dozen sessions, and the ones just run would otherwise spin on the cores the next one
-    is timed on."""
-    import onnxruntime as ort
+    """A session that does not spin between runs: a rotation holds a dozen of them."""
+    from compressor.exporters.onnx.onnx import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads, spinning=False)
 
 
 def export_layer_onnx(module: nn.Module, in_features: int, path: Path) -> None:
@@ -199,7 +192,7 @@ def time_linear_forms(
     forms: Sequence[LayerForm],
     threads: int,
     warmup: int = 2,
-    turns: int = 9,
+    turns: int = 15,
     seed: int = 0,
 ) -> dict[str, float]:
     """A ``k -> n`` layer in each of ``forms``, in float, and in float again (``float_twin``,

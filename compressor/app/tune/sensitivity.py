@@ -20,15 +20,8 @@ from torch import nn
 
 from compressor.adapters.base import Batch, ModelAdapter
 from compressor.app.tune.forms import FORMS
-from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import get_linear, set_module
 from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine, quantize_linears_
-
-INT8_SCHEMES = {
-    "int8": "dynamic_per_tensor",
-    "int8_per_token": "dynamic_per_token",
-    "int8_static": "static_per_tensor",
-}
 
 
 class SensitivityProbe:
@@ -54,12 +47,9 @@ class SensitivityProbe:
         """A copy of ``model`` with layer ``name`` alone in ``form``."""
         m = copy.deepcopy(model).eval()
         f = FORMS[form]
-        if form in INT8_SCHEMES:
+        if f.int8_scheme is not None:
             groups = [g for g in self.adapter.smooth_groups(m) if name in g.linears]
-            quantize_linears_(m, [name], INT8_SCHEMES[form], groups, dict(stats), self.alpha, False)
-        elif form == "2:4+int8":
-            sparse = FORMS["2:4"].build(get_linear(m, name), None)
-            set_module(m, name, Int8Linear.from_linear(sparse, "dynamic_per_tensor"))
+            quantize_linears_(m, [name], f.int8_scheme, groups, dict(stats), self.alpha, False)
         else:
             set_module(m, name, f.build(get_linear(m, name), None))
         return m

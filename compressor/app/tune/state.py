@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -42,3 +43,12 @@ class TunerState:
 
     def _mark(self, what: str, since: float) -> None:
         self.timings[what] = round(time.monotonic() - since, 1)
+
+    def export_onnx(self, model: nn.Module, path: Path) -> Path:
+        """``model`` as the ``onnx`` exporter traces it (its fused graph, its int8 rewrites)."""
+        from compressor.exporters.onnx.onnx import export_onnx
+
+        example = self.adapter.verification_cases(self.data.eval[0], (2,), (16,))[0]
+        spec = self.adapter.export_spec(model, example)
+        export_onnx(spec.module, spec, path, 17)
+        return path

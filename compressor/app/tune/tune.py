@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from compressor.adapters import make_adapter
+from compressor.app.compile import frozen_copy
 from compressor.app.defaults import default_recipe
 from compressor.app.tune.forms import FORMS
 from compressor.app.tune.measure import MeasureSteps, linear_shapes
@@ -116,9 +117,7 @@ class Tuner(MeasureSteps, VerifySteps):
             raise CompressorError(f"tune: the {self.adapter.name} adapter declares no bench inputs to time")
         torch.manual_seed(recipe.seed)
         self.model = self.adapter.load(recipe.model.source).eval()
-        self.teacher = copy.deepcopy(self.model).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = frozen_copy(self.model)
         self.data = self.adapter.make_data(recipe.data, recipe.seed)
         self.probe = SensitivityProbe(
             self.adapter, self.teacher, self.data.calibration[: self.opts.calibration_batches]
@@ -150,12 +149,15 @@ class Tuner(MeasureSteps, VerifySteps):
         estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps)
         return model, estimate, scores
 
-    def _recipe(self, passes: list[dict[str, Any]], name: str, floor: float | None = None) -> Recipe:
+    def _base_dict(self) -> dict[str, Any]:
+        """The base recipe as a dict, its unset data options left out."""
         base = self.base.to_dict()
-        data = {k: v for k, v in base["data"].items() if v is not None}
-        ev = {"bench": base["evaluation"]["bench"], "run_bench": False}
-        if floor is not None:
-            ev["min_mean_cosine"] = floor
+        base["data"] = {k: v for k, v in base["data"].items() if v is not None}
+        return base
+
+    def _recipe(self, passes: list[dict[str, Any]], name: str) -> Recipe:
+        """A probe's recipe: the base's model, data and exports with ``passes``, unbenched."""
+        base = self._base_dict()
         return parse_recipe(
             {
                 "name": name,
@@ -163,10 +165,10 @@ class Tuner(MeasureSteps, VerifySteps):
                 "model": base["model"],
                 "target": base["target"],
                 "seed": base["seed"],
-                "data": data,
+                "data": base["data"],
                 "passes": passes,
                 "exports": base["exports"],
-                "evaluation": ev,
+                "evaluation": {"bench": base["evaluation"]["bench"], "run_bench": False},
             },
             source=self.base.source,
         )
@@ -316,12 +318,10 @@ class Tuner(MeasureSteps, VerifySteps):
         plan(parse_recipe(recipe, source=f"tune --out ({self.opts.name})"), self.adapter, self.model)
 
     def recipe_of(self, plan: Plan) -> dict[str, Any]:
-        base = {k: v for k, v in self.base.to_dict().items()}
-        base["data"] = {k: v for k, v in base["data"].items() if v is not None}
         return plan_recipe(
             plan,
             self._prunes.get(plan.structure),
-            base,
+            self._base_dict(),
             name=self.opts.name,
             budget_key="min_mean_cosine",
             budget_value=self.opts.budget.value,

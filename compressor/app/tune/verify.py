@@ -20,6 +20,7 @@ from compressor.app.tune.options import TuneResult, Verification
 from compressor.app.tune.search import (
     Plan,
     choose,
+    step_back,
 )
 from compressor.app.tune.state import TunerState
 from compressor.recipe import parse_recipe
@@ -35,10 +36,8 @@ class VerifySteps(TunerState):
 
     def verify_loop(self, result: TuneResult, front: Sequence[Plan], work: Path) -> None:
         plan = result.chosen
-        tried: set[int] = set()
         margin = 0.0
         while plan is not None and len(result.verifications) < self.opts.max_verify:
-            tried.add(id(plan))
             self.stage(
                 f"verify: compiling the plan ({plan.structure}, {plan.counts()}) with its full recovery"
             )
@@ -48,33 +47,21 @@ class VerifySteps(TunerState):
                 result.chosen = plan
                 result.recipe = self.recipe_of(plan)
                 return
-            short = plan.fidelity - (v.fidelity if v.fidelity is not None else 0.0)
-            margin = max(margin, short)
-            nxt = choose(front, self.opts.budget.value + margin)
-            if nxt is None or id(nxt) in tried:
-                nxt = next(
-                    (
-                        p
-                        for p in sorted(front, key=lambda p: p.latency_ms)
-                        if p.fidelity > plan.fidelity and id(p) not in tried
-                    ),
-                    None,
-                )
+            # the estimate was this much too high: ask the front for that much more. The plan it
+            # gives is more faithful than this one (budget + margin > plan.fidelity), so never one
+            # tried before; without one, the next plan toward fidelity
+            margin = max(margin, plan.fidelity - (v.fidelity if v.fidelity is not None else 0.0))
+            nxt = choose(front, self.opts.budget.value + margin) or step_back(front, plan)
             self.notes.append(
                 f"plan {plan.structure} {plan.counts()} measured {v.fidelity or 0.0:.5f}{v.where}, under "
                 f"{self.opts.budget.text}: "
                 + ("stepping back along the front" if nxt is not None else "no plan left on the front")
             )
             plan = nxt
-        result.chosen = (
-            None if not result.verifications or not result.verifications[-1].met else result.chosen
-        )
-        if result.chosen is None:
-            result.recipe = None
+        result.chosen, result.recipe = None, None  # no verified plan met the budget
 
     def verify(self, plan: Plan, work: Path) -> Verification:
         from compressor.app.compile import apply_recipe
-        from compressor.exporters.onnx.onnx import export_onnx
         from compressor.fidelity import gates
         from compressor.recipe import EvaluationSpec
 
@@ -93,10 +80,7 @@ class VerifySteps(TunerState):
         metrics = {k: float(v) for k, v in c.metrics.items() if isinstance(v, int | float)}
         gate = gates(EvaluationSpec(min_mean_cosine=self.opts.budget.value), self.adapter)[0]
         value, where = gate.judged_value(metrics)
-        path = work / f"verify-{len(plan.forms)}-{plan.structure}.onnx"
-        example = self.adapter.verification_cases(self.data.eval[0], (2,), (16,))[0]
-        spec = self.adapter.export_spec(c.model, example)
-        export_onnx(spec.module, spec, path, 17)
+        path = self.export_onnx(c.model, work / f"verify-{len(plan.forms)}-{plan.structure}.onnx")
         latency = self.time_against_original(path, work)
         met = value is not None and value >= self.opts.budget.value
         return Verification(plan, value, where, metrics, latency, met, round(time.monotonic() - t, 1))
