@@ -87,16 +87,22 @@ class Headline:
 
 
 @dataclass(frozen=True)
-class BenchInputs:
-    """What ``compressor bench`` feeds a model family, declared by its adapter (so the bench
-    needs no ``isinstance``): real held-out inputs, never random tensors.
-
-    ``example()`` is a small batch to trace the plain export with; ``timing(batch, seq_len)``
-    a held-out batch padded to ``seq_len``; ``fidelity(n, seed, batch_size, max_length)``
-    ``n`` held-out samples in batches; ``score(student, teacher)`` the fidelity of the outputs."""
+class TimingInputs:
+    """Real held-out inputs to time a model family's exports on: ``example()`` a small batch
+    to trace the plain export with; ``timing(batch, seq_len)`` a held-out batch padded to
+    ``seq_len`` (what ``compressor tune`` and the bench feed ONNX Runtime)."""
 
     example: Callable[[], Batch]
     timing: Callable[[int, int], Batch]
+
+
+@dataclass(frozen=True)
+class BenchInputs(TimingInputs):
+    """What ``compressor bench`` feeds a model family, declared by its adapter (so the bench
+    needs no ``isinstance``): real held-out inputs, never random tensors. Beside the timing
+    inputs, ``fidelity(n, seed, batch_size, max_length)`` ``n`` held-out samples in batches
+    and ``score(student, teacher)`` the fidelity of the outputs."""
+
     fidelity: Callable[[int, int, int, int], list[Batch]]
     score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
@@ -112,6 +118,8 @@ class ModelAdapter(ABC):
     headline: ClassVar[Headline]
     # the fidelity keys ``metrics()`` always reports (so a gate on one can be checked at plan time)
     fidelity_metrics: ClassVar[frozenset[str]]
+    # generates token by token (its serving shapes include decode steps of one new token)
+    autoregressive: ClassVar[bool] = False
 
     @abstractmethod
     def load(self, source: str) -> nn.Module:
@@ -172,3 +180,9 @@ class ModelAdapter(ABC):
         """The inputs ``compressor bench`` times and scores this family on (the callables run
         after ``load``); None (the default): its bundles cannot be benched."""
         return None
+
+    def timing_inputs(self) -> TimingInputs | None:
+        """The inputs an export of this family is timed on (``compressor tune``, the bench's
+        timing): the bench inputs' by default; a family the bench cannot score yet may still
+        be timed. None: it cannot be timed."""
+        return self.bench_inputs()

@@ -36,6 +36,7 @@ from compressor.adapters.base import (
     Headline,
     ModelAdapter,
     SmoothGroup,
+    TimingInputs,
     token_cases,
 )
 from compressor.adapters.hf_encoder import resolve_source, tokenize_texts, weight_stats
@@ -111,6 +112,8 @@ class CausalLMAdapter(ModelAdapter):
         | {"mean_cosine", "min_cosine"}
     )
 
+    autoregressive = True
+
     def __init__(self) -> None:
         self.tokenizer: Any = None
         self.max_positions: int | None = None
@@ -159,6 +162,23 @@ class CausalLMAdapter(ModelAdapter):
 
     def make_data(self, spec: Any, seed: int) -> DataSplits:
         return text_splits(self, spec, seed)
+
+    def timing_inputs(self) -> TimingInputs:
+        """Held-out text of every default domain (``compressor.text_data.held_out_texts``), as
+        the encoders time theirs: 2 texts for the trace, ``batch`` padded to the timed length
+        (a length of 1 is a decode step's one new token; the export has no KV cache yet, so
+        the attention over earlier tokens is not in what is timed). The bench does not score
+        decoder bundles yet, so no ``bench_inputs``."""
+        from compressor.text_data import held_out_texts
+
+        def timing(batch: int, seq_len: int) -> Batch:
+            # tokenized at 16 tokens or more, then cut: a tokenizer that adds special tokens
+            # cannot truncate to one
+            length = max(seq_len, 16)
+            enc = self.tokenize(held_out_texts(batch, 1, length), length, pad_to_max=True)
+            return {k: v[:, :seq_len].contiguous() for k, v in enc.items()}
+
+        return TimingInputs(example=lambda: self.tokenize(held_out_texts(2, 0, 16), 16), timing=timing)
 
     # ---- running ----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:

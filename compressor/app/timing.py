@@ -81,7 +81,11 @@ def time_onnx_against_fp32(
     held-out inputs padded to ``seq_len`` (the ``adapter``'s ``bench_inputs``)."""
     from compressor.exporters.onnx.onnx import export_onnx, ort_session
 
-    inputs = bench_inputs_of(adapter, "time_onnx_against_fp32")
+    inputs = adapter.timing_inputs()
+    if inputs is None:
+        raise CompressorError(
+            f"time_onnx_against_fp32: the {adapter.name} adapter declares no inputs to time"
+        )
     plain = adapter.export_spec(copy.deepcopy(original), inputs.example(), fused=False)
     export_onnx(plain.module, plain, work / "plain.onnx", 17)
     paths = {baseline: work / "plain.onnx", **files}

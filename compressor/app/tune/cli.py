@@ -162,7 +162,7 @@ def header_lines(result: Any) -> list[str]:
         + ", ".join(f"{b}x{s}" for b, s in o.io_shapes),
         f"host: {result.fingerprint.describe()}; latency {est}",
         f"plan: {c.structure}, predicted {c.speedup:.2f}x the original's float model at "
-        f"{o.primary[0]}x{o.primary[1]}, estimated calibration fidelity {c.fidelity:.5f}",
+        f"{o.primary[0]}x{o.primary[1]}, estimated calibration {o.budget.metric} {o.budget.value_of(c.fidelity):.5f}",
     ]
     for v in result.verifications:
         if v.plan is c:
@@ -178,7 +178,8 @@ def add_tune_arguments(p: argparse.ArgumentParser, compile_flags: bool = False) 
         "--budget",
         required=need,
         default=None,
-        help='the fidelity floor on held-out data, e.g. "mean_cosine>=0.97"',
+        help='the fidelity the tuned model keeps on held-out data: "mean_cosine>=0.97" (sentence encoders) '
+        'or "perplexity_ratio<=1.05" (decoder LMs, student / teacher)',
     )
     p.add_argument(
         "--batch",

@@ -139,7 +139,7 @@ class MeasureSteps(TunerState):
             self.notes.append(f"the {self.adapter.name} model has no prunable anatomy: no structures tried")
         self.stage(f"engine profile: {fp.describe()} ({'estimated' if prof.estimated else 'measured'})")
         self._profile_structures(prof, shapes, work)
-        all_shapes = [s for m in shapes.values() for s in linear_shapes(m).values()]
+        all_shapes = [s for m in shapes.values() for s in self.candidate_shapes(m).values()]
         with progress_bar(
             self.progress, "tune: timing layer forms", len(set(all_shapes)) * len(opts.io_shapes), "shape"
         ) as bar:
@@ -172,7 +172,7 @@ class MeasureSteps(TunerState):
                 for n, m in shapes.items():
                     prof.blocks[key(n, b, s)] = prof.estimate_model(m, self.model, b, s)
                 continue
-            inputs = self.adapter.bench_inputs()
+            inputs = self.adapter.timing_inputs()
             assert inputs is not None
             if self.on_gpu:
                 from compressor.app.tune.cuda_profile import time_models_cuda
@@ -188,6 +188,12 @@ class MeasureSteps(TunerState):
                 prof.blocks[key(n, b, s)] = {"ms": res[n], "ratio": res[f"{n}/ratio"]}
             prof.measured += len(shapes)
             prof.save()
+
+    def candidate_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """(in, out) of the Linears a plan may change: the adapter's (a decoder's ``lm_head``
+        stays out unless a recipe targets it, as the quantize pass leaves it)."""
+        candidates = set(self.adapter.linear_names(model))
+        return {n: kn for n, kn in linear_shapes(model).items() if n in candidates}
 
     def structure_ms(self, prof: EngineProfile, name: str) -> tuple[float, float]:
         """A structure's float latency at the primary shape, from the ratio to the original
@@ -209,7 +215,7 @@ class MeasureSteps(TunerState):
 
         noise = []
         for m in shapes.values():
-            for k, n in linear_shapes(m).values():
+            for k, n in self.candidate_shapes(m).values():
                 for b, s in self.opts.io_shapes:
                     row = prof.linears.get(linear_key(k, n, b, s), {})
                     if f"{CONTROL}/ratio" in row:
@@ -219,10 +225,7 @@ class MeasureSteps(TunerState):
 
     def layer_ratios(self, prof: EngineProfile, model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
         out: dict[str, dict[str, dict[str, float]]] = {}
-        candidates = set(self.adapter.linear_names(model))
-        for name, (k, n) in linear_shapes(model).items():
-            if name not in candidates:
-                continue
+        for name, (k, n) in self.candidate_shapes(model).items():
             forms = legal_forms(self.target, k, self.opts.forms)
             out[name] = {
                 f.name: {f"{b}x{s}": prof.ratio(k, n, b, s, f.name) for b, s in self.opts.io_shapes}
@@ -273,7 +276,8 @@ class MeasureSteps(TunerState):
         rec: dict[str, Any] = next((x for x in self.structures if x["name"] == shape), {})
         costs = rec.get("costs", {})
         ms, _ = self.structure_ms(prof, shape)
-        fidelity = float(rec.get("probe_fidelity", 1.0))
+        budget = self.opts.budget
+        fidelity = budget.score(float(rec.get("probe_fidelity", 1.0)))
         b, s = self.opts.primary
         selected = [n for n in self.adapter.linear_names(model) if n in costs and forms in costs[n]]
         shapes = linear_shapes(model)
@@ -288,6 +292,6 @@ class MeasureSteps(TunerState):
             "form": forms,
             "latency_ms": round(ms, 3),
             "speedup": round(baseline_ms / ms, 3),
-            "fidelity": round(fidelity, 6),
+            "fidelity": round(budget.value_of(fidelity), 6),
             "note": f"every costed layer {forms}, predicted and estimated like the front (the recipe's float layers not modelled)",
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,23 @@ ORIGINAL = "original"
 """The unpruned structure's name."""
 
 
+BUDGETS = {
+    # metric: (its direction, the recipe key that gates it, the adapter family it judges)
+    "mean_cosine": (">=", "min_mean_cosine", "sentence encoders"),
+    "perplexity_ratio": ("<=", "headline_limit", "decoder LMs"),
+}
+
+
 @dataclass(frozen=True)
 class Budget:
-    """``mean_cosine>=0.97``: the fidelity the tuned model must keep on held-out data."""
+    """``mean_cosine>=0.97`` or ``perplexity_ratio<=1.05``: the fidelity the tuned model must
+    keep on held-out data.
+
+    The search works on a **score** where higher is better and one-layer losses add: the mean
+    cosine itself; for a perplexity ratio, ``-log(ratio)`` (the mean next-token log-likelihood
+    the student gives up, per token: per-layer increases of a cross-entropy add to first
+    order, ratios multiply). A perfect student scores ``score(1.0)`` on either (0 for the
+    ratio, 1 for the cosine)."""
 
     metric: str
     value: float
@@ -25,17 +40,61 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        m = re.fullmatch(r"\s*([a-z_]+)\s*>=\s*([0-9.eE+-]+)\s*", text)
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(>=|<=)\s*([0-9.eE+-]+)\s*", text)
         if m is None:
-            raise RecipeError(f"--budget {text!r}: write it as METRIC>=VALUE, e.g. mean_cosine>=0.97")
-        metric, value = m.group(1), float(m.group(2))
-        if metric != "mean_cosine":
             raise RecipeError(
-                f"--budget {text!r}: tune judges mean_cosine budgets (sentence encoders); {metric} is not one yet"
+                f"--budget {text!r}: write it as METRIC>=VALUE or METRIC<=VALUE, e.g. mean_cosine>=0.97 "
+                "or perplexity_ratio<=1.05"
             )
-        if not 0.0 < value < 1.0:
+        metric, op, raw = m.groups()
+        if metric not in BUDGETS:
+            known = ", ".join(f"{k} ({v[2]})" for k, v in BUDGETS.items())
+            raise RecipeError(f"--budget {text!r}: tune judges {known}; {metric} is not one yet")
+        if op != BUDGETS[metric][0]:
+            raise RecipeError(
+                f"--budget {text!r}: {metric} is a {'floor' if op == '<=' else 'ceiling'}: write {metric}{BUDGETS[metric][0]}VALUE"
+            )
+        try:
+            value = float(raw)
+        except ValueError:
+            raise RecipeError(f"--budget {text!r}: {raw!r} is not a number") from None
+        if metric == "mean_cosine" and not 0.0 < value < 1.0:
             raise RecipeError(f"--budget {text!r}: {value} is not in (0, 1)")
-        return cls(metric, value, f"{metric}>={value:g}")
+        if metric == "perplexity_ratio" and not 1.0 < value < 100.0:
+            raise RecipeError(f"--budget {text!r}: {value} is not in (1, 100) (1 is the teacher itself)")
+        return cls(metric, value, f"{metric}{op}{value:g}")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return BUDGETS[self.metric][0] == ">="
+
+    @property
+    def recipe_key(self) -> str:
+        """The ``evaluation`` key of a recipe that gates on this budget."""
+        return BUDGETS[self.metric][1]
+
+    def score(self, value: float) -> float:
+        """A metric value on the search's scale (higher is better, losses add)."""
+        return float(value) if self.higher_is_better else -math.log(max(float(value), 1e-12))
+
+    def value_of(self, score: float) -> float:
+        """The metric value a score stands for (``score``'s inverse)."""
+        return float(score) if self.higher_is_better else math.exp(-float(score))
+
+    @property
+    def floor(self) -> float:
+        """The budget on the score scale: a plan must score at least this."""
+        return self.score(self.value)
+
+    @property
+    def perfect(self) -> float:
+        """The teacher's own score."""
+        return self.score(1.0)
+
+    def met_by(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return value >= self.value if self.higher_is_better else value <= self.value
 
 
 @dataclass(frozen=True)
@@ -59,6 +118,8 @@ class TuneOptions:
     calibration_batches: int = 1  # for the layer costs: each cost is one forward over these
     cache: Path | None = None  # the profile folder (default: compressor.app.tune.profile.cache_dir)
     name: str = "tuned"
+    # decoder LMs: also the decode shapes (each batch x one new token); the tuner sets it
+    decode: bool = False
 
     @property
     def primary(self) -> tuple[int, int]:
@@ -67,7 +128,10 @@ class TuneOptions:
 
     @property
     def io_shapes(self) -> list[tuple[int, int]]:
-        return [(b, self.seq_len) for b in self.batches]
+        """Every shape a form must not be slower at: the prefill shapes (each batch x
+        ``seq_len``), then for decoder LMs the decode shapes (each batch x 1 token)."""
+        prefill = [(b, self.seq_len) for b in self.batches]
+        return prefill + ([(b, 1) for b in self.batches if self.seq_len != 1] if self.decode else [])
 
 
 @dataclass

@@ -13,16 +13,17 @@ import html
 from typing import Any
 
 from compressor.app.plots import series_scatter
-from compressor.app.tune.options import TuneResult
+from compressor.app.tune.options import Budget, TuneResult
 from compressor.app.tune.search import Plan
 
 
-def _plan(p: Plan) -> dict[str, Any]:
+def _plan(p: Plan, budget: Budget) -> dict[str, Any]:
+    """A plan as the record shows it: its estimated fidelity in the budget's metric."""
     return {
         "structure": p.structure,
         "latency_ms": round(p.latency_ms, 4),
         "speedup": round(p.speedup, 4),
-        "fidelity": round(p.fidelity, 6),
+        "fidelity": round(budget.value_of(p.fidelity), 6),
         "counts": p.counts(),
         "forms": dict(p.forms),
     }
@@ -47,11 +48,11 @@ def tune_record(r: TuneResult) -> dict[str, Any]:
             {"layer": x.layer, "form": x.form, "ratio": x.ratio, "shape": x.shape, "why": x.why}
             for x in r.rejected
         ],
-        "front": [_plan(p) for p in r.front],
-        "chosen": None if r.chosen is None else _plan(r.chosen),
+        "front": [_plan(p, o.budget) for p in r.front],
+        "chosen": None if r.chosen is None else _plan(r.chosen, o.budget),
         "verifications": [
             {
-                "plan": _plan(v.plan),
+                "plan": _plan(v.plan, o.budget),
                 "fidelity": v.fidelity,
                 "judged_on": v.where.strip() or "all held-out data",
                 "met": v.met,
@@ -98,12 +99,13 @@ def summary_lines(r: TuneResult) -> list[str]:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(c.counts().items()))
         lines.append(
             f"\nchosen: {c.structure}  {counts}\n  predicted {c.speedup:.2f}x the original at {o.primary[0]}x{o.primary[1]}, "
-            f"estimated fidelity {c.fidelity:.5f}"
+            f"estimated {o.budget.metric} {o.budget.value_of(c.fidelity):.5f}"
         )
     for v in r.verifications:
         lat = ", ".join(f"{k}: {d['speedup']:.2f}x ORT fp32" for k, d in v.latency.items())
         lines.append(
-            f"verified {v.plan.structure}: {o.budget.metric} {v.fidelity}{v.where} -> "
+            f"verified {v.plan.structure}: {o.budget.metric} "
+            f"{'none' if v.fidelity is None else f'{v.fidelity:.5f}'}{v.where} -> "
             f"{'meets' if v.met else 'MISSES'} {o.budget.text}; {lat} ({v.seconds:.0f} s)"
         )
     for note in r.notes:
@@ -114,11 +116,12 @@ def summary_lines(r: TuneResult) -> list[str]:
 def render_tune_html(r: TuneResult) -> str:
     rec = tune_record(r)
     label = rec["latency"]
+    budget = r.options.budget
     series: dict[str, list[tuple[float, float]]] = {}
     for p in r.front:
-        series.setdefault(f"front {p.structure}", []).append((p.speedup, p.fidelity))
+        series.setdefault(f"front {p.structure}", []).append((p.speedup, budget.value_of(p.fidelity)))
     if r.chosen is not None:
-        series["chosen (predicted)"] = [(r.chosen.speedup, r.chosen.fidelity)]
+        series["chosen (predicted)"] = [(r.chosen.speedup, budget.value_of(r.chosen.fidelity))]
     shape = "{}x{}".format(*r.options.primary)
     for v in r.verifications:
         d = v.latency.get(shape)
@@ -130,7 +133,7 @@ def render_tune_html(r: TuneResult) -> str:
         series,
         f"Plans at {shape}: fidelity vs speed-up ({label} latency)",
         "speed-up over the original's float model in the same engine",
-        "mean cosine (front: calibration estimate)",
+        f"{budget.metric} (front: calibration estimate)",
     )
     rows = "".join(
         f"<tr><td>{html.escape(s['name'])}</td><td>{s['float_ratio']:.3f}</td>"

@@ -202,14 +202,17 @@ def step_back(front: Sequence[Plan], plan: Plan) -> Plan | None:
     return min(better, key=lambda p: p.latency_ms) if better else None
 
 
-def extrapolate_recovery(f_half: float, f_full: float, probe_steps: int, full_steps: int) -> float:
+def extrapolate_recovery(
+    f_half: float, f_full: float, probe_steps: int, full_steps: int, perfect: float = 1.0
+) -> float:
     """The fidelity a recovery of ``full_steps`` should reach, from a probe's fidelity after
-    half and all of its ``probe_steps``: the loss ``1 - f`` taken as a power law in steps
-    (``c * t^-k``, the shape distillation loss curves follow), ``k`` fitted through the two
-    points and clamped to [0, 1] (a probe that got worse predicts no gain; a loss that falls
-    faster than 1/t is not extrapolated as such). Never below the probe's own ``f_full``."""
-    loss_half, loss_full = max(1e-9, 1.0 - f_half), max(1e-9, 1.0 - f_full)
+    half and all of its ``probe_steps``: the loss ``perfect - f`` (the teacher's own score
+    less the student's) taken as a power law in steps (``c * t^-k``, the shape distillation
+    loss curves follow), ``k`` fitted through the two points and clamped to [0, 1] (a probe
+    that got worse predicts no gain; a loss that falls faster than 1/t is not extrapolated
+    as such). Never below the probe's own ``f_full``."""
+    loss_half, loss_full = max(1e-9, perfect - f_half), max(1e-9, perfect - f_full)
     if full_steps <= probe_steps or loss_full >= loss_half:
         return f_full
     k = min(1.0, math.log(loss_half / loss_full) / math.log(2.0))
-    return max(f_full, 1.0 - loss_full * (full_steps / probe_steps) ** (-k))
+    return max(f_full, perfect - loss_full * (full_steps / probe_steps) ** (-k))

@@ -1,7 +1,8 @@
 """What each candidate form costs in fidelity, layer by layer, on the calibration data.
 
-The cost of a form on a layer is the calibration mean cosine (against the teacher) lost
-when only that layer takes the form and every other layer stays as the structure left
+The cost of a form on a layer is the calibration fidelity (against the teacher, on the
+budget's scale: the mean cosine, or minus the log perplexity ratio) lost when only that
+layer takes the form and every other layer stays as the structure left
 it: the one-layer-at-a-time sensitivity that mixed precision already ranks layers by
 (``compressor.passes.quantize.mixed_precision``), extended from int8-or-float to every
 form the profile kept. Int8 forms are built as the ``quantize`` pass builds them
@@ -20,26 +21,50 @@ from torch import nn
 
 from compressor.adapters.base import Batch, ModelAdapter
 from compressor.app.tune.forms import FORMS
+from compressor.app.tune.options import Budget
 from compressor.modules import get_linear, set_module
 from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine, quantize_linears_
 
 
+def budget_scorer(
+    budget: Budget,
+) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[Batch]], float]:
+    """How a probe scores outputs against the teacher's on the budget's scale: the mean
+    cosine of the output rows; or ``-log`` of the perplexity ratio on the calibration text
+    (next-token cross-entropy over the kept tokens, ``causal_lm.lm_fidelity``)."""
+    if budget.metric == "perplexity_ratio":
+        from compressor.adapters.causal_lm import lm_fidelity
+
+        def ppl(outs, refs, batches):
+            return budget.score(lm_fidelity(zip(outs, refs, batches, strict=True))["perplexity_ratio"])
+
+        return ppl
+    return lambda outs, refs, batches: mean_cosine(torch.cat(list(outs)), torch.cat(list(refs)))
+
+
 class SensitivityProbe:
-    """Scores models against the teacher's outputs on the calibration batches."""
+    """Scores models against the teacher's outputs on the calibration batches, on the
+    budget's scale (``Budget.score``: higher is better, one-layer losses add)."""
 
     def __init__(
-        self, adapter: ModelAdapter, teacher: nn.Module, batches: Sequence[Batch], alpha: float = 0.8
+        self,
+        adapter: ModelAdapter,
+        teacher: nn.Module,
+        batches: Sequence[Batch],
+        budget: Budget,
+        alpha: float = 0.8,
     ) -> None:
         self.adapter = adapter
         self.batches = list(batches)
         self.alpha = alpha
+        self.score = budget_scorer(budget)
         with torch.no_grad():
-            self.reference = torch.cat([adapter.forward(teacher, b) for b in self.batches])
+            self.reference = [adapter.forward(teacher, b) for b in self.batches]
 
     @torch.no_grad()
     def fidelity(self, model: nn.Module) -> float:
-        out = torch.cat([self.adapter.forward(model, b) for b in self.batches])
-        return mean_cosine(out, self.reference)
+        outs = [self.adapter.forward(model, b) for b in self.batches]
+        return self.score(outs, self.reference, self.batches)
 
     def with_form(
         self, model: nn.Module, name: str, form: str, stats: Mapping[str, torch.Tensor]

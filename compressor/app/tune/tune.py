@@ -25,6 +25,7 @@ calibration data, so a plan cannot buy speed by fitting the text that judges it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
@@ -39,8 +40,8 @@ from compressor.adapters import make_adapter
 from compressor.app.compile import frozen_copy
 from compressor.app.defaults import default_recipe
 from compressor.app.tune.forms import FORMS
-from compressor.app.tune.measure import MeasureSteps, linear_shapes
-from compressor.app.tune.options import ORIGINAL, Budget, TuneOptions, TuneResult
+from compressor.app.tune.measure import MeasureSteps
+from compressor.app.tune.options import BUDGETS, ORIGINAL, Budget, TuneOptions, TuneResult
 from compressor.app.tune.plan_recipe import plan_recipe
 from compressor.app.tune.profile import (
     EngineProfile,
@@ -108,19 +109,29 @@ class Tuner(MeasureSteps, VerifySteps):
         self.adapter = make_adapter(recipe.model.adapter, recipe.model.source)
         headline = getattr(type(self.adapter), "headline", None)
         if headline is None or headline.key != self.opts.budget.metric:
+            key = getattr(headline, "key", None)
+            hint = (
+                f'give --budget "{key}{BUDGETS[key][0]}VALUE"'
+                if key in BUDGETS
+                else "tune handles sentence encoders (mean_cosine) and decoder LMs (perplexity_ratio) so far"
+            )
             raise CompressorError(
                 f"tune: --budget {self.opts.budget.text} needs a model whose fidelity is {self.opts.budget.metric}; "
-                f"the {self.adapter.name} adapter's is {getattr(headline, 'key', 'not declared')} "
-                "(tune handles sentence encoders so far)"
+                f"the {self.adapter.name} adapter's is {key or 'not declared'}: {hint}"
             )
-        if self.adapter.bench_inputs() is None:
-            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no bench inputs to time")
+        if self.adapter.timing_inputs() is None:
+            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no inputs to time")
+        if type(self.adapter).autoregressive:  # its serving shapes include decode steps
+            self.opts = dataclasses.replace(self.opts, decode=True)
         torch.manual_seed(recipe.seed)
         self.model = self.adapter.load(recipe.model.source).eval()
         self.teacher = frozen_copy(self.model)
         self.data = self.adapter.make_data(recipe.data, recipe.seed)
         self.probe = SensitivityProbe(
-            self.adapter, self.teacher, self.data.calibration[: self.opts.calibration_batches]
+            self.adapter,
+            self.teacher,
+            self.data.calibration[: self.opts.calibration_batches],
+            self.opts.budget,
         )
         self._mark("load", t)
 
@@ -144,10 +155,15 @@ class Tuner(MeasureSteps, VerifySteps):
                 data=self.data, teacher=self.teacher, work_dir=work, progress=self.progress, measure=False,
             )  # fmt: skip
             model = c.model.eval()
-            scores[f"after_{half * (i + 1)}_steps"] = round(self.probe.fidelity(model), 6)
+            scores[f"after_{half * (i + 1)}_steps"] = self.probe.fidelity(model)
         f_half, f_full = scores[f"after_{half}_steps"], scores[f"after_{2 * half}_steps"]
-        estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps)
-        return model, estimate, scores
+        budget = self.opts.budget
+        estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps, budget.perfect)
+        # a student that scores better than its teacher on the calibration text (a perplexity
+        # ratio under 1 after recovery on similar text) is credited as the teacher, no more:
+        # held-out text gives no such headroom to spend on the layers' costs
+        estimate = min(estimate, budget.perfect)
+        return model, estimate, {k: round(budget.value_of(v), 6) for k, v in scores.items()}
 
     def _base_dict(self) -> dict[str, Any]:
         """The base recipe as a dict, its unset data options left out."""
@@ -182,7 +198,7 @@ class Tuner(MeasureSteps, VerifySteps):
     ) -> tuple[LayerOptions, ...]:
         b, s = self.opts.primary
         out = []
-        for name, (k, n) in linear_shapes(model).items():
+        for name, (k, n) in self.candidate_shapes(model).items():
             float_ms = prof.form_ms(k, n, b, s, "float")
             choices = [Choice("float", 0.0, 0.0)]
             for form in sorted(kept.get(name, set()) - {"float"}):
@@ -200,9 +216,9 @@ class Tuner(MeasureSteps, VerifySteps):
     ) -> tuple[nn.Module, float] | None:
         """The structure's model and estimated fidelity (a probe for a pruned one), or None
         with ``rec["skipped"]`` saying why it is not searched."""
-        opts = self.opts
+        opts, budget = self.opts, self.opts.budget
         if name == ORIGINAL:
-            return self.model, 1.0
+            return self.model, budget.perfect
         if ms > self.baseline_ms * (1.0 - self.margin):
             rec["skipped"] = "its float model is not faster than the original's beyond the noise floor"
             return None
@@ -212,22 +228,23 @@ class Tuner(MeasureSteps, VerifySteps):
         milder = [
             r
             for r in self.structures
-            if r.get("probe_fidelity", 1.0) < opts.budget.value and r["float_ms"] >= ms
+            if "probe_fidelity" in r and not budget.met_by(r["probe_fidelity"]) and r["float_ms"] >= ms
         ]
         if milder:
             rec["skipped"] = (
-                f"the milder {milder[0]['name']} probed at {milder[0]['probe_fidelity']:.5f}, under the budget"
+                f"the milder {milder[0]['name']} probed at {milder[0]['probe_fidelity']:.5f}, beyond the budget"
             )
             return None
         layers, ffn = (int(x) for x in name.split("x"))
         self.stage(f"probe {name}: prune + {opts.probe_steps} recovery steps")
         tp = time.monotonic()
         model, fid, scores = self.probe_structure(layers, ffn, work)
-        rec.update(probe_seconds=round(time.monotonic() - tp, 1), probe=scores, probe_fidelity=round(fid, 6))
+        value = round(budget.value_of(fid), 6)
+        rec.update(probe_seconds=round(time.monotonic() - tp, 1), probe=scores, probe_fidelity=value)
         self._prunes[name] = {"layers": layers, "ffn": ffn}
-        if fid < opts.budget.value:
+        if fid < budget.floor:
             rec["skipped"] = (
-                f"probe fidelity {fid:.5f} (extrapolated to {opts.recover_steps} steps) is under the budget {opts.budget.value}"
+                f"probe {budget.metric} {value:.5f} (extrapolated to {opts.recover_steps} steps) misses {budget.text}"
             )
             return None
         return model, fid
@@ -257,17 +274,17 @@ class Tuner(MeasureSteps, VerifySteps):
             self.notes.append(
                 f"{name}: {', '.join(inert)} change(s) no output under any form (not on the path to the output): left as they are"
             )
-        rec["calibration_fidelity"] = round(base_fid, 6)
+        rec["calibration_fidelity"] = round(self.opts.budget.value_of(base_fid), 6)
         rec["costs"] = {n: {f: round(c, 7) for f, c in cs.items()} for n, cs in costs.items()}
         st = Structure(name, ms, fid, self.structure_options(prof, model, kept, costs))
-        front = pareto_front(st, self.baseline_ms, max_cost=max(0.0, fid - self.opts.budget.value) + 0.01)
+        front = pareto_front(st, self.baseline_ms, max_cost=max(0.0, fid - self.opts.budget.floor) + 0.01)
         rec["front_points"] = len(front)
         self.models[name] = model
         return front
 
     def run(self) -> TuneResult:
-        opts = self.opts
         self.load()
+        opts = self.opts
         self.structures, self.rejected, self.models, self._prunes = [], [], {}, {}
         with tempfile.TemporaryDirectory(prefix="compressor-tune-") as tmp:
             work = Path(tmp)
@@ -278,7 +295,7 @@ class Tuner(MeasureSteps, VerifySteps):
             order = sorted(shapes, key=lambda n: -self.structure_ms(prof, n)[0])  # mildest (slowest) first
             front = merge_fronts([self._search_structure(prof, name, work) for name in order])
             self._mark("probes and costs", t)
-            chosen = choose(front, opts.budget.value)
+            chosen = choose(front, opts.budget.floor)
             stats = {
                 "measured": prof.measured,
                 "reused": prof.reused,
@@ -323,7 +340,7 @@ class Tuner(MeasureSteps, VerifySteps):
             self._prunes.get(plan.structure),
             self._base_dict(),
             name=self.opts.name,
-            budget_key="min_mean_cosine",
+            budget_key=self.opts.budget.recipe_key,
             budget_value=self.opts.budget.value,
             batches=self.opts.batches,
             seq_len=self.opts.seq_len,

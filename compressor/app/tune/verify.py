@@ -28,6 +28,10 @@ from compressor.recipe import parse_recipe
 log = logging.getLogger(__name__)
 
 
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.5f}"
+
+
 class VerifySteps(TunerState):
     """The verifying half of ``Tuner`` (the attributes are the tuner's)."""
 
@@ -50,11 +54,13 @@ class VerifySteps(TunerState):
             # the estimate was this much too high: ask the front for that much more. The plan it
             # gives is more faithful than this one (budget + margin > plan.fidelity), so never one
             # tried before; without one, the next plan toward fidelity
-            margin = max(margin, plan.fidelity - (v.fidelity if v.fidelity is not None else 0.0))
-            nxt = choose(front, self.opts.budget.value + margin) or step_back(front, plan)
+            budget = self.opts.budget
+            judged = budget.score(v.fidelity) if v.fidelity is not None else budget.floor - 1.0
+            margin = max(margin, plan.fidelity - judged)
+            nxt = choose(front, budget.floor + margin) or step_back(front, plan)
             self.notes.append(
-                f"plan {plan.structure} {plan.counts()} measured {v.fidelity or 0.0:.5f}{v.where}, under "
-                f"{self.opts.budget.text}: "
+                f"plan {plan.structure} {plan.counts()} measured {budget.metric} {_fmt(v.fidelity)}{v.where}, missing "
+                f"{budget.text}: "
                 + ("stepping back along the front" if nxt is not None else "no plan left on the front")
             )
             plan = nxt
@@ -68,7 +74,8 @@ class VerifySteps(TunerState):
         t = time.monotonic()
         recipe_dict = self.recipe_of(plan)
         recipe_dict["evaluation"] = {**recipe_dict["evaluation"], "run_bench": False}
-        recipe_dict["evaluation"].pop("min_mean_cosine", None)
+        budget = self.opts.budget
+        recipe_dict["evaluation"].pop(budget.recipe_key, None)
         recipe = parse_recipe(recipe_dict, source=self.base.source)
         # the data the written recipe names, built as its compile will build it (a pruned plan
         # trains on more texts than the probes did): the verification is that compile
@@ -78,11 +85,16 @@ class VerifySteps(TunerState):
             data=data, teacher=self.teacher,
         )  # fmt: skip
         metrics = {k: float(v) for k, v in c.metrics.items() if isinstance(v, int | float)}
-        gate = gates(EvaluationSpec(min_mean_cosine=self.opts.budget.value), self.adapter)[0]
+        spec = (
+            EvaluationSpec(min_mean_cosine=budget.value)
+            if budget.recipe_key == "min_mean_cosine"
+            else EvaluationSpec(headline_limit=budget.value)
+        )
+        gate = gates(spec, self.adapter)[0]
         value, where = gate.judged_value(metrics)
         path = self.export_onnx(c.model, work / f"verify-{len(plan.forms)}-{plan.structure}.onnx")
         latency = self.time_against_original(path, work)
-        met = value is not None and value >= self.opts.budget.value
+        met = budget.met_by(value)
         return Verification(plan, value, where, metrics, latency, met, round(time.monotonic() - t, 1))
 
     def time_against_original(self, path: Path, work: Path) -> dict[str, dict[str, float]]:

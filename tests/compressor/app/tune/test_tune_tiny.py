@@ -97,7 +97,9 @@ def test_tune_never_writes_over_the_users_files(
 
 
 def test_bad_budgets_are_one_line_errors(tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys) -> None:
-    for budget, words in (("cosine 0.9", "METRIC>=VALUE"), ("perplexity_ratio>=1.1", "mean_cosine budgets"),
+    for budget, words in (("cosine 0.9", "METRIC>=VALUE"), ("perplexity_ratio>=1.1", "is a ceiling"),
+                          ("mean_cosine<=0.9", "is a floor"), ("fd<=2", "fd is not one yet"),
+                          ("perplexity_ratio<=0.9", "not in (1, 100)"),
                           ("mean_cosine>=1.5", "not in (0, 1)")):  # fmt: skip
         code = main(
             ["tune", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "x.yaml"), "--budget", budget]
@@ -153,7 +155,7 @@ def test_a_gpu_target_without_its_gpu_is_estimated_and_says_so(
     plan(load_recipe(out))
 
 
-def test_a_model_without_a_mean_cosine_is_refused_by_name(
+def test_a_cosine_budget_on_a_decoder_lm_is_pointed_to_its_perplexity(
     tiny_llama_dir: Path, tmp_path: Path, capsys
 ) -> None:
     code = main(
@@ -169,5 +171,5 @@ def test_a_model_without_a_mean_cosine_is_refused_by_name(
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "hf-causal-lm" in err and "sentence encoders" in err
+    assert "hf-causal-lm" in err and 'give --budget "perplexity_ratio<=VALUE"' in err
     assert not (tmp_path / "t.yaml").exists()
