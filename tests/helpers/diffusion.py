@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -67,3 +68,19 @@ def run_pass(p: Pass, model: DiffusionModel, adapter: Any, data: Any) -> tuple[D
     p.ensures(out, ctx)
     assert planned.diffusion == plan_state(out.model, adapter).diffusion, (planned.diffusion, out.model)
     return cast(DiffusionModel, out.model), out
+
+
+def save_tiny_teacher(folder: Path, num_class_embeds: int = 11) -> Path:
+    """The tiny class-conditional teacher written as a plain diffusers pipeline folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    teacher = tiny_teacher()
+    unet = teacher.unet
+    emb = teacher.conditioner.label_embedding
+    if num_class_embeds != emb.num_embeddings:
+        emb = torch.nn.Embedding(num_class_embeds, emb.embedding_dim)
+    unet.class_embedding = emb
+    unet.register_to_config(class_embed_type=None, num_class_embeds=num_class_embeds)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(teacher.train_config)).save_pretrained(folder)
+    (folder / "sampling.json").write_text('{"steps": 4, "guidance_scale": 2.0}')
+    return folder

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.adapters.base import Batch, DataSplits, ExportSpec, Headline, ModelAdapter
+from compressor.adapters.base import Batch, DataSplits, ExportSpec, Headline, ModelAdapter, TimingInputs
 from compressor.adapters.diffusion.conditioners import ClassConditioner, LabelConditioner
 from compressor.adapters.diffusion.loading import load_diffusion_model
 from compressor.adapters.diffusion.model import DenoiserGraph, DiffusionModel
@@ -32,6 +32,7 @@ from compressor.adapters.digits import (
     NUM_CLASSES,
     DigitsScorer,
     DigitsSplit,
+    frechet_distance,
     images_to_tensor,
     load_digits_split,
 )
@@ -152,10 +153,12 @@ class DiffusersAdapter(ModelAdapter):
         self._images: DigitsSplit | None = None  # the recipe's image folder, once make_data read it
         self._num_classes = NUM_CLASSES
         self._fit: ModelFit | None = None  # the last loaded model's, for checking an image folder
+        self._loaded: DiffusionModel | None = None  # the last loaded model (its inputs are timed)
 
     def load(self, source: str) -> nn.Module:
         model = load_diffusion_model(source)
         self._fit = ModelFit.of(model)
+        self._loaded = model
         return model
 
     def scorer(self) -> DigitsScorer:
@@ -207,13 +210,49 @@ class DiffusersAdapter(ModelAdapter):
         x = model.schedule.add_noise(x0, t, torch.randn(x0.shape, generator=g))
         return model(x, model.schedule.model_t(t), labels)
 
-    def sample_and_score(self, model: DiffusionModel, n: int, seed: int = 0) -> dict[str, float]:
+    def _sample(self, model: DiffusionModel, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         labels = torch.arange(n) % self._num_classes
         g = torch.Generator().manual_seed(seed)
         images, nfe = model.sample(labels, g)
+        return images, labels, nfe
+
+    def sample_and_score(self, model: DiffusionModel, n: int, seed: int = 0) -> dict[str, float]:
+        images, labels, nfe = self._sample(model, n, seed)
         out = self.scorer().score(images, labels)
         out.update(nfe=nfe, steps=float(model.spec.steps))
         return out
+
+    def sample_images(self, model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` samples for the labels 0, 1, ... in turn, from fixed noise (``compressor tune``
+        compares a model's to its teacher's, sample for sample)."""
+        assert isinstance(model, DiffusionModel)
+        return self._sample(model, n, seed)[0]
+
+    def sample_fd(self, images: torch.Tensor, reference: torch.Tensor) -> float:
+        """The Frechet distance between two sets of images in the scoring classifier's features."""
+        classifier = self.scorer().classifier
+        return frechet_distance(classifier.features(images), classifier.features(reference))
+
+    def timing_inputs(self) -> TimingInputs | None:
+        """The denoiser graph's own inputs (a noisy sample, a mid timestep, labels) at a batch
+        size; the sequence length means nothing to a denoiser and is ignored."""
+        model = self._loaded
+        if model is None:
+            return None
+        cfg = model.unet.config
+        channels, size = int(cfg.in_channels), int(cfg.sample_size)
+
+        def example(batch: int = 2) -> Batch:
+            images = torch.zeros(batch, channels, size, size)
+            return {"images": images, "labels": torch.arange(batch) % self._num_classes}
+
+        def timing(batch: int, seq_len: int) -> Batch:
+            with torch.random.fork_rng(devices=[]):  # the same noise every time, the global RNG untouched
+                torch.manual_seed(0)
+                spec = self.export_spec(model, example(batch))
+            return dict(zip(spec.input_names, spec.example_inputs, strict=True))
+
+        return TimingInputs(example=example, timing=timing)
 
     def metrics(self, model: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
         assert isinstance(model, DiffusionModel)

@@ -179,7 +179,8 @@ def add_tune_arguments(p: argparse.ArgumentParser, compile_flags: bool = False) 
         required=need,
         default=None,
         help='the fidelity the tuned model keeps on held-out data: "mean_cosine>=0.97" (sentence encoders) '
-        'or "perplexity_ratio<=1.05" (decoder LMs, student / teacher)',
+        '"perplexity_ratio<=1.05" (decoder LMs, student / teacher) or "fd<=1.2" (diffusion denoisers, '
+        "Frechet distance to held-out real images)",
     )
     p.add_argument(
         "--batch",

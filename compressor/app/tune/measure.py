@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from compressor.adapters.base import DataSplits, ModelAdapter
@@ -35,6 +37,7 @@ from compressor.app.tune.profile import (
 from compressor.app.tune.roofline import RooflineProfile
 from compressor.app.tune.state import TunerState
 from compressor.errors import CompressorError
+from compressor.modules import get_linear
 from compressor.progress import progress_bar
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import Target
@@ -139,18 +142,23 @@ class MeasureSteps(TunerState):
             self.notes.append(f"the {self.adapter.name} model has no prunable anatomy: no structures tried")
         self.stage(f"engine profile: {fp.describe()} ({'estimated' if prof.estimated else 'measured'})")
         self._profile_structures(prof, shapes, work)
-        all_shapes = [s for m in shapes.values() for s in self.candidate_shapes(m).values()]
-        with progress_bar(
-            self.progress, "tune: timing layer forms", len(set(all_shapes)) * len(opts.io_shapes), "shape"
-        ) as bar:
-            profile_linears(
-                prof,
-                all_shapes,
-                opts.io_shapes,
-                lambda k: legal_forms(self.target, k, opts.forms),
-                on_step=lambda msg: bar.update(1),
-                timer=timer,
-            )
+        # each layer at the rows it sees at each declared shape, grouped by those rows
+        by_rows: dict[tuple[int, int], set[tuple[int, int]]] = {}
+        for m in shapes.values():
+            for at in self.layer_rows(m).values():
+                for k, n, rb, rs in at.values():
+                    by_rows.setdefault((rb, rs), set()).add((k, n))
+        total = sum(len(kn) for kn in by_rows.values())
+        with progress_bar(self.progress, "tune: timing layer forms", total, "shape") as bar:
+            for rows, kn in by_rows.items():
+                profile_linears(
+                    prof,
+                    sorted(kn),
+                    [rows],
+                    lambda k: legal_forms(self.target, k, opts.forms),
+                    on_step=lambda msg: bar.update(1),
+                    timer=timer,
+                )
         self._mark("profile", t)
         return prof, shapes
 
@@ -189,11 +197,54 @@ class MeasureSteps(TunerState):
             prof.measured += len(shapes)
             prof.save()
 
-    def candidate_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        """(in, out) of the Linears a plan may change: the adapter's (a decoder's ``lm_head``
-        stays out unless a recipe targets it, as the quantize pass leaves it)."""
-        candidates = set(self.adapter.linear_names(model))
-        return {n: kn for n, kn in linear_shapes(model).items() if n in candidates}
+    def layer_rows(self, model: nn.Module) -> dict[str, dict[tuple[int, int], tuple[int, int, int, int]]]:
+        """Per Linear a plan may change (the adapter's: a decoder's ``lm_head`` stays out, as
+        the quantize pass leaves it), ``(in, out, b, s)`` at each declared shape: the input
+        it really sees there, found by running the traced module on the timing inputs (a
+        token layer's ``[batch, seq, in]``; a pooler's or a time embedding's ``[batch, in]``
+        is ``(batch, 1)``; a UNet attention's ``[batch, h*w, in]``). Layers the traced
+        graph never runs are left out: no latency they save is real."""
+        cache: dict[int, Any] = self.__dict__.setdefault("_rows", {})
+        if id(model) in cache:
+            return cache[id(model)]
+        inputs = self.adapter.timing_inputs()
+        assert inputs is not None
+        names = set(self.adapter.linear_names(model))
+        found: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {}
+        spec = self.adapter.export_spec(model, inputs.example())
+        for b, s in self.opts.io_shapes:
+            feed = inputs.timing(b, s)
+            seen: dict[str, tuple[int, ...]] = {}
+
+            def record(name: str, seen: dict[str, tuple[int, ...]] = seen) -> Any:
+                def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:  # None: output kept
+                    seen.setdefault(name, tuple(args[0].shape))
+
+                return hook
+
+            hooks = [
+                m.register_forward_hook(record(n))
+                for n, m in model.named_modules()
+                if n in names and isinstance(m, nn.Linear)
+            ]
+            try:
+                with torch.no_grad():
+                    spec.module(*[feed[k] for k in spec.input_names])
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n, shape in seen.items():
+                w = get_linear(model, n).weight
+                lead = shape[:-1] or (1,)
+                found.setdefault(n, {})[(b, s)] = (
+                    int(w.shape[1]),
+                    int(w.shape[0]),
+                    lead[0],
+                    math.prod(lead[1:]),
+                )
+        rows = {n: at for n, at in found.items() if len(at) == len(self.opts.io_shapes)}
+        cache[id(model)] = rows
+        return rows
 
     def structure_ms(self, prof: EngineProfile, name: str) -> tuple[float, float]:
         """A structure's float latency at the primary shape, from the ratio to the original
@@ -215,8 +266,8 @@ class MeasureSteps(TunerState):
 
         noise = []
         for m in shapes.values():
-            for k, n in self.candidate_shapes(m).values():
-                for b, s in self.opts.io_shapes:
+            for at in self.layer_rows(m).values():
+                for k, n, b, s in at.values():
                     row = prof.linears.get(linear_key(k, n, b, s), {})
                     if f"{CONTROL}/ratio" in row:
                         noise.append(abs(row[f"{CONTROL}/ratio"] - 1.0))
@@ -225,10 +276,11 @@ class MeasureSteps(TunerState):
 
     def layer_ratios(self, prof: EngineProfile, model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
         out: dict[str, dict[str, dict[str, float]]] = {}
-        for name, (k, n) in self.candidate_shapes(model).items():
+        for name, at in self.layer_rows(model).items():
+            k = next(iter(at.values()))[0]
             forms = legal_forms(self.target, k, self.opts.forms)
             out[name] = {
-                f.name: {f"{b}x{s}": prof.ratio(k, n, b, s, f.name) for b, s in self.opts.io_shapes}
+                f.name: {f"{b}x{s}": prof.ratio(*at[(b, s)], f.name) for b, s in self.opts.io_shapes}
                 for f in forms
             }
         return out
@@ -277,13 +329,13 @@ class MeasureSteps(TunerState):
         costs = rec.get("costs", {})
         ms, _ = self.structure_ms(prof, shape)
         budget = self.opts.budget
-        fidelity = budget.score(float(rec.get("probe_fidelity", 1.0)))
-        b, s = self.opts.primary
-        selected = [n for n in self.adapter.linear_names(model) if n in costs and forms in costs[n]]
-        shapes = linear_shapes(model)
+        fidelity = (
+            budget.score(float(rec["probe_fidelity"])) if "probe_fidelity" in rec else self.original_score
+        )
+        rows = self.layer_rows(model)
+        selected = [n for n in rows if n in costs and forms in costs[n]]
         for n in selected:
-            k, out = shapes[n]
-            row = prof.linears.get(linear_key(k, out, b, s), {})
+            row = prof.linears.get(linear_key(*rows[n][self.opts.primary]), {})
             if f"{forms}/ratio" in row:
                 ms += (row[f"{forms}/ratio"] - 1.0) * row["float"]
             fidelity -= costs[n][forms]

@@ -20,19 +20,20 @@ BUDGETS = {
     # metric: (its direction, the recipe key that gates it, the adapter family it judges)
     "mean_cosine": (">=", "min_mean_cosine", "sentence encoders"),
     "perplexity_ratio": ("<=", "headline_limit", "decoder LMs"),
+    "fd": ("<=", "headline_limit", "diffusion denoisers"),
 }
 
 
 @dataclass(frozen=True)
 class Budget:
-    """``mean_cosine>=0.97`` or ``perplexity_ratio<=1.05``: the fidelity the tuned model must
-    keep on held-out data.
+    """``mean_cosine>=0.97``, ``perplexity_ratio<=1.05`` or ``fd<=1.2``: the fidelity the tuned
+    model must keep on held-out data.
 
     The search works on a **score** where higher is better and one-layer losses add: the mean
     cosine itself; for a perplexity ratio, ``-log(ratio)`` (the mean next-token log-likelihood
     the student gives up, per token: per-layer increases of a cross-entropy add to first
-    order, ratios multiply). A perfect student scores ``score(1.0)`` on either (0 for the
-    ratio, 1 for the cosine)."""
+    order, ratios multiply); for a Frechet distance, ``-fd`` (``sensitivity`` says how the
+    layers' shares are measured)."""
 
     metric: str
     value: float
@@ -62,6 +63,8 @@ class Budget:
             raise RecipeError(f"--budget {text!r}: {value} is not in (0, 1)")
         if metric == "perplexity_ratio" and not 1.0 < value < 100.0:
             raise RecipeError(f"--budget {text!r}: {value} is not in (1, 100) (1 is the teacher itself)")
+        if metric == "fd" and not 0.0 < value < 1e6:
+            raise RecipeError(f"--budget {text!r}: a Frechet distance budget must be above 0")
         return cls(metric, value, f"{metric}{op}{value:g}")
 
     @property
@@ -75,21 +78,20 @@ class Budget:
 
     def score(self, value: float) -> float:
         """A metric value on the search's scale (higher is better, losses add)."""
-        return float(value) if self.higher_is_better else -math.log(max(float(value), 1e-12))
+        if self.metric == "perplexity_ratio":
+            return -math.log(max(float(value), 1e-12))
+        return float(value) if self.higher_is_better else -float(value)
 
     def value_of(self, score: float) -> float:
         """The metric value a score stands for (``score``'s inverse)."""
-        return float(score) if self.higher_is_better else math.exp(-float(score))
+        if self.metric == "perplexity_ratio":
+            return math.exp(-float(score))
+        return float(score) if self.higher_is_better else -float(score)
 
     @property
     def floor(self) -> float:
         """The budget on the score scale: a plan must score at least this."""
         return self.score(self.value)
-
-    @property
-    def perfect(self) -> float:
-        """The teacher's own score."""
-        return self.score(1.0)
 
     def met_by(self, value: float | None) -> bool:
         if value is None or not math.isfinite(value):

@@ -40,6 +40,10 @@ class TunerState:
     _prunes: dict[str, dict[str, int]]
     on_gpu: bool
     structures: list[dict[str, Any]]
+    original_score: float  # the original model's own score on the budget's scale
+
+    def layer_rows(self, model: nn.Module) -> dict[str, dict[tuple[int, int], tuple[int, int, int, int]]]:
+        raise NotImplementedError  # MeasureSteps'
 
     def _mark(self, what: str, since: float) -> None:
         self.timings[what] = round(time.monotonic() - since, 1)

@@ -113,26 +113,36 @@ class Tuner(MeasureSteps, VerifySteps):
             hint = (
                 f'give --budget "{key}{BUDGETS[key][0]}VALUE"'
                 if key in BUDGETS
-                else "tune handles sentence encoders (mean_cosine) and decoder LMs (perplexity_ratio) so far"
+                else "tune handles sentence encoders (mean_cosine), decoder LMs (perplexity_ratio) and "
+                "diffusion denoisers (fd) so far"
             )
             raise CompressorError(
                 f"tune: --budget {self.opts.budget.text} needs a model whose fidelity is {self.opts.budget.metric}; "
                 f"the {self.adapter.name} adapter's is {key or 'not declared'}: {hint}"
             )
-        if self.adapter.timing_inputs() is None:
-            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no inputs to time")
         if type(self.adapter).autoregressive:  # its serving shapes include decode steps
             self.opts = dataclasses.replace(self.opts, decode=True)
+        if self.opts.budget.metric == "fd":  # a denoiser is timed by batch alone: "32x1" is batch 32
+            self.opts = dataclasses.replace(self.opts, seq_len=1)
         torch.manual_seed(recipe.seed)
         self.model = self.adapter.load(recipe.model.source).eval()
+        if self.adapter.timing_inputs() is None:
+            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no inputs to time")
         self.teacher = frozen_copy(self.model)
         self.data = self.adapter.make_data(recipe.data, recipe.seed)
+        if self.opts.budget.metric == "fd" and not hasattr(self.adapter, "sample_images"):
+            raise CompressorError(
+                f"tune: the {self.adapter.name} adapter cannot sample images to judge an fd budget"
+            )
         self.probe = SensitivityProbe(
             self.adapter,
             self.teacher,
             self.data.calibration[: self.opts.calibration_batches],
             self.opts.budget,
+            samples=sum(len(next(iter(b.values()))) for b in self.data.calibration),
+            held_out=self.data.eval,
         )
+        self.original_score = self.probe.teacher_score
         self._mark("load", t)
 
     # -- profile --
@@ -158,11 +168,12 @@ class Tuner(MeasureSteps, VerifySteps):
             scores[f"after_{half * (i + 1)}_steps"] = self.probe.fidelity(model)
         f_half, f_full = scores[f"after_{half}_steps"], scores[f"after_{2 * half}_steps"]
         budget = self.opts.budget
-        estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps, budget.perfect)
+        best = self.original_score
+        estimate = extrapolate_recovery(f_half, f_full, 2 * half, self.opts.recover_steps, best)
         # a student that scores better than its teacher on the calibration text (a perplexity
         # ratio under 1 after recovery on similar text) is credited as the teacher, no more:
         # held-out text gives no such headroom to spend on the layers' costs
-        estimate = min(estimate, budget.perfect)
+        estimate = min(estimate, best)
         return model, estimate, {k: round(budget.value_of(v), 6) for k, v in scores.items()}
 
     def _base_dict(self) -> dict[str, Any]:
@@ -196,9 +207,9 @@ class Tuner(MeasureSteps, VerifySteps):
         kept: Mapping[str, set[str]],
         costs: Mapping[str, Mapping[str, float]],
     ) -> tuple[LayerOptions, ...]:
-        b, s = self.opts.primary
         out = []
-        for name, (k, n) in self.candidate_shapes(model).items():
+        for name, at in self.layer_rows(model).items():
+            k, n, b, s = at[self.opts.primary]
             float_ms = prof.form_ms(k, n, b, s, "float")
             choices = [Choice("float", 0.0, 0.0)]
             for form in sorted(kept.get(name, set()) - {"float"}):
@@ -218,7 +229,7 @@ class Tuner(MeasureSteps, VerifySteps):
         with ``rec["skipped"]`` saying why it is not searched."""
         opts, budget = self.opts, self.opts.budget
         if name == ORIGINAL:
-            return self.model, budget.perfect
+            return self.model, self.original_score
         if ms > self.baseline_ms * (1.0 - self.margin):
             rec["skipped"] = "its float model is not faster than the original's beyond the noise floor"
             return None

@@ -17,7 +17,7 @@ from compressor.adapters.digits import load_digits_split  # noqa: E402
 from compressor.errors import DataError  # noqa: E402
 from compressor.recipe import DataSpec  # noqa: E402
 from compressor.sources import image_splits, read_image_folder  # noqa: E402
-from tests.helpers.diffusion import tiny_teacher  # noqa: E402
+from tests.helpers.diffusion import save_tiny_teacher, tiny_teacher  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread
 Image = pytest.importorskip("PIL.Image")
@@ -37,19 +37,7 @@ def _digit_folder(root: Path, classes: tuple[int, ...] = (0, 1, 2), per_class: i
 
 
 def _teacher_folder(folder: Path, num_class_embeds: int = 11) -> Path:
-    """The tiny class-conditional teacher written as a plain diffusers pipeline folder."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    teacher = tiny_teacher()
-    unet = teacher.unet
-    emb = teacher.conditioner.label_embedding
-    if num_class_embeds != emb.num_embeddings:
-        emb = torch.nn.Embedding(num_class_embeds, emb.embedding_dim)
-    unet.class_embedding = emb
-    unet.register_to_config(class_embed_type=None, num_class_embeds=num_class_embeds)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(teacher.train_config)).save_pretrained(folder)
-    (folder / "sampling.json").write_text('{"steps": 4, "guidance_scale": 2.0}')
-    return folder
+    return save_tiny_teacher(folder, num_class_embeds)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def _base(tmp_path: Path, lm: Path) -> Path:
 def test_budget_scale_is_minus_log_ratio() -> None:
     b = Budget.parse("perplexity_ratio<=1.05")
     assert b.recipe_key == "headline_limit" and not b.higher_is_better
-    assert b.perfect == 0.0 and b.floor == pytest.approx(-math.log(1.05))
+    assert b.score(1.0) == 0.0 and b.floor == pytest.approx(-math.log(1.05))
     assert b.value_of(b.score(1.3)) == pytest.approx(1.3)
     assert b.met_by(1.04) and not b.met_by(1.06) and not b.met_by(float("nan")) and not b.met_by(None)
     c = Budget.parse("mean_cosine>=0.97")

@@ -98,7 +98,7 @@ def test_tune_never_writes_over_the_users_files(
 
 def test_bad_budgets_are_one_line_errors(tiny_bert_dir: Path, tmp_path: Path, cache: Path, capsys) -> None:
     for budget, words in (("cosine 0.9", "METRIC>=VALUE"), ("perplexity_ratio>=1.1", "is a ceiling"),
-                          ("mean_cosine<=0.9", "is a floor"), ("fd<=2", "fd is not one yet"),
+                          ("mean_cosine<=0.9", "is a floor"), ("kl_per_token<=0.1", "kl_per_token is not one yet"), ("fd<=0", "must be above 0"),
                           ("perplexity_ratio<=0.9", "not in (1, 100)"),
                           ("mean_cosine>=1.5", "not in (0, 1)")):  # fmt: skip
         code = main(
