@@ -88,3 +88,23 @@ def test_tune_a_denoiser_under_an_fd_budget(
     assert main(["compile", "--recipe", str(out), "--out", str(bundle), "--no-bench"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["passes"][-1]["metrics"]["fd"] <= limit
+
+
+def test_a_denoisers_linears_are_timed_at_batch_rows(teacher_dir: Path, tmp_path: Path) -> None:
+    """The time embedding and the resnets' projections see [batch, channels]: rows (batch, 1)."""
+    from compressor.app.tune.options import TuneOptions
+    from compressor.app.tune.tune import Tuner
+
+    base = {"name": "b", "target": "cpu", "model": {"source": str(teacher_dir), "adapter": "diffusers"},
+            "data": DATA, "passes": [{"pass": "quantize", "method": "int8"}],
+            "exports": [{"format": "diffusers-pipeline"}], "evaluation": {"run_bench": False}}  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    tuner = Tuner(
+        TuneOptions(budget=Budget.parse("fd<=100"), recipe=str(tmp_path / "base.yaml"), batches=(3,))
+    )
+    tuner.load()
+    assert tuner.opts.io_shapes == [(3, 1)]
+    rows = tuner.layer_rows(tuner.model)
+    lin = tuner.model.get_submodule("unet.time_embedding.linear_1")
+    assert rows["unet.time_embedding.linear_1"] == {(3, 1): (lin.in_features, lin.out_features, 3, 1)}
+    assert set(rows) == set(tuner.adapter.linear_names(tuner.model))

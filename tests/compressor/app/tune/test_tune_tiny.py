@@ -173,3 +173,27 @@ def test_a_cosine_budget_on_a_decoder_lm_is_pointed_to_its_perplexity(
     err = capsys.readouterr().err
     assert "hf-causal-lm" in err and 'give --budget "perplexity_ratio<=VALUE"' in err
     assert not (tmp_path / "t.yaml").exists()
+
+
+def test_each_layer_is_timed_at_the_rows_it_sees(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Token layers at [batch, seq]; the pooler, which the sentence-embedding graph never runs,
+    is no candidate at all."""
+    from compressor.app.tune.options import Budget, TuneOptions
+    from compressor.app.tune.tune import Tuner
+
+    opts = TuneOptions(
+        budget=Budget.parse("mean_cosine>=0.9"),
+        recipe=str(_base(tmp_path, tiny_bert_dir)),
+        batches=(2, 8),
+        seq_len=16,
+    )
+    tuner = Tuner(opts)
+    tuner.load()
+    rows = tuner.layer_rows(tuner.model)
+    hidden = tuner.model.config.hidden_size
+    assert rows["encoder.layer.0.attention.self.query"] == {
+        (2, 16): (hidden, hidden, 2, 16),
+        (8, 16): (hidden, hidden, 8, 16),
+    }
+    assert "pooler.dense" not in rows
+    assert len(rows) == 6 * tuner.model.config.num_hidden_layers
