@@ -21,7 +21,12 @@ from torch import nn
 
 from compressor.adapters.base import Batch, SmoothGroup
 from compressor.passes.quantize.config import Int8Config
-from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine, quantize_linears_
+from compressor.passes.quantize.int8_math import (
+    activation_absmax,
+    mean_cosine,
+    output_rows,
+    quantize_linears_,
+)
 from compressor.passes.quantize.mixed_precision import plan_mixed_precision
 from compressor.pipeline import PassContext, PassOutput
 from compressor.progress import Progress
@@ -54,7 +59,7 @@ class _Candidates:
     @torch.no_grad()
     def fidelity(self, m: nn.Module) -> float:
         """Calibration mean cosine of ``m`` against the teacher."""
-        score = mean_cosine(torch.cat([self.forward(m, b) for b in self.batches]), self.reference)
+        score = mean_cosine(output_rows([self.forward(m, b) for b in self.batches]), self.reference)
         self.bar.update(1)
         return score
 
@@ -66,7 +71,7 @@ def run_int8(
     adapter = ctx.adapter
     cal = ctx.data.calibration[: cfg.calibration_batches]
     with torch.no_grad():
-        reference = torch.cat([adapter.forward(ctx.teacher, b) for b in cal])
+        reference = output_rows([adapter.forward(ctx.teacher, b) for b in cal])
     need_stats = cfg.smoothquant or scheme == "static_per_tensor"
     stats = activation_absmax(model, names, adapter.forward, cal) if need_stats else None
 

@@ -21,6 +21,13 @@ from compressor.modules import get_linear, set_module
 from compressor.passes.quantize.smoothquant import fold_input_scale_, smoothquant_scales
 
 
+def output_rows(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model outputs of several batches as one matrix of rows (the last dimension): a decoder's
+    ``[B, T, V]`` logits of batches padded to different lengths cannot be concatenated as they
+    are, their rows can."""
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity of the rows of ``a`` and ``b`` (float64)."""
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())

@@ -160,7 +160,7 @@ class SparsifyPass(Pass[SparsifyConfig]):
     ) -> dict[str, Any]:
         """Put the most sensitive layers back to dense (``plan_mixed_precision``); returns them
         (``dense_layers``) and the details of the search (``per_layer``, ``mixed_sparsity``)."""
-        from compressor.passes.quantize.int8_math import mean_cosine
+        from compressor.passes.quantize.int8_math import mean_cosine, output_rows
         from compressor.passes.quantize.mixed_precision import budget_target, plan_mixed_precision
         from compressor.progress import open_progress
 
@@ -168,7 +168,7 @@ class SparsifyPass(Pass[SparsifyConfig]):
         adapter, cal = ctx.adapter, ctx.data.calibration[: cfg.calibration_batches]
         sparse = {n: get_linear(model, n).weight.detach().clone() for n in names}
         with torch.no_grad():
-            reference = torch.cat([adapter.forward(ctx.teacher, b) for b in cal])
+            reference = output_rows([adapter.forward(ctx.teacher, b) for b in cal])
 
         @torch.no_grad()
         def fidelity_with_dense(keep: Sequence[str]) -> float:
@@ -176,7 +176,7 @@ class SparsifyPass(Pass[SparsifyConfig]):
             for n in names:
                 get_linear(model, n).weight.copy_(dense[n] if n in kept else sparse[n])
             try:
-                return mean_cosine(torch.cat([adapter.forward(model, b) for b in cal]), reference)
+                return mean_cosine(output_rows([adapter.forward(model, b) for b in cal]), reference)
             finally:
                 for n in kept:
                     get_linear(model, n).weight.copy_(sparse[n])

@@ -285,6 +285,17 @@ class MeasureSteps(TunerState):
             }
         return out
 
+    def layer_noise(self, prof: EngineProfile, model: nn.Module) -> dict[str, dict[str, float]]:
+        """Per layer and declared shape, the float twin's ratio to float in the layer's own
+        rotation (where the profile has one): how noisy that layer's timing was."""
+        out: dict[str, dict[str, float]] = {}
+        for name, at in self.layer_rows(model).items():
+            for (b, s), key in at.items():
+                row = prof.linears.get(linear_key(*key), {})
+                if f"{CONTROL}/ratio" in row:
+                    out.setdefault(name, {})[f"{b}x{s}"] = row[f"{CONTROL}/ratio"]
+        return out
+
     # -- fidelity --
 
     def reference_points(

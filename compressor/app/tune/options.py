@@ -145,6 +145,7 @@ class Verification:
     latency: dict[str, dict[str, float]]  # "BxS" -> {"ms", "baseline_ms", "speedup"}
     met: bool
     seconds: float
+    slower_at: dict[str, float] = field(default_factory=dict)  # shape -> speed-up, where under 1 - margin
 
 
 @dataclass

@@ -56,6 +56,7 @@ def tune_record(r: TuneResult) -> dict[str, Any]:
                 "fidelity": v.fidelity,
                 "judged_on": v.where.strip() or "all held-out data",
                 "met": v.met,
+                "slower_than_ort_fp32_at": v.slower_at,
                 "latency": v.latency,
                 "seconds": v.seconds,
                 "metrics": {k: round(val, 6) for k, val in v.metrics.items()},
@@ -106,7 +107,8 @@ def summary_lines(r: TuneResult) -> list[str]:
         lines.append(
             f"verified {v.plan.structure}: {o.budget.metric} "
             f"{'none' if v.fidelity is None else f'{v.fidelity:.5f}'}{v.where} -> "
-            f"{'meets' if v.met else 'MISSES'} {o.budget.text}; {lat} ({v.seconds:.0f} s)"
+            f"{'meets' if o.budget.met_by(v.fidelity) else 'MISSES'} {o.budget.text}; {lat} ({v.seconds:.0f} s)"
+            + (f"; SLOWER than ORT fp32 at {', '.join(v.slower_at)}: not chosen" if v.slower_at else "")
         )
     for note in r.notes:
         lines.append(f"note: {note}")

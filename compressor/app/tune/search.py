@@ -92,36 +92,43 @@ the zeros are multiplied like any weight)."""
 
 
 def drop_slower_forms(
-    ratios: Mapping[str, Mapping[str, Mapping[str, float]]], margin: float
+    ratios: Mapping[str, Mapping[str, Mapping[str, float]]],
+    margin: float,
+    noise: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[dict[str, set[str]], list[Rejected]]:
     """``ratios[layer][form][shape]``: measured latency / float's. A form is kept for a layer
-    only when at every shape it is at least ``margin`` faster than float (``ratio <= 1 -
-    margin``; ``margin`` at least the noise floor the profile measured), and than its parent
-    form (``PARENT_FORMS``) where it has one. Returns the kept forms per layer and the
-    rejected ones with their worst ratio."""
+    only when at every shape it is faster than float by the margin there (``ratio <= 1 -
+    m``; ``m`` is ``margin``, the noise floor of the whole profile, or where larger the
+    layer's own: ``noise[layer][shape]``, how far its float twin strayed from float in the
+    same rotation), and than its parent form (``PARENT_FORMS``) where it has one. Returns
+    the kept forms per layer and the rejected ones with their worst ratio."""
     kept: dict[str, set[str]] = {}
     rejected: list[Rejected] = []
     for layer, forms in ratios.items():
         kept[layer] = {"float"}
+        own = (noise or {}).get(layer, {})
+        at = {sh: max(margin, abs(own.get(sh, 1.0) - 1.0)) for f in forms.values() for sh in f}
         for form, by_shape in forms.items():
             if form == "float":
                 continue
-            shape, worst = max(by_shape.items(), key=lambda kv: kv[1])
+            # the shape where the form comes closest to (or past) float, by its margin there
+            shape, worst = max(by_shape.items(), key=lambda kv: kv[1] + at[kv[0]])
+            fast = worst <= 1.0 - at[shape]
             parent = PARENT_FORMS.get(form)
-            if worst <= 1.0 - margin and parent is not None and parent in forms:
+            if fast and parent is not None and parent in forms:
                 gains = {sh: forms[parent][sh] - r for sh, r in by_shape.items() if sh in forms[parent]}
                 sh, least = min(gains.items(), key=lambda kv: kv[1])
-                if least < margin * forms[parent][sh]:
+                if least < at[sh] * forms[parent][sh]:
                     why = f"not faster than {parent} beyond the noise floor ({by_shape[sh]:.3f}x vs {forms[parent][sh]:.3f}x) at {sh}"
                     rejected.append(Rejected(layer, form, by_shape[sh], sh, why))
                     continue
-            if worst <= 1.0 - margin:
+            if fast:
                 kept[layer].add(form)
                 continue
             why = (
                 f"slower than float ({worst:.3f}x its latency) at {shape}"
                 if worst > 1.0
-                else f"not faster than float beyond the noise floor ({worst:.3f}x, margin {margin:.3f}) at {shape}"
+                else f"not faster than float beyond the noise floor ({worst:.3f}x, margin {at[shape]:.3f}) at {shape}"
             )
             rejected.append(Rejected(layer, form, worst, shape, why))
     return kept, rejected

@@ -24,7 +24,12 @@ from compressor.adapters.base import Batch, ModelAdapter
 from compressor.app.tune.forms import FORMS
 from compressor.app.tune.options import Budget
 from compressor.modules import get_linear, set_module
-from compressor.passes.quantize.int8_math import activation_absmax, mean_cosine, quantize_linears_
+from compressor.passes.quantize.int8_math import (
+    activation_absmax,
+    mean_cosine,
+    output_rows,
+    quantize_linears_,
+)
 
 
 def budget_scorer(
@@ -40,7 +45,7 @@ def budget_scorer(
             return budget.score(lm_fidelity(zip(outs, refs, batches, strict=True))["perplexity_ratio"])
 
         return ppl
-    return lambda outs, refs, batches: mean_cosine(torch.cat(list(outs)), torch.cat(list(refs)))
+    return lambda outs, refs, batches: mean_cosine(output_rows(outs), output_rows(refs))
 
 
 class SampledFD:

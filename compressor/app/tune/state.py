@@ -41,6 +41,7 @@ class TunerState:
     on_gpu: bool
     structures: list[dict[str, Any]]
     original_score: float  # the original model's own score on the budget's scale
+    margin: float  # the profile's noise floor (``MeasureSteps.noise_margin``)
 
     def layer_rows(self, model: nn.Module) -> dict[str, dict[tuple[int, int], tuple[int, int, int, int]]]:
         raise NotImplementedError  # MeasureSteps'

@@ -74,7 +74,6 @@ class Tuner(MeasureSteps, VerifySteps):
     structures: list[dict[str, Any]]  # one record per structure, for the report
     rejected: list[Rejected]
     models: dict[str, nn.Module]  # the searched structures' models (probed)
-    margin: float
     baseline_ms: float
 
     def __init__(
@@ -273,7 +272,9 @@ class Tuner(MeasureSteps, VerifySteps):
         if got is None:
             return []
         model, fid = got
-        kept, rejected = drop_slower_forms(self.layer_ratios(prof, model), self.margin)
+        kept, rejected = drop_slower_forms(
+            self.layer_ratios(prof, model), self.margin, self.layer_noise(prof, model)
+        )
         seen = {(x.layer, x.form) for x in self.rejected}
         self.rejected.extend(r for r in rejected if (r.layer, r.form) not in seen)
         forms_of = {n: sorted(fs) for n, fs in kept.items()}

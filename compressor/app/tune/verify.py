@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compressor.app.tune.options import TuneResult, Verification
+from compressor.app.tune.options import ORIGINAL, TuneResult, Verification
 from compressor.app.tune.search import (
     Plan,
     choose,
@@ -26,6 +26,15 @@ from compressor.app.tune.state import TunerState
 from compressor.recipe import parse_recipe
 
 log = logging.getLogger(__name__)
+
+
+def slower_shapes(plan: Plan, latency: dict[str, dict[str, float]], margin: float) -> dict[str, float]:
+    """Never slower: the declared shapes where a compressed plan's whole model measured slower
+    than ORT fp32 beyond the noise ``margin`` (shape -> speed-up). The untouched model (the
+    original structure, every layer float) is the baseline itself: its ratio is only noise."""
+    if plan.structure == ORIGINAL and set(plan.forms.values()) <= {"float"}:
+        return {}
+    return {k: d["speedup"] for k, d in latency.items() if d["speedup"] < 1.0 - margin}
 
 
 def _fmt(value: float | None) -> str:
@@ -51,6 +60,18 @@ class VerifySteps(TunerState):
                 result.chosen = plan
                 result.recipe = self.recipe_of(plan)
                 return
+            if v.slower_at and self.opts.budget.met_by(v.fidelity):
+                # never slower: the whole model runs slower than ORT fp32 somewhere; a plan with
+                # fewer compressed layers is the way back
+                nxt = step_back(front, plan)
+                slow = ", ".join(f"{k} {x:.2f}x" for k, x in v.slower_at.items())
+                self.notes.append(
+                    f"plan {plan.structure} {plan.counts()} meets {self.opts.budget.text} but runs slower than "
+                    f"ORT fp32 at {slow}: "
+                    + ("stepping back along the front" if nxt is not None else "no plan left on the front")
+                )
+                plan = nxt
+                continue
             # the estimate was this much too high: ask the front for that much more. The plan it
             # gives is more faithful than this one (budget + margin > plan.fidelity), so never one
             # tried before; without one, the next plan toward fidelity
@@ -94,8 +115,10 @@ class VerifySteps(TunerState):
         value, where = gate.judged_value(metrics)
         path = self.export_onnx(c.model, work / f"verify-{len(plan.forms)}-{plan.structure}.onnx")
         latency = self.time_against_original(path, work)
-        met = budget.met_by(value)
-        return Verification(plan, value, where, metrics, latency, met, round(time.monotonic() - t, 1))
+        slower = slower_shapes(plan, latency, self.margin)
+        met = budget.met_by(value) and not slower
+        seconds = round(time.monotonic() - t, 1)
+        return Verification(plan, value, where, metrics, latency, met, seconds, slower)
 
     def time_against_original(self, path: Path, work: Path) -> dict[str, dict[str, float]]:
         """The compiled model's ONNX beside the original's plain fp32 export, as ``compressor

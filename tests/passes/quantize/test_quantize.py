@@ -335,3 +335,27 @@ def test_fidelity_budget_is_validated_with_its_key() -> None:
         parse(fidelity_budget=0.003)
     with pytest.raises(RecipeError, match=r"passes\[0\].target_mean_cosine: needs max_float_layers > 0"):
         parse(target_mean_cosine=0.997)
+
+
+@pytest.mark.parametrize("method", ["int8", "static"])
+def test_a_decoders_calibration_batches_of_different_lengths(tiny_llama_dir, method: str) -> None:
+    """A decoder's [B, T, V] logits of batches padded to different lengths are compared row by
+    row (they were concatenated as they are, which failed on real text)."""
+    from compressor.adapters.base import DataSplits
+    from compressor.adapters.causal_lm import CausalLMAdapter
+    from compressor.data import stdlib_docstring_splits
+    from compressor.pipeline import PassContext
+    from compressor.targets import get_target
+
+    adapter = CausalLMAdapter()
+    model = adapter.load(str(tiny_llama_dir))
+    texts = list(stdlib_docstring_splits().calibration[:8])
+    cal = [adapter.tokenize(texts[:4], 12, pad_to_max=True), adapter.tokenize(texts[4:], 20, pad_to_max=True)]
+    assert cal[0]["input_ids"].shape[1] != cal[1]["input_ids"].shape[1]
+    data = DataSplits(calibration=cal, train=cal, eval=cal)
+    ctx = PassContext(target=get_target("cpu"), adapter=adapter, teacher=copy.deepcopy(model), data=data)
+    activations = "static_per_tensor" if method == "static" else "dynamic_per_tensor"
+    cfg = quantize_config(targets=("model.layers.*",), smoothquant=True, activations=activations)
+    out = QuantizePass(cfg).run(model, ctx)
+    assert out.details["quantized_layers"] == 14
+    assert 0.9 < out.details["calibration_mean_cosine"] <= 1.0

@@ -167,3 +167,15 @@ def test_recovery_is_extrapolated_as_a_power_law_and_never_below_the_probe() -> 
     assert extrapolate_recovery(0.90, 0.96, 100, 100) == 0.96  # nothing left to extrapolate
     # a loss falling faster than 1/t is not extrapolated faster than 1/t
     assert extrapolate_recovery(0.80, 0.96, 100, 1000) == pytest.approx(1 - 0.04 / 10)
+
+
+def test_a_layer_whose_own_timing_was_noisy_needs_a_wider_margin() -> None:
+    """0.95x passes the profile's 3 % floor, but not where that layer's own float twin
+    strayed by 8 %: that gain is inside its noise."""
+    ratios = {
+        "a": {"float": {"8x1": 1.0}, "int8": {"8x1": 0.95}},
+        "b": {"float": {"8x1": 1.0}, "int8": {"8x1": 0.95}},
+    }
+    kept, rejected = drop_slower_forms(ratios, 0.03, {"a": {"8x1": 1.08}, "b": {"8x1": 1.01}})
+    assert kept["a"] == {"float"} and kept["b"] == {"float", "int8"}
+    assert [(r.layer, r.form) for r in rejected] == [("a", "int8")] and "margin 0.080" in rejected[0].why
