@@ -59,6 +59,11 @@ class VerifySteps(TunerState):
             if v.met:
                 result.chosen = plan
                 result.recipe = self.recipe_of(plan)
+                if v.latency and all(d["speedup"] < 1.0 + self.margin for d in v.latency.values()):
+                    self.notes.append(
+                        f"the verified plan is within the timing noise ({self.margin:.3f}) of ORT fp32 at every "
+                        "shape: no measured speed-up on this engine at these shapes"
+                    )
                 return
             if v.slower_at and self.opts.budget.met_by(v.fidelity):
                 # never slower: the whole model runs slower than ORT fp32 somewhere; a plan with

@@ -50,9 +50,10 @@ def test_a_faithful_plan_that_runs_slower_than_float_is_stepped_back_from() -> N
 
 
 def test_a_plan_inside_the_timing_noise_is_not_called_slower() -> None:
-    result, _ = _run({"fast": (0.98, 0.98)})
+    result, steps = _run({"fast": (0.98, 0.98)})
     assert result.chosen is not None and result.chosen.structure == "fast"
     assert result.verifications[0].slower_at == {}
+    assert "no measured speed-up" in steps.notes[-1]  # chosen, but said to gain nothing
 
 
 def test_the_untouched_model_is_never_called_slower() -> None:
