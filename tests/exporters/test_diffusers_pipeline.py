@@ -103,3 +103,20 @@ def test_recipe_rejects_text_corpus_for_diffusers() -> None:
     data = {"model": {"adapter": "diffuser"}}
     with pytest.raises(RecipeError, match="model.adapter: 'diffuser' is not one of"):
         parse_recipe(data, "r.yaml")
+
+
+def test_the_plain_onnx_exporter_verifies_a_denoiser(tmp_path: Path, adapter, data) -> None:
+    """A denoiser's graph takes a noisy sample and a timestep, not the batch's images: the
+    plain `onnx` export is verified on the inputs the batch makes (it fed ORT nothing before)."""
+    from compressor.exporters.onnx.onnx import OnnxExporter
+    from compressor.passes.quantize.quantize import QuantizePass, quantize_config
+
+    model = (
+        QuantizePass(quantize_config(method="int8"))
+        .run(tiny_teacher(), make_ctx(tiny_teacher(), adapter, data))
+        .model
+    )
+    ectx = ExportContext(target=TARGETS["cpu"], adapter=adapter, data=data, reference_model=model)
+    res = OnnxExporter().export(model, ectx, tmp_path)
+    report = res.verification["onnx"]
+    assert report["cases"] >= 2 and report["min_cosine"] > 0.999 and report["max_abs_error"] < 1e-3
