@@ -462,3 +462,23 @@ def test_bench_prints_the_percentile_note(capsys: pytest.CaptureFixture[str]) ->
     _print_bench(_bench(3))
     out = capsys.readouterr().out
     assert "note: p90 and p99 shown as '-': 3 timed runs per row" in out
+
+
+def test_the_pass_table_shows_each_familys_own_metrics() -> None:
+    """A diffusion compile's table shows FD and class accuracy (it showed only `-`); a decoder's
+    its perplexity, ratio, KL and top-1 agreement, its logit cosines left to the manifest."""
+    diffusion = [
+        {"pass": "original", "wall_s": 1.0, "metrics": {"fd": 1.7091, "class_acc": 1.0, "steps": 50.0}}
+    ]
+    rows = pass_table(diffusion)
+    assert rows[0][3:] == ["FD", "class acc", "steps"] and rows[1][3:] == ["1.709", "1.000", "50"]
+    lm = [{"pass": "quantize", "wall_s": 2.0, "metrics": {"perplexity": 180.2, "perplexity_ratio": 1.0123,
+           "kl_per_token": 0.01, "top1_agreement": 0.97, "mean_cosine": 0.99, "params": 1e6}}]  # fmt: skip
+    assert pass_table(lm)[0][3:] == ["ppl", "ppl ratio", "KL/token", "top-1 agree", "params"]
+    encoder = [{"pass": "quantize", "wall_s": 2.0, "metrics": {"mean_cosine": 0.998, "min_cosine": 0.99}}]
+    assert pass_table(encoder)[0][3:] == ["mean cos", "min cos"]
+    from compressor.app.report import measurement_notes
+
+    assert "perplexity ratio 1.0123" in measurement_notes({"passes": lm})[0]
+    assert "Frechet distance 1.709" in measurement_notes({"passes": diffusion})[0]
+    assert "mean cosine 0.99800" in measurement_notes({"passes": encoder})[0]
