@@ -4,6 +4,7 @@ verification, and the recipe it writes compiled back by `compressor compile`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,10 @@ def test_tune_writes_a_recipe_that_compiles_and_reuses_its_profile(
     names = {s["name"] for s in record["structures"]}
     assert names == {"original", "1x64"}
     # every rejected form was measured no faster than float (or its parent) at some shape
-    for r in record["rejected"]:
-        assert r["ratio"] > 1.0 - record["noise_margin"] - 1e-9 or "than int8" in r["why"]
+    for r in record["rejected"]:  # by the profile's noise floor, or the layer's own where wider
+        own = re.search(r"margin ([0-9.]+)", r["why"])
+        margin = max(record["noise_margin"], float(own.group(1)) if own else 0.0)
+        assert r["ratio"] > 1.0 - margin - 1e-9 or "than int8" in r["why"]
     chosen = record["chosen"]
     assert chosen is not None and record["verifications"]
     last = record["verifications"][-1]
