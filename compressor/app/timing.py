@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from compressor.adapters.base import BenchInputs, ModelAdapter
+from compressor.adapters.base import BenchInputs, ModelAdapter, TimingInputs
 from compressor.errors import CompressorError
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,7 @@ def time_onnx_against_fp32(
     held-out inputs padded to ``seq_len`` (the ``adapter``'s ``bench_inputs``)."""
     from compressor.exporters.onnx.onnx import export_onnx, ort_session
 
-    inputs = adapter.timing_inputs()
-    if inputs is None:
-        raise CompressorError(
-            f"time_onnx_against_fp32: the {adapter.name} adapter declares no inputs to time"
-        )
+    inputs = timing_inputs_of(adapter, "time_onnx_against_fp32")
     plain = adapter.export_spec(copy.deepcopy(original), inputs.example(), fused=False)
     export_onnx(plain.module, plain, work / "plain.onnx", 17)
     paths = {baseline: work / "plain.onnx", **files}
@@ -94,6 +90,14 @@ def time_onnx_against_fp32(
     runs = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     log.info("timing %d ONNX models side by side", len(runs))
     return {k: latency_stats(t, batch) for k, t in time_side_by_side(runs, warmup, repeats).items()}
+
+
+def timing_inputs_of(adapter: ModelAdapter, who: str) -> TimingInputs:
+    """The adapter's ``timing_inputs``, or the error that its exports cannot be timed."""
+    inputs = adapter.timing_inputs()
+    if inputs is None:
+        raise CompressorError(f"{who}: the {adapter.name} adapter declares no inputs to time")
+    return inputs
 
 
 def bench_inputs_of(adapter: ModelAdapter, who: str) -> BenchInputs:

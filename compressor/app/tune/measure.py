@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compressor.adapters.base import DataSplits, ModelAdapter
+from compressor.app.timing import timing_inputs_of
 from compressor.app.tune.fingerprint import HostFingerprint, cpu_fingerprint
 from compressor.app.tune.forms import FORMS, legal_forms
 from compressor.app.tune.options import ORIGINAL
@@ -180,8 +181,7 @@ class MeasureSteps(TunerState):
                 for n, m in shapes.items():
                     prof.blocks[key(n, b, s)] = prof.estimate_model(m, self.model, b, s)
                 continue
-            inputs = self.adapter.timing_inputs()
-            assert inputs is not None
+            inputs = timing_inputs_of(self.adapter, "tune")
             if self.on_gpu:
                 from compressor.app.tune.cuda_profile import time_models_cuda
 
@@ -204,11 +204,13 @@ class MeasureSteps(TunerState):
         token layer's ``[batch, seq, in]``; a pooler's or a time embedding's ``[batch, in]``
         is ``(batch, 1)``; a UNet attention's ``[batch, h*w, in]``). Layers the traced
         graph never runs are left out: no latency they save is real."""
-        cache: dict[int, Any] = self.__dict__.setdefault("_rows", {})
-        if id(model) in cache:
-            return cache[id(model)]
-        inputs = self.adapter.timing_inputs()
-        assert inputs is not None
+        # what the rows depend on: the Linears' names and shapes (a probed copy of a structure
+        # shares its timing model's); an id() could be a freed model's
+        key = model_signature(model, self.adapter.name)
+        cache: dict[str, Any] = self.__dict__.setdefault("_rows", {})
+        if key in cache:
+            return cache[key]
+        inputs = timing_inputs_of(self.adapter, "tune")
         names = set(self.adapter.linear_names(model))
         found: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {}
         spec = self.adapter.export_spec(model, inputs.example())
@@ -243,7 +245,7 @@ class MeasureSteps(TunerState):
                     math.prod(lead[1:]),
                 )
         rows = {n: at for n, at in found.items() if len(at) == len(self.opts.io_shapes)}
-        cache[id(model)] = rows
+        cache[key] = rows
         return rows
 
     def structure_ms(self, prof: EngineProfile, name: str) -> tuple[float, float]:

@@ -39,6 +39,7 @@ from torch import nn
 from compressor.adapters import make_adapter
 from compressor.app.compile import frozen_copy
 from compressor.app.defaults import default_recipe
+from compressor.app.timing import timing_inputs_of
 from compressor.app.tune.forms import FORMS
 from compressor.app.tune.measure import MeasureSteps
 from compressor.app.tune.options import BUDGETS, ORIGINAL, Budget, TuneOptions, TuneResult
@@ -125,8 +126,7 @@ class Tuner(MeasureSteps, VerifySteps):
             self.opts = dataclasses.replace(self.opts, seq_len=1)
         torch.manual_seed(recipe.seed)
         self.model = self.adapter.load(recipe.model.source).eval()
-        if self.adapter.timing_inputs() is None:
-            raise CompressorError(f"tune: the {self.adapter.name} adapter declares no inputs to time")
+        timing_inputs_of(self.adapter, "tune")  # refused here, before any data is built
         self.teacher = frozen_copy(self.model)
         self.data = self.adapter.make_data(recipe.data, recipe.seed)
         if self.opts.budget.metric == "fd" and not hasattr(self.adapter, "sample_images"):
