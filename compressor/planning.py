@@ -91,6 +91,8 @@ class PlanState:
     diffusion: DiffusionPlan | None = None
     artifacts: tuple[Artifact, ...] = ()
     where: str = ""
+    kv_cache: str | None = None  # "fp8": a pass quantized the KV cache (``kv_cache_by`` says which)
+    kv_cache_by: str = ""
 
     @classmethod
     def from_model(cls, model: nn.Module, target: Target, adapter: ModelAdapter) -> PlanState:
@@ -170,6 +172,7 @@ class PlannedExport(Protocol):
     name: ClassVar[str]
     consumes: ClassVar[tuple[str, ...]]
     forms: ClassVar[frozenset[str] | None]
+    kv_cache_forms: ClassVar[frozenset[str]]
 
     def check_plan(self, state: PlanState) -> None: ...
 
@@ -200,6 +203,16 @@ def check_export_forms(state: PlanState, e: PlannedExport) -> None:
             )
 
 
+def check_export_kv_cache(state: PlanState, e: PlannedExport) -> None:
+    """Refuse an export that cannot write the quantized KV cache a pass planned."""
+    if state.kv_cache is not None and state.kv_cache not in e.kv_cache_forms:
+        raise PlanError(
+            f"{state.where}: {e.name} cannot write a {state.kv_cache} KV cache (kv_cache: {state.kv_cache} "
+            f"on {state.kv_cache_by}); the compressed_tensors export (vLLM) writes it: use that export, or "
+            "set kv_cache: none"
+        )
+
+
 def check_export_inputs(state: PlanState, e: PlannedExport) -> None:
     """Refuse an export that builds from an artifact kind no export before it writes."""
     if not e.consumes:
@@ -218,6 +231,7 @@ def plan_exports(state: PlanState, exporters: Sequence[PlannedExport]) -> PlanSt
         here = state.replace(where=f"exports[{i}] ({e.name})")
         e.check_plan(here)  # first: an exporter's own refusal says more than the generic ones
         check_export_forms(here, e)
+        check_export_kv_cache(here, e)
         check_export_inputs(here, e)
         written = tuple(Artifact(kind, file, here.where) for kind, file in e.output_files().items())
         state = state.replace(artifacts=state.artifacts + written)

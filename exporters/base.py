@@ -35,7 +35,8 @@ class ExportResult:
 class Exporter(ABC):
     """One bundle format. ``consumes``: artifact kinds it builds from, one of which an export
     before it must write (checked by ``compressor.planning``); ``forms``: the quantized layer
-    forms it can take (``None`` = any; ``float`` is always taken); ``output_files`` what it
+    forms it can take (``None`` = any; ``float`` is always taken); ``kv_cache_forms``: the
+    quantized KV caches it can write (none by default); ``output_files`` what it
     writes, by artifact kind."""
 
     name: ClassVar[str]
@@ -43,6 +44,7 @@ class Exporter(ABC):
     Config: ClassVar[type]
     consumes: ClassVar[tuple[str, ...]] = ()
     forms: ClassVar[frozenset[str] | None] = None
+    kv_cache_forms: ClassVar[frozenset[str]] = frozenset()  # quantized KV caches it writes ("fp8")
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -2,7 +2,7 @@
 
 compressed-tensors is the checkpoint format vLLM loads quantized models from (and
 transformers, with the ``compressed-tensors`` package installed). A decoder language
-model quantized by our ``quantize`` pass (INT8 W8A8, or INT4 W4A16) is written as a
+model quantized by our ``quantize`` pass (INT8 W8A8, FP8, or INT4 W4A16) is written as a
 model folder::
 
     hf_compressed/
@@ -21,6 +21,17 @@ scales (symmetric per output channel, ``strategy: channel``), not a re-quantizat
   ``dynamic: true`` (what vLLM's W8A8 kernels run);
 - ``static_per_tensor`` layers: ``strategy: tensor``, ``dynamic: false``, with the
   calibrated ``input_scale``;
+- ``Fp8Linear`` layers (target h100): ``format: float-quantized``, our E4M3 codes as
+  ``weight`` (float8_e4m3fn) with ``weight_scale`` [N, 1] (``strategy: channel``) or [1]
+  (``tensor``); activations 8-bit float ``strategy: token, dynamic: true`` (vLLM's
+  FP8_DYNAMIC), ``tensor, dynamic: true``, or ``tensor, dynamic: false`` with the calibrated
+  ``input_scale`` (static FP8). Both use ``max|x| / 448``, so activations round exactly as here;
+- an FP8 KV cache (``quantize kv_cache: fp8``, any method): ``kv_cache_scheme`` (8-bit float,
+  symmetric, ``strategy: tensor``, static) and each attention module's calibrated
+  ``self_attn.k_scale`` / ``self_attn.v_scale`` [1], which vLLM reads for ``kv_cache_dtype:
+  fp8``. On reload, compressed-tensors 0.20 applies no KV quantization to transformers 5.24's
+  attention (its forward's cache argument is named ``cache``, which compressed-tensors does not
+  look for), so the verification applies the file's scales with our emulation and says so;
 - ``Int4Linear`` layers (symmetric): ``format: pack-quantized``, weights 4-bit
   ``strategy: group`` with our group size; our unsigned codes ``c`` (zero point 8) are
   its signed ``c - 8``, packed by the compressed-tensors library's own ``pack_to_int32``.
@@ -30,8 +41,8 @@ Refused, with what to change, before any work starts where the recipe shows it:
 symmetric int8 groups do not describe it), SmoothQuant divisors that stay inside a
 layer (``fold_only: true`` folds them into the norms, which the checkpoint carries),
 asymmetric INT4 (transformers with compressed-tensors 0.20 could not load packed zero
-points back here: a size mismatch), FP8 layers (not written yet), INT8 and INT4 in one
-model, and models that are not decoder LMs.
+points back here: a size mismatch), two methods (INT8, FP8, INT4) in one model, and
+models that are not decoder LMs.
 
 2:4 sparsity stays in the dense weights' zeros. With ``sparsity_config: true`` (every
 quantized layer's weight must then be 2:4: at most two non-zeros in each aligned group of
@@ -76,6 +87,7 @@ from compressor.exporters.compressed_tensors_layout import (
     compressed_state_dict,
     quantization_config,
 )
+from compressor.kernels.fp8_kv_cache import attach_kv_fp8_, attention_modules
 from compressor.planning import FLOAT, LinearPlan, PlanState
 
 log = logging.getLogger(__name__)
@@ -110,7 +122,7 @@ class CompressedTensorsExportConfig:
 def _refusal(lin: LinearPlan) -> str | None:
     """Why this format cannot express a planned layer (None when it can)."""
     if lin.form == "fp8":
-        return "method fp8 (int8 W8A8 and int4 W4A16 are written so far)"
+        return None
     if lin.form == "int4":
         return (
             None if lin.facts.get("symmetric", True) else "asymmetric int4 (zero points); set symmetric: true"
@@ -126,11 +138,13 @@ def _refusal(lin: LinearPlan) -> str | None:
 class CompressedTensorsExporter(Exporter):
     name = "compressed_tensors"
     description = (
-        "Hugging Face checkpoint in compressed-tensors format (vLLM), INT8 W8A8, verified by reloading"
+        "Hugging Face checkpoint in compressed-tensors format (vLLM): INT8 W8A8, FP8 (+ FP8 KV cache "
+        "scales) or INT4 W4A16, verified by reloading"
     )
     Config = CompressedTensorsExportConfig
 
-    forms = frozenset({"int8", "int4"})
+    forms = frozenset({"int8", "fp8", "int4"})
+    kv_cache_forms = frozenset({"fp8"})
 
     def check_plan(self, state: PlanState) -> None:
         where = state.where
@@ -141,7 +155,13 @@ class CompressedTensorsExporter(Exporter):
         quantized = [(n, lin) for n, lin in state.linears.items() if lin.form != FLOAT]
         if not quantized:
             raise RecipeError(
-                f"{where} writes quantized checkpoints: add a quantize pass (method int8 or int4)"
+                f"{where} writes quantized checkpoints: add a quantize pass (method int8, fp8 or int4)"
+            )
+        methods = sorted({lin.form for _, lin in quantized})
+        if len(methods) > 1:
+            raise RecipeError(
+                f"{where} writes one checkpoint format per model; the passes leave {' and '.join(methods)} "
+                "layers: quantize with one method"
             )
         for n, lin in quantized:
             refusal = _refusal(lin)
@@ -222,6 +242,7 @@ class CompressedTensorsExporter(Exporter):
             loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         except Exception as e:
             raise ExportError(f"{FOLDER}: transformers could not load the written checkpoint: {e}") from e
+        kv = reload_kv_cache(loaded, folder)
         worst_cos, worst_abs = 1.0, 0.0
         with torch.no_grad():
             for case, ref in zip(cases, refs):
@@ -235,4 +256,37 @@ class CompressedTensorsExporter(Exporter):
                 cos = torch.nn.functional.cosine_similarity(o, r, dim=-1)
                 worst_cos = min(worst_cos, float(cos.min()))
                 worst_abs = max(worst_abs, float((o - r).abs().max()))
-        return {"cases": len(cases), "min_cosine": worst_cos, "max_abs_error": worst_abs}
+        report: dict[str, Any] = {"cases": len(cases), "min_cosine": worst_cos, "max_abs_error": worst_abs}
+        if kv is not None:
+            report["kv_cache"] = kv
+        return report
+
+
+def reload_kv_cache(loaded: nn.Module, folder: Path) -> dict[str, Any] | None:
+    """The FP8 KV cache of a reloaded checkpoint, applied as the checkpoint says (None: it has none).
+
+    compressed-tensors attaches its own KV quantization only to attention modules whose forward
+    names a ``past_key_values`` argument; transformers 5.24's is called ``cache``, so there it
+    attaches nothing and the scales are left unread. Then the scales read from the written
+    file are applied by our emulation, so the comparison still covers what the file says."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    if not config.get("quantization_config", {}).get("kv_cache_scheme"):
+        return None
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        layers = sorted(k[: -len(".k_scale")] for k in keys if k.endswith(".k_scale"))
+        scales = {n: (f.get_tensor(f"{n}.k_scale"), f.get_tensor(f"{n}.v_scale")) for n in layers}
+    attention = [n for n, _ in attention_modules(loaded)]
+    if sorted(attention) != layers:
+        raise ExportError(
+            f"{FOLDER}: kv_cache_scheme is set but the file's K/V scales ({len(layers)} layers) do not match "
+            f"the model's {len(attention)} attention layers"
+        )
+    by = "compressed-tensors"
+    if not any(hasattr(loaded.get_submodule(n), "kv_cache") for n in layers):  # what it attaches
+        attach_kv_fp8_(loaded, scales)
+        by = "compressor (compressed-tensors attached no KV quantization to this transformers' attention)"
+    return {"scheme": "fp8 e4m3, one static scale per layer for K and for V", "layers": len(layers),
+            "applied_on_reload_by": by}  # fmt: skip

@@ -2,7 +2,8 @@
 
 Math (``Fp8Linear``'s reference path)::
 
-    s_x      = max|x| / 448                 per tensor, or per row (``per_token``)
+    s_x      = max|x| / 448                 per tensor, or per row (``per_token``),
+               or the calibrated input_scale (``static``)
     x_q      = fp8_e4m3(clamp(x / s_x, ±448))
     y        = (x_q @ w_qᵀ) · s_x · s_w[n] + b[n]          fp32 accumulation
 
@@ -30,11 +31,12 @@ def _fp8_linear_op(
     bias: torch.Tensor | None,
     act_granularity: str,
     out_dtype: torch.dtype,
+    input_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     from torch.library import wrap_triton
 
     x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
-    q, scale = quantize_fp8_activation(x2, act_granularity)
+    q, scale = quantize_fp8_activation(x2, act_granularity, input_scale)
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=out_dtype, device=x.device)
     launch_scaled_gemm(q, weight, scale, weight_scale.reshape(-1), bias, "none", out, wrap_triton)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -47,8 +49,12 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     act_granularity: str = "per_tensor",
     out_dtype: torch.dtype | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``quant(x) @ weightᵀ · scales + bias`` for ``x`` [..., K] by the Triton FP8 GEMM."""
+    """``quant(x) @ weightᵀ · scales + bias`` for ``x`` [..., K] by the Triton FP8 GEMM
+    (``act_granularity`` ``static``: with the calibrated ``input_scale``)."""
     check_fp8_linear(x, weight, weight_scale)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    return torch.ops.compressor.fp8_linear(x, weight, weight_scale, bias, act_granularity, out_dtype)
+    return torch.ops.compressor.fp8_linear(
+        x, weight, weight_scale, bias, act_granularity, out_dtype, input_scale
+    )

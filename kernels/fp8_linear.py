@@ -2,8 +2,12 @@
 
 Math. Weights are E4M3 with a float32 scale per output channel or per tensor,
 ``W ≈ fp8(W / sw) · sw`` with ``sw = max|W| / 448`` (``compressor.kernels.fp8_format``);
-activations are quantized on the fly to E4M3 with one dynamic scale per tensor,
-``sx = max|x| / 448``. The product accumulates in fp32: ``y = (Xq · sx)(Wq · sw)ᵀ + b``.
+activations are quantized to E4M3 with ``sx = max|x| / 448`` taken on the fly over the
+whole tensor (``dynamic_per_tensor``) or over each row (``dynamic_per_token``: a token's
+output does not depend on its batch-mates), or with one ``sx`` calibrated on the
+calibration data (``static_per_tensor``, ``input_scale``). The product accumulates in
+fp32: ``y = (Xq · sx)(Wq · sw)ᵀ + b``. These are the schemes of compressed-tensors'
+``float-quantized`` format, which vLLM runs.
 
 Paths. This is the reference path (any device torch can cast float8 on): it runs the
 E4M3 rounding exactly through ``torch.float8_e4m3fn`` and trains the float master
@@ -31,10 +35,19 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
+Fp8ActScheme = Literal["dynamic_per_tensor", "dynamic_per_token", "static_per_tensor"]
+FP8_ACT_SCHEMES: tuple[str, ...] = ("dynamic_per_tensor", "dynamic_per_token", "static_per_tensor")
+_GRANULARITY = {
+    "dynamic_per_tensor": "per_tensor",
+    "dynamic_per_token": "per_token",
+    "static_per_tensor": "static",
+}
+
+
 class Fp8Linear(nn.Module):
-    act_scheme = "dynamic_per_tensor"  # one activation scale over the whole input tensor
     weight_scale: torch.Tensor
     weight_mask: torch.Tensor | None
+    input_scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -42,19 +55,34 @@ class Fp8Linear(nn.Module):
         out_features: int,
         bias: bool = True,
         granularity: Literal["per_tensor", "per_channel"] = "per_channel",
+        act_scheme: Fp8ActScheme = "dynamic_per_tensor",
     ) -> None:
         super().__init__()
+        if act_scheme not in FP8_ACT_SCHEMES:
+            raise ValueError(f"fp8: activations {act_scheme!r} is not one of {', '.join(FP8_ACT_SCHEMES)}")
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        self.act_scheme: str = act_scheme
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("weight_scale", torch.ones(out_features, 1))
         self.register_buffer("weight_mask", None)
+        self.register_buffer("input_scale", None)  # [1], static_per_tensor only
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, granularity: Literal["per_tensor", "per_channel"] = "per_channel"
+        cls,
+        linear: nn.Linear,
+        granularity: Literal["per_tensor", "per_channel"] = "per_channel",
+        act_scheme: Fp8ActScheme = "dynamic_per_tensor",
+        input_scale: torch.Tensor | None = None,
     ) -> Fp8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity)
+        """``linear`` in FP8; a ``static_per_tensor`` layer needs its calibrated ``input_scale``
+        (``max|x| / 448`` over the calibration data)."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity, act_scheme)
+        if act_scheme == "static_per_tensor":
+            if input_scale is None or input_scale.numel() != 1 or not bool(input_scale.float() > 0):
+                raise ValueError("fp8 static_per_tensor needs one positive calibrated input_scale")
+            m.input_scale = input_scale.detach().float().reshape(1).clone()
         w = linear.weight.detach().float()
         mask = getattr(linear, "weight_mask", None)
         if isinstance(mask, torch.Tensor):
@@ -81,11 +109,23 @@ class Fp8Linear(nn.Module):
         ):
             from compressor.kernels.fp8_gemm import fp8_linear  # the Triton FP8 GEMM (imports triton)
 
-            return fp8_linear(x, self.fp8_weight(), self.weight_scale, self.bias, "per_tensor", x.dtype)
-        sx = (x.detach().abs().amax() / FP8_E4M3_MAX).clamp(min=1e-12)
-        xq = fake_quant_fp8(x, sx)
+            return fp8_linear(
+                x, self.fp8_weight(), self.weight_scale, self.bias, _GRANULARITY[self.act_scheme], x.dtype,
+                self.input_scale,
+            )  # fmt: skip
+        xq = fake_quant_fp8(x, self.activation_scale(x))
         wq = fake_quant_fp8(self.weight, self.weight_scale.to(self.weight.dtype))
         return F.linear(xq, wq, self.bias)
+
+    def activation_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``sx`` for ``x``: one value (per tensor, static) or ``[..., 1]`` (per token)."""
+        if self.act_scheme == "static_per_tensor":
+            if self.input_scale is None:
+                raise RuntimeError("Fp8Linear static_per_tensor has no calibrated input_scale")
+            return self.input_scale.to(x.dtype)
+        a = x.detach().abs()
+        amax = a.amax(dim=-1, keepdim=True) if self.act_scheme == "dynamic_per_token" else a.amax()
+        return (amax / FP8_E4M3_MAX).clamp(min=1e-12)
 
     def weight_bytes(self) -> int:
         return (
@@ -96,5 +136,6 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 {self.granularity}"
+            f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 {self.granularity}, "
+            f"activations {self.act_scheme}"
         )

@@ -23,7 +23,7 @@ from compressor.kernels.fp8_format import FP8_E4M3_MAX
 from compressor.kernels.int4_format import dequantize_w4a16
 
 ACTIVATIONS: dict[str, int] = {"none": 0, "gelu": 1, "silu": 2}
-ACT_GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_token")
+ACT_GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_token", "static")
 _EPS = 1e-8
 
 
@@ -101,12 +101,21 @@ def w8a8_linear_ref(
 # --------------------------------------------------------------------------- FP8
 
 
-def quantize_fp8_activation(x2: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 codes [M, K] and fp32 scales [M] (a per-tensor scale is repeated per row)."""
+def quantize_fp8_activation(
+    x2: torch.Tensor, granularity: str, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 codes [M, K] and fp32 scales [M] (a per-tensor scale is repeated per row);
+    ``static``: the calibrated ``input_scale`` (one value) for every row."""
     if granularity not in ACT_GRANULARITIES:
-        raise ValueError(f"fp8: activation granularity {granularity!r} is not one of per_tensor, per_token")
+        raise ValueError(
+            f"fp8: activation granularity {granularity!r} is not one of {', '.join(ACT_GRANULARITIES)}"
+        )
     xf = x2.float()
-    if granularity == "per_tensor":
+    if granularity == "static":
+        if input_scale is None or input_scale.numel() != 1:
+            raise ValueError("fp8: static activations need the one calibrated input_scale")
+        scale = input_scale.float().reshape(()).expand(x2.shape[0]).contiguous()
+    elif granularity == "per_tensor":
         scale = (xf.abs().amax() / FP8_E4M3_MAX).clamp(min=1e-12).expand(x2.shape[0]).contiguous()
     else:
         scale = (xf.abs().amax(dim=1) / FP8_E4M3_MAX).clamp(min=1e-12)
@@ -132,11 +141,12 @@ def fp8_linear_ref(
     bias: torch.Tensor | None = None,
     act_granularity: str = "per_tensor",
     out_dtype: torch.dtype | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pure-torch reference of ``fp8_linear``."""
     check_fp8_linear(x, weight, weight_scale)
     x2 = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_fp8_activation(x2, act_granularity)
+    q, scale = quantize_fp8_activation(x2, act_granularity, input_scale)
     y = scaled_gemm_ref(q, weight, scale, weight_scale.reshape(-1), bias, "none", out_dtype or x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -6,13 +6,14 @@ and the scheme that takes it (``passes[1].group_size: not an option of quantize 
 (an option of method int4)``). The groups:
 
 - ``QuantizeOptions`` (every scheme): ``method``, ``targets``, ``ignore``,
-  ``calibration_batches``, ``recover``;
+  ``calibration_batches``, ``recover``, ``kv_cache`` (an FP8 key/value cache,
+  ``compressor.passes.quantize.kv_cache``);
 - ``SmoothQuantOptions`` (int8): ``smoothquant``, ``alpha``, ``alpha_grid``, ``fold_only``;
 - ``MixedPrecisionOptions`` (int8): ``max_float_layers``, ``fidelity_budget``,
   ``target_mean_cosine``.
 
-``Int8Config`` adds ``activations``; ``Fp8Config`` adds ``fp8_weights`` (its activations are
-always dynamic per tensor, what ``Fp8Linear`` runs); ``Int4Config`` adds the group-wise
+``Int8Config`` adds ``activations``; ``Fp8Config`` adds ``fp8_weights`` and
+``fp8_activations``; ``Int4Config`` adds the group-wise
 options and the algorithm (RTN, GPTQ, AWQ).
 """
 
@@ -29,9 +30,6 @@ from compressor.errors import RecipeError
 from compressor.passes.quantize.mixed_precision import FidelityTarget, budget_target
 
 Activations = Literal["auto", "dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"]
-
-FP8_ACTIVATIONS = "dynamic_per_tensor"
-"""The activation scheme of every FP8 layer: ``Fp8Linear`` scales its input per tensor on the fly."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,12 @@ class QuantizeOptions:
     )
     recover: RecoverConfig | None = option(
         None, help="distill against the original model right after this pass (steps, lr, loss)"
+    )
+    kv_cache: Literal["none", "fp8"] = option(
+        "none",
+        help="fp8 = an E4M3 key/value cache: one scale per layer for K and one for V, calibrated (max|k| / "
+        "448 after RoPE) on the calibration data by the model as quantized; written as compressed-tensors' "
+        "kv_cache_scheme for vLLM (decoder LMs, target h100)",
     )
 
     def check_common(self, path: str) -> None:
@@ -165,11 +169,17 @@ class Int8Config(MixedPrecisionOptions, SmoothQuantOptions, QuantizeOptions):
 
 @dataclass(frozen=True)
 class Fp8Config(QuantizeOptions):
-    """FP8 E4M3 weights (per channel or per tensor) and dynamic per-tensor E4M3 activations."""
+    """FP8 E4M3 weights (per channel or per tensor) and E4M3 activations (dynamic or calibrated)."""
 
     method: Literal["fp8"] = option("fp8", help="fp8 = E4M3 weights and activations (h100 only)")
     fp8_weights: Literal["per_channel", "per_tensor"] = option(
         "per_channel", help="fp8: one weight scale per output channel or per tensor"
+    )
+    fp8_activations: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = option(
+        "dynamic_per_token",
+        help="fp8 activation scales: dynamic_per_token = one per row, on the fly (vLLM's FP8_DYNAMIC; a "
+        "token's output independent of its batch-mates); dynamic_per_tensor = one over the whole input; "
+        "static_per_tensor = one per layer, calibrated on the calibration data (vLLM's static FP8)",
     )
 
     def validate(self, path: str) -> None:

@@ -21,7 +21,10 @@ Methods (one config per scheme, ``compressor.passes.quantize.config``):
   in float until the calibration mean cosine vs the teacher is within
   ``fidelity_budget`` of 1 (or reaches ``target_mean_cosine``) or ``max_float_layers``
   are kept. The decision for every layer, and why, is recorded in the manifest;
-- fp8 (``compressor.passes.quantize.fp8``): E4M3 weights and dynamic per-tensor activations;
+- fp8 (``compressor.passes.quantize.fp8``): E4M3 weights, activations per token, per tensor or
+  calibrated static;
+- ``kv_cache: fp8`` (any method, decoder LMs on h100; ``compressor.passes.quantize.kv_cache``):
+  an E4M3 key/value cache with per-layer K and V scales calibrated on the model as quantized;
 - int4 (``compressor.passes.quantize.int4``): group-wise W4A16 by RTN, GPTQ or AWQ.
 
 The plan gives every selected layer its form and the facts the exports read
@@ -41,7 +44,6 @@ from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.modules import select_modules
 from compressor.passes.quantize.config import (
-    FP8_ACTIVATIONS,
     Fp8Config,
     Int4Config,
     Int8Config,
@@ -53,6 +55,7 @@ from compressor.passes.quantize.fp8 import run_fp8
 from compressor.passes.quantize.int4 import run_int4
 from compressor.passes.quantize.int8 import run_int8
 from compressor.passes.quantize.int8_math import activation_absmax
+from compressor.passes.quantize.kv_cache import calibrate_kv_fp8_
 from compressor.pipeline import Pass, PassContext, PassOutput, ensure_finite, register_pass
 from compressor.planning import FLOAT, PlanState
 from compressor.targets import Target
@@ -80,7 +83,7 @@ def layer_facts(config: QuantizeConfig, target: Target) -> dict[str, Any]:
     if isinstance(config, Int8Config):
         return {"activations": act_scheme(config, target), "explicit_smooth": config.explicit_smooth}
     if isinstance(config, Fp8Config):
-        return {"weights": config.fp8_weights, "activations": FP8_ACTIVATIONS}
+        return {"weights": config.fp8_weights, "activations": config.fp8_activations}
     return {
         "symmetric": config.symmetric,
         "group_size": config.group_size,
@@ -122,12 +125,13 @@ class QuantizePass(Pass[QuantizeConfig]):
                         f"{k} input features; choose a group size that does, or ignore the layer"
                     )
         facts = layer_facts(cfg, target)
-        return state.with_linears(
+        state = state.with_linears(
             {
                 n: dataclasses.replace(state.linears[n], form=cfg.method, facts=dict(facts), by=state.where)
                 for n in names
             }
         )
+        return plan_kv_cache(cfg, state)
 
     def requires(self, model: nn.Module, ctx: PassContext) -> None:
         if not ctx.data.calibration:
@@ -137,10 +141,17 @@ class QuantizePass(Pass[QuantizeConfig]):
         cfg = self.config
         names = select_modules(model, cfg.targets, cfg.ignore, what="quantize")
         if isinstance(cfg, Fp8Config):
-            return run_fp8(model, cfg, names)
-        if isinstance(cfg, Int4Config):
-            return run_int4(model, cfg, ctx, names)
-        return run_int8(model, cfg, ctx, names, act_scheme(cfg, ctx.target))
+            out = run_fp8(model, cfg, ctx, names)
+        elif isinstance(cfg, Int4Config):
+            out = run_int4(model, cfg, ctx, names)
+        else:
+            out = run_int8(model, cfg, ctx, names, act_scheme(cfg, ctx.target))
+        if cfg.kv_cache == "fp8":  # on the model as quantized: its k_proj / v_proj make the keys
+            cal = ctx.data.calibration[: cfg.calibration_batches]
+            out = dataclasses.replace(
+                out, details={**out.details, **calibrate_kv_fp8_(out.model, ctx.adapter.forward, cal)}
+            )
+        return out
 
     def ensures(self, out: PassOutput, ctx: PassContext) -> None:
         found = 0
@@ -158,6 +169,23 @@ class QuantizePass(Pass[QuantizeConfig]):
                 _ensure_int8(n, m)
         if found == 0:
             raise PassError("quantize: no layer was quantized")
+
+
+def plan_kv_cache(cfg: QuantizeConfig, state: PlanState) -> PlanState:
+    """``kv_cache: fp8``: refused off h100, for models that are not decoder LMs, and twice."""
+    if cfg.kv_cache == "none":
+        return state
+    state.target.require_precision("fp8", "quantize.kv_cache")
+    if state.adapter.name != "hf-causal-lm":
+        raise PlanError(
+            f"{state.where}.kv_cache: fp8 quantizes a decoder LM's key/value cache; model.adapter is "
+            f"{state.adapter.name}: set kv_cache: none"
+        )
+    if state.kv_cache is not None:
+        raise PlanError(
+            f"{state.where}.kv_cache: the KV cache is already {state.kv_cache} ({state.kv_cache_by}); set it once"
+        )
+    return state.replace(kv_cache=cfg.kv_cache, kv_cache_by=state.where)
 
 
 def _ensure_int8(n: str, m: Int8Linear) -> None:

@@ -16,9 +16,10 @@ from torch import nn
 
 from compressor.adapters.causal_lm import CausalLMAdapter
 from compressor.app.compile import compile_recipe, plan
-from compressor.errors import ExportError, RecipeError
+from compressor.errors import ExportError, PlanError, RecipeError
 from compressor.exporters.base import ExportContext
 from compressor.exporters.compressed_tensors import CompressedTensorsExporter
+from compressor.kernels.fp8_linear import Fp8Linear
 from compressor.kernels.int4_linear import Int4Linear
 from compressor.kernels.int8_linear import Int8Linear
 from compressor.passes.quantize.quantize import QuantizePass, quantize_config
@@ -46,12 +47,12 @@ def _recipe(lm_dir: Path, target: str = "a100", **quantize: Any) -> Any:
     )  # fmt: skip
 
 
-def _quantized(lm_dir: Path, **quantize: Any) -> tuple[nn.Module, ExportContext]:
-    """The tiny LM run through the quantize pass (target a100) and its export context."""
+def _quantized(lm_dir: Path, target: str = "a100", **quantize: Any) -> tuple[nn.Module, ExportContext]:
+    """The tiny LM run through the quantize pass and its export context."""
     adapter = CausalLMAdapter()
     model = adapter.load(str(lm_dir))
     ctx = PassContext(
-        target=get_target("a100"),
+        target=get_target(target),
         adapter=adapter,
         teacher=copy.deepcopy(model),
         data=adapter.make_data(LM_SPEC, 0),
@@ -223,7 +224,6 @@ def test_w4a16_codes_and_scales_travel(tiny_llama_dir: Path, tmp_path: Path) -> 
             "activations dynamic_per_tensor; use dynamic_per_token",
         ),
         ("a100", {"smoothquant": True, "alpha": 0.5}, "set fold_only: true"),
-        ("h100", {"method": "fp8"}, "method fp8"),
         ("a100", {"method": "int4", "group_size": 32, "symmetric": False}, "asymmetric int4"),
     ],
 )
@@ -232,3 +232,92 @@ def test_plans_the_format_cannot_express_are_refused(
 ) -> None:
     with pytest.raises(RecipeError, match=message):
         plan(_recipe(tiny_llama_dir, target, **quantize))
+
+
+@pytest.mark.parametrize(
+    ("weights", "activations", "strategy", "dynamic"),
+    [
+        ("per_channel", "dynamic_per_token", "token", True),
+        ("per_tensor", "static_per_tensor", "tensor", False),
+    ],
+)
+def test_fp8_checkpoint_with_kv_cache_scales_reloads(
+    tiny_llama_dir: Path, tmp_path: Path, weights: str, activations: str, strategy: str, dynamic: bool
+) -> None:
+    """FP8 (float-quantized) with an FP8 KV cache: OUR E4M3 codes and calibrated scales travel, the
+    config says what vLLM reads, and the reloaded folder computes what the compiled model does."""
+    q, ectx = _quantized(
+        tiny_llama_dir, "h100", method="fp8", fp8_weights=weights, fp8_activations=activations, kv_cache="fp8"
+    )
+    res = CompressedTensorsExporter().export(q, ectx, tmp_path)
+    ver = res.verification["compressed_tensors"]
+    assert ver["min_cosine"] > 0.9999, ver  # the same rounding on both sides: max|x| / 448
+    assert ver["kv_cache"]["layers"] == 2
+    folder = tmp_path / "hf_compressed"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "float-quantized"
+    assert qc["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                     "dynamic": False}  # fmt: skip
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["type"] == "float" and group["weights"]["strategy"] == weights.removeprefix(
+        "per_"
+    )
+    assert (
+        group["input_activations"]["strategy"] == strategy
+        and group["input_activations"]["dynamic"] is dynamic
+    )
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name, m in q.named_modules():
+        if isinstance(m, Fp8Linear):
+            assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn
+            assert torch.equal(tensors[f"{name}.weight"].float(), m.fp8_weight().float())  # OUR codes
+            scale = tensors[f"{name}.weight_scale"]
+            assert scale.shape == ((m.out_features, 1) if weights == "per_channel" else (1,))
+            assert (f"{name}.input_scale" in tensors) is (activations == "static_per_tensor")
+    for i in range(2):
+        attn = q.get_submodule(f"model.layers.{i}.self_attn")
+        for what in ("k_scale", "v_scale"):
+            stored = tensors[f"model.layers.{i}.self_attn.{what}"]
+            assert stored.shape == (1,) and float(stored) > 0
+            assert torch.equal(stored, getattr(attn, what))
+
+
+def test_fp8_kv_cache_scales_are_what_the_verification_applies(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint whose K/V scales were wrecked after writing fails the reload check: the
+    verification reads them from the file, it does not trust the model it was given."""
+    from safetensors.torch import save_file
+
+    from compressor.exporters.compressed_tensors import reload_kv_cache
+
+    q, ectx = _quantized(tiny_llama_dir, "h100", method="fp8", kv_cache="fp8")
+    CompressedTensorsExporter().export(q, ectx, tmp_path)
+    folder = tmp_path / "hf_compressed"
+    tensors = load_file(str(folder / "model.safetensors"))
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = tensors[f"model.layers.{i}.self_attn.k_scale"] * 64
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert reload_kv_cache(loaded, folder) is not None
+    case = ectx.adapter.verification_cases(ectx.data.eval[0], (2,), (16,))[0]
+    with torch.no_grad():
+        ref, got = ectx.adapter.forward(q, case), ectx.adapter.forward(loaded, case)
+    # keys 64x coarser: the logits move (a no-op emulation would leave them equal)
+    assert float((ref - got).abs().max()) > 1e-3
+
+
+def test_fp8_kv_cache_is_refused_off_h100_and_by_other_exports(tiny_llama_dir: Path) -> None:
+    with pytest.raises(PlanError, match="quantize.kv_cache: fp8 is not supported on target 'a100'"):
+        plan(_recipe(tiny_llama_dir, "a100", activations="dynamic_per_token", kv_cache="fp8"))
+    recipe = parse_recipe(
+        {
+            "name": "kv-onnx", "target": "h100",
+            "model": {"source": str(tiny_llama_dir), "adapter": "hf-causal-lm"},
+            "passes": [{"pass": "quantize", "method": "int8", "targets": ["model.layers.*"], "kv_cache": "fp8"}],
+            "exports": [{"format": "onnx"}],
+        },
+        "kv.yaml",
+    )  # fmt: skip
+    with pytest.raises(PlanError, match=r"onnx cannot write a fp8 KV cache .*compressed_tensors export"):
+        plan(recipe)

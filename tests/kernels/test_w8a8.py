@@ -106,7 +106,7 @@ def test_w8a8_linear_rejects_bad_shapes() -> None:
         w8a8_linear(x, w, torch.ones(8), smooth=torch.ones(5))
 
 
-@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token", "static"])
 def test_fp8_linear_matches_reference(granularity: str) -> None:
     # E4M3 codes come from torch (the interpreter rounds fp32→fp8 casts wrongly); the
     # Triton part under test is the fp8 GEMM and its epilogue
@@ -116,8 +116,9 @@ def test_fp8_linear_matches_reference(granularity: str) -> None:
     w_scale = w.abs().amax(dim=1) / 448.0
     wq = (w / w_scale[:, None]).to(torch.float8_e4m3fn).to(DEVICE)
     bias = torch.randn(24, generator=g).to(DEVICE)
-    got = fp8_linear(x, wq, w_scale.to(DEVICE), bias, granularity, torch.float32)
-    ref = fp8_linear_ref(x, wq, w_scale.to(DEVICE), bias, granularity, torch.float32)
+    static = (x.abs().amax() / 448.0).reshape(1) if granularity == "static" else None  # calibrated
+    got = fp8_linear(x, wq, w_scale.to(DEVICE), bias, granularity, torch.float32, static)
+    ref = fp8_linear_ref(x, wq, w_scale.to(DEVICE), bias, granularity, torch.float32, static)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     assert sqnr_db(x @ w.to(DEVICE).t() + bias, got) > 20.0  # E4M3 keeps ~3 mantissa bits
 
