@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import compressor.exporters.onnx.onnx  # noqa: F401  onnx: ONNX Runtime flavour
+import compressor.exporters.onnx.onnx_genai  # noqa: F401  onnx_genai: with a KV cache, for ONNX Runtime GenAI
 import compressor.exporters.onnx.onnx_qdq  # noqa: F401  onnx_qdq: TensorRT's explicit Q/DQ
 
 # Each import registers its exporter(s) in EXPORTER_REGISTRY.

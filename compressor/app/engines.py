@@ -69,6 +69,7 @@ CODE_ENGINES = {
 ARTIFACT_KINDS = {
     "onnx": "data (ONNX graph)",
     "onnx_qdq": "data (ONNX graph)",
+    "onnx_genai": "data (ONNX graph with its KV cache, genai_config.json, tokenizer files)",
     "torch_export": "code (pickled ExportedProgram)",
     "aoti": "code (AOTInductor shared library)",
     "tensorrt_plan": "code (TensorRT plan, may carry plugins)",
