@@ -45,6 +45,7 @@ class BenchConfig:
     threads: int = 2
     warmup: int = 3
     repeats: int = 20
+    decode_tokens: int = 32  # decoder LM bundles: tokens generated per timed turn (compressor.app.bench_lm)
     device: str = "cpu"
     baseline: str | None = "auto"  # auto: ort_fp32 on cpu, torch_original on cuda; None: no baseline
     fidelity: bool = True
@@ -254,8 +255,16 @@ def bench_bundle(
     if compiled_with == "module":  # a Python nn.Module compiled in memory: no folder to reload it from
         raise CompressorError(f"{bundle}: bench times sentence-embedding bundles; this one uses module")
     adapter = make_adapter(recipe.model.adapter, recipe.model.source)
-    inputs = bench_inputs_of(adapter, str(bundle))  # refused before the model loads; fed after
     device = torch.device(cfg.device)
+    if adapter.autoregressive:  # prefill and decode per token in ONNX Runtime GenAI
+        from compressor.app.bench_lm import bench_lm_bundle
+
+        if device.type != "cpu":
+            raise CompressorError(
+                "bench: decoder LM bundles are timed on the CPU (ONNX Runtime GenAI); use --device cpu"
+            )
+        return bench_lm_bundle(bundle, manifest, recipe, adapter, cfg, trust)
+    inputs = bench_inputs_of(adapter, str(bundle))  # refused before the model loads; fed after
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CompressorError("bench: --device cuda asked for and torch sees no CUDA GPU")
     names, baseline = _engine_names(cfg, manifest.get("artifacts", {}), device)

@@ -42,8 +42,8 @@ def _load(args: argparse.Namespace) -> Recipe:
 def _print_bench(result: dict) -> None:
     from compressor.app.report import (
         bench_table,
-        fidelity_table,
         percentile_note,
+        second_section,
         skipped_engines,
         text_table,
     )
@@ -52,8 +52,9 @@ def _print_bench(result: dict) -> None:
     note = percentile_note(result)
     if note:
         print(f"note: {note}")
-    print("\nfidelity of each engine vs the original model (held-out texts):")
-    print(text_table(fidelity_table(result)))
+    heading, table = second_section(result)
+    print(f"\n{heading}:")
+    print(text_table(table))
     for line in skipped_engines(result):
         print(f"not run: {line}")
 
@@ -141,6 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats,
+        decode_tokens=args.decode_tokens,
         device=args.device,
         baseline=None if args.no_baseline else args.baseline,
         fidelity_texts=args.fidelity_texts,
@@ -273,6 +275,12 @@ def _add_bench(sub: Subparsers) -> None:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=20)
+    b.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=32,
+        help="decoder LM bundles: tokens generated per timed turn (prefill is --seq-len tokens, batch 1)",
+    )
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument(
         "--baseline",

@@ -39,7 +39,7 @@ def bench_table(bench: dict[str, Any]) -> list[list[str]]:
             if s is None:
                 continue
             row = [
-                f"{r['batch']} x {r['seq_len']}",
+                f"{r['phase']} " * ("phase" in r) + f"{r['batch']} x {r['seq_len']}",
                 name,
                 str(s.get("repeats", "?")),
                 f"{s['median_ms']:.2f}",
@@ -105,6 +105,30 @@ def fidelity_table(bench: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def generation_table(bench: dict[str, Any]) -> list[list[str]]:
+    """A decoder LM bench: each engine's greedy tokens against the baseline's."""
+    rows = [["engine", "what runs", "new tokens", "first divergence from the baseline"]]
+    for name in _timed_engines(bench):
+        g = bench["engines"][name].get("greedy_vs_baseline")
+        if g is None:
+            rows.append(
+                [name, _engine_label(bench, name), str(bench.get("decode_tokens", "-")), "(the baseline)"]
+            )
+        else:
+            at = g["first_divergence"]
+            rows.append(
+                [name, _engine_label(bench, name), str(g["new_tokens"]), "none" if at is None else str(at)]
+            )
+    return rows
+
+
+def second_section(bench: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    """The bench's second table: fidelity per engine, or for a decoder LM its greedy tokens."""
+    if "decode_tokens" in bench:
+        return "Greedy tokens vs the baseline", generation_table(bench)
+    return "Fidelity vs the original model", fidelity_table(bench)
+
+
 def skipped_engines(bench: dict[str, Any]) -> list[str]:
     return [f"{n}: {s['reason']}" for n, s in bench.get("engines", {}).items() if s.get("status") != "ok"]
 
@@ -113,6 +137,8 @@ def bench_charts(bench: dict[str, Any]) -> list[str]:
     """SVG: latency vs batch per engine, and fidelity vs speed at the largest batch."""
     from compressor.app.plots import line_chart, scatter_chart
 
+    if "decode_tokens" in bench:  # a decoder LM: two phases at batch 1, the tables say it all
+        return []
     names = _timed_engines(bench)
     latency = bench.get("latency", [])
     series = {
@@ -218,8 +244,8 @@ def render_bench_markdown(bench: dict[str, Any], title: str) -> str:
     note = percentile_note(bench)
     if note:
         parts += [f"Note: {note}.", ""]
-    parts += ["## Fidelity vs the original model", ""]
-    parts.append(markdown_table(fidelity_table(bench)))
+    heading, table = second_section(bench)
+    parts += [f"## {heading}", "", markdown_table(table)]
     skipped = skipped_engines(bench)
     if skipped:
         parts += ["", "## Not run", ""] + [f"- {s}" for s in skipped]
@@ -335,7 +361,8 @@ def _bench_html(bench: dict[str, Any]) -> list[str]:
     note = percentile_note(bench)
     if note:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
-    parts += ["<h3>Fidelity vs the original model</h3>", _html_table(fidelity_table(bench))]
+    heading, table = second_section(bench)
+    parts += [f"<h3>{heading}</h3>", _html_table(table)]
     skipped = skipped_engines(bench)
     if skipped:
         parts += ["<h3>Not run</h3><ul>"] + [f"<li>{html.escape(s)}</li>" for s in skipped] + ["</ul>"]

@@ -154,6 +154,23 @@ def genai_config(
     }  # fmt: skip
 
 
+def write_genai_folder(
+    model: nn.Module, adapter: CausalLMAdapter, folder: Path, opset: int = 17, int8_weights: str = "auto"
+) -> dict[str, object]:
+    """``model.onnx`` with the KV cache, ``genai_config.json`` and the tokenizer files into the
+    existing ``folder`` (unverified: the export verifies it); returns the int8 weight encoding."""
+    config = getattr(model, "config")  # noqa: B009  (a transformers model)
+    geometry = CacheGeometry.of(config)
+    spec = cache_export_spec(model, geometry, int(config.vocab_size))
+    encoding = export_onnx(model, spec, folder / "model.onnx", opset, int8_weights)
+    max_length = adapter.max_positions or int(getattr(config, "max_position_embeddings", 2048))
+    text = json.dumps(genai_config(config, geometry, max_length, adapter.tokenizer), indent=2) + "\n"
+    (folder / "genai_config.json").write_text(text)
+    if adapter.tokenizer is not None:
+        adapter.tokenizer.save_pretrained(str(folder))
+    return encoding
+
+
 @register_exporter
 class OnnxGenaiExporter(Exporter):
     name = "onnx_genai"
@@ -198,16 +215,8 @@ class OnnxGenaiExporter(Exporter):
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         try:
-            spec = cache_export_spec(model, geometry, int(config.vocab_size))
             log.info("exporting %s (with its KV cache)", final)
-            encoding = export_onnx(model, spec, partial / "model.onnx", cfg.opset, cfg.int8_weights)
-            max_length = ctx.adapter.max_positions or int(getattr(config, "max_position_embeddings", 2048))
-            text = (
-                json.dumps(genai_config(config, geometry, max_length, ctx.adapter.tokenizer), indent=2) + "\n"
-            )
-            (partial / "genai_config.json").write_text(text)
-            if ctx.adapter.tokenizer is not None:
-                ctx.adapter.tokenizer.save_pretrained(str(partial))
+            encoding = write_genai_folder(model, ctx.adapter, partial, cfg.opset, cfg.int8_weights)
             report = verify_genai_folder(partial, model, ctx, geometry, cfg)
             partial.rename(final)
         except BaseException:
