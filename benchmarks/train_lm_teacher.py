@@ -9,7 +9,9 @@ figures are measured on (the tiny random configs stay for logic tests).
   unknown tokens.
 - Model: ``LlamaForCausalLM`` (RMSNorm, SwiGLU, rotary, grouped-query attention), tied
   embeddings, trained with AdamW and a cosine schedule on packed ``--seq-len`` windows for
-  ``--minutes`` (or ``--steps``) on this CPU.
+  ``--minutes`` (or ``--steps``) on this CPU. ``--val-fraction`` of the windows are held back
+  and the model with the lowest loss on them is the one saved (early stopping: the corpus is
+  about 224k tokens, which a model of tens of millions of parameters overfits).
 - Out: a Hugging Face folder (safetensors, tokenizer, generation config) and
   ``train_lm_teacher.json`` beside it: the held-out perplexity per domain (next-token
   cross-entropy over the held-out texts, the ``hf-causal-lm`` adapter's own measure), the
@@ -89,6 +91,18 @@ def packed_windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tens
 
 
 @torch.no_grad()
+def validation_loss(model: Any, val: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token cross-entropy over the validation windows (at most 128 of them)."""
+    model.eval()
+    losses = [
+        float(model(input_ids=val[i : i + batch], labels=val[i : i + batch], use_cache=False).loss)
+        for i in range(0, min(len(val), 128), batch)
+    ]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
 def held_out_perplexity(
     model: Any, tokenizer: Any, texts: list[str], max_length: int, batch: int = 16
 ) -> float:
@@ -115,14 +129,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=1536)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--val-fraction", type=float, default=0.05, help="training windows held back for early stopping"
+    )
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     ap.add_argument("--minutes", type=float, default=10.0, help="train until this much time has passed")
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps instead (0: by time)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -138,6 +156,11 @@ def main() -> None:
     train, held_out = corpus()
     tokenizer = train_tokenizer(train, args.vocab)
     windows = packed_windows(tokenizer, train, args.seq_len)
+    # early stopping: a fixed share of the training windows is never trained on; the saved model
+    # is the one with the lowest loss on them (a small corpus overfits a model this size)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    n_val = max(1, int(windows.shape[0] * args.val_fraction))
+    val, windows = windows[order[:n_val]], windows[order[n_val:]]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
@@ -161,6 +184,8 @@ def main() -> None:
     # the cosine schedule needs a length: by steps, or by the time the first steps take
     planned = args.steps or 0
     curve: list[dict[str, float]] = []
+    val_curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     step, start = 0, time.monotonic()
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
@@ -187,7 +212,20 @@ def main() -> None:
             value = loss.item()
             curve.append({"step": step, "loss": round(value, 4), "s": round(time.monotonic() - start, 1)})
             print(f"step {step}/{total}  loss {value:.3f}  {time.monotonic() - start:.0f} s", flush=True)
+        if step % args.eval_every == 0:
+            v = validation_loss(model, val)
+            val_curve.append({"step": step, "val_loss": round(v, 4)})
+            print(f"step {step}  validation loss {v:.3f}", flush=True)
+            if best is None or v < best[0]:
+                best = (v, step, {k: t.detach().clone() for k, t in model.state_dict().items()})
     train_s = time.monotonic() - start
+    final_val = validation_loss(model, val)
+    if best is not None and best[0] < final_val:
+        model.load_state_dict(best[2])
+        kept = best[1]
+    else:
+        kept, best = step, (final_val, step, {})
+    print(f"keeping step {kept} (validation loss {best[0]:.3f})")
     model.eval()
     ppl = {d: round(held_out_perplexity(model, tokenizer, texts, 256), 3) for d, texts in held_out.items()}
     print("held-out perplexity:", ppl)
@@ -209,6 +247,10 @@ def main() -> None:
         "seq_len": args.seq_len,
         "batch": args.batch,
         "steps": step,
+        "kept_step": kept,
+        "validation_windows": int(val.shape[0]),
+        "validation_loss": round(best[0], 4),
+        "validation_curve": val_curve,
         "tokens_seen": step * args.batch * args.seq_len,
         "train_windows": int(windows.shape[0]),
         "train_seconds": round(train_s, 1),

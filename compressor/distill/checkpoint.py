@@ -105,7 +105,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -187,25 +187,43 @@ class DistillCheckpoint:
         try:
             student.load_state_dict(state["student"], strict=True)
             opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"{self.path}: does not fit this student ({e}); delete it to start over"
             ) from None
         return int(state["step"]), [float(x) for x in state["losses"]]
 
-    def save(self, student: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
-        """Write atomically: temp file beside the checkpoint, fsync, rename over it."""
+    def shards_of(self, state: dict[str, Any]) -> Path:
+        """The sharded checkpoint folder an FSDP run's ``state`` names (CheckpointError when it
+        names none, or anything but its own step's folder beside this file)."""
+        name = state.get("shards")
+        folder = self.path.with_suffix(".dcp") / f"step-{state.get('step')}"
+        if name != folder.name or not (folder / ".metadata").is_file():
+            raise CheckpointError(
+                f"{self.path}: names sharded state {name!r} that is not its step's complete folder; "
+                "delete it to start over"
+            )
+        return folder
+
+    def save(
+        self, student: nn.Module | None, opt: torch.optim.Optimizer | None, step: int, losses: list[float],
+        shards: str | None = None,
+    ) -> None:  # fmt: skip
+        """Write atomically: temp file beside the checkpoint, fsync, rename over it. An FSDP run
+        passes no student and optimizer but the ``shards`` folder their state is in."""
         state = {
             "format": FORMAT,
             "fingerprint": dict(self.fingerprint),
             "step": step,
             "data_position": step % self.num_batches,
             "losses": list(losses),
-            "student": student.state_dict(),
-            "optimizer": opt.state_dict(),
+            "student": {} if student is None else student.state_dict(),
+            "optimizer": {} if opt is None else opt.state_dict(),
             "rng": _rng_state(),
         }
+        if shards is not None:
+            state["shards"] = shards
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:

@@ -49,6 +49,12 @@ class RecoverConfig:
         help="write a resumable checkpoint to the work dir every N steps and resume from it "
         "on the next run (0 = off; `compressor compile --work-dir DIR` keeps it across runs)",
     )
+    parallel: Literal["ddp", "fsdp"] = option(
+        "ddp",
+        help="under torchrun with more than one process: ddp = the whole student on every rank "
+        "(DistributedDataParallel); fsdp = the student and the teacher sharded over the ranks (FSDP2 "
+        "fully_shard per layer; bf16 compute on CUDA), checkpoints sharded (torch.distributed.checkpoint)",
+    )
     teacher_cache_mb: int = option(
         4096,
         help="keep the frozen teacher's outputs (and hidden states) of each training batch, up to this "

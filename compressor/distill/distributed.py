@@ -59,9 +59,10 @@ def shard_batch(batch: Batch, rank: int, world: int) -> Batch:
     }
 
 
-class _StudentForward(nn.Module):
+class StudentForward(nn.Module):
     """The student as the adapter runs it: what DistributedDataParallel wraps (so the
-    adapter keeps calling the plain student and DDP still sees every forward)."""
+    adapter keeps calling the plain student and DDP still sees every forward); under FSDP
+    the sharded student itself, unwrapped (``compressor.distill.fsdp``)."""
 
     def __init__(self, student: nn.Module, adapter: ModelAdapter, use_hidden: bool) -> None:
         super().__init__()
@@ -117,7 +118,7 @@ def wrap_ddp(student: nn.Module, adapter: ModelAdapter, use_hidden: bool) -> nn.
 
     device = next(student.parameters()).device
     return DistributedDataParallel(
-        _StudentForward(student, adapter, use_hidden),
+        StudentForward(student, adapter, use_hidden),
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,  # e.g. BERT's pooler: not on the distillation path
     )

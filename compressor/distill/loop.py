@@ -31,7 +31,14 @@ from torch import nn
 from compressor.adapters.base import Batch, ModelAdapter
 from compressor.distill.checkpoint import DistillCheckpoint
 from compressor.distill.config import RecoverConfig
-from compressor.distill.distributed import distributed_world, shard_batch, sharded_loss, wrap_ddp
+from compressor.distill.distributed import (
+    StudentForward,
+    distributed_world,
+    shard_batch,
+    sharded_loss,
+    wrap_ddp,
+)
+from compressor.distill.fsdp import local, local_part
 from compressor.distill.losses import distill_loss, origin_layers
 from compressor.distill.teacher import TeacherCache, TeacherOutputs
 from compressor.errors import DataError
@@ -51,13 +58,13 @@ def masked_weights(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def reapply_masks_(model: nn.Module) -> None:
     for weight, mask in masked_weights(model):
-        weight.mul_(mask)
+        local(weight).mul_(local_part(mask, weight))  # an FSDP shard: its rows of the mask
 
 
 def _mask_grads(model: nn.Module) -> None:
     for weight, mask in masked_weights(model):
         if weight.grad is not None:
-            weight.grad.mul_(mask)
+            local(weight.grad).mul_(local_part(mask, weight))
 
 
 def _lr_at(step: int, cfg: RecoverConfig) -> float:
@@ -179,17 +186,20 @@ def distill_(
     student.eval()  # no dropout: recovery matches a deterministic teacher
     rank, world = distributed_world(params[0].device if params else torch.device("cpu"))
     ckpt = _open_checkpoint(cfg, work_dir, student, batches)
-    start, losses = _resume(ckpt, cfg, student, opt)
-    use_hidden = cfg.loss.hidden_weight > 0
-    ddp = wrap_ddp(student, adapter, use_hidden) if world > 1 and start < cfg.steps else None
     cache = TeacherCache(cfg.teacher_cache_mb * 2**20)
-    run = _Run(student, teacher, adapter, batches, cfg, params, opt, rank, world, ddp, cache)
+    use_hidden = cfg.loss.hidden_weight > 0
+    if world > 1 and cfg.parallel == "fsdp":
+        run, start, losses = _fsdp_run(student, teacher, adapter, batches, cfg, ckpt, rank, world, cache)
+    else:
+        start, losses = _resume(ckpt, cfg, student, opt)
+        ddp = wrap_ddp(student, adapter, use_hidden) if world > 1 and start < cfg.steps else None
+        run = _Run(student, teacher, adapter, batches, cfg, params, opt, rank, world, ddp, cache)
     bar = open_progress(progress if rank == 0 else False, "distill", cfg.steps, "step", initial=start)
     for step in range(start, cfg.steps):
         losses.append(_step(run, step))
         done = step + 1
-        if ckpt is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            ckpt.save(student, opt, done, losses)
+        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save(run, ckpt, done, losses)
         bar.update(1)
         bar.set_postfix_str(f"loss={losses[-1]:.4g}")
     bar.close()
@@ -199,6 +209,50 @@ def distill_(
         cfg.steps - start,
         run.cache.used_bytes / 2**20,
     )
+    if run.student is not student:  # the FSDP copy: its full weights back into the pass's student
+        from compressor.distill.fsdp import gather_into_
+
+        gather_into_(run.student, student)
     for p in student.parameters():
         p.grad = None
     return losses
+
+
+def _fsdp_run(
+    student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, batches: Sequence[Batch], cfg: RecoverConfig,
+    ckpt: DistillCheckpoint | None, rank: int, world: int, cache: TeacherCache,
+) -> tuple[_Run, int, list[float]]:  # fmt: skip
+    """The FSDP2 run (``compressor.distill.fsdp``): sharded copies of the student and the teacher,
+    the optimizer over the student's shards, resumed from a sharded checkpoint when one matches."""
+    from compressor.distill.checkpoint import set_rng_state
+    from compressor.distill.fsdp import load_sharded, sharded_copy
+
+    sharded, sharded_teacher = sharded_copy(student), sharded_copy(teacher)
+    sharded.eval()
+    params = [p for p in sharded.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = 0, []
+    state = ckpt.load() if ckpt is not None else None
+    if ckpt is not None and state is not None:
+        load_sharded(sharded, opt, ckpt.shards_of(state))
+        set_rng_state(state["rng"])
+        start, losses = int(state["step"]), [float(x) for x in state["losses"]]
+        log.info("distill: resumed the sharded run from %s at step %d of %d", ckpt.path, start, cfg.steps)
+    forward = StudentForward(sharded, adapter, cfg.loss.hidden_weight > 0)
+    run = _Run(sharded, sharded_teacher, adapter, batches, cfg, params, opt, rank, world, forward, cache)
+    return run, start, losses
+
+
+def _save(run: _Run, ckpt: DistillCheckpoint, done: int, losses: list[float]) -> None:
+    """The checkpoint after step ``done``: rank 0's whole file, or every rank's shards then rank 0's file."""
+    if not isinstance(run.ddp, StudentForward):  # one process, or DDP: rank 0 holds it all
+        if run.rank == 0:
+            ckpt.save(run.student, run.opt, done, losses)
+        return
+    from compressor.distill.fsdp import dcp_folder, remove_older, save_sharded
+
+    folder = dcp_folder(ckpt.path, done)
+    save_sharded(run.student, run.opt, folder)  # a collective: every rank writes its shards
+    if run.rank == 0:
+        ckpt.save(None, None, done, losses, shards=folder.name)
+        remove_older(ckpt.path, folder)
