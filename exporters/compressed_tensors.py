@@ -238,10 +238,16 @@ class CompressedTensorsExporter(Exporter):
     ) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
 
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the K/V scales it leaves to vLLM
         try:
             loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         except Exception as e:
             raise ExportError(f"{FOLDER}: transformers could not load the written checkpoint: {e}") from e
+        finally:
+            hf_logging.set_verbosity(level)
         kv = reload_kv_cache(loaded, folder)
         worst_cos, worst_abs = 1.0, 0.0
         with torch.no_grad():
