@@ -166,9 +166,11 @@ class CausalLMAdapter(ModelAdapter):
     def timing_inputs(self) -> TimingInputs:
         """Held-out text of every default domain (``compressor.text_data.held_out_texts``), as
         the encoders time theirs: 2 texts for the trace, ``batch`` padded to the timed length
-        (a length of 1 is a decode step's one new token; the export has no KV cache yet, so
-        the attention over earlier tokens is not in what is timed). The bench does not score
-        decoder bundles yet, so no ``bench_inputs``."""
+        (a length of 1 is a decode step's one new token; the plain ``onnx`` export that
+        ``compressor tune`` times has no KV cache, so the attention over earlier tokens is not
+        in what it times: the ``onnx_genai`` export has one, and ``compressor bench`` times a
+        decoder bundle through it, ``compressor.app.bench_lm``). No ``bench_inputs``: the
+        bench scores a decoder by its greedy tokens, not by these."""
         from compressor.text_data import held_out_texts
 
         def timing(batch: int, seq_len: int) -> Batch:
