@@ -129,7 +129,8 @@ def _load_engine(
         if device.type != "cpu":
             raise EngineUnavailable("native: compressor-run feeds CPU tensors; bench it with --device cpu")
         return native_engine(find_runner(cfg.runner), path, names, cfg.threads)
-    assert name == "tensorrt"
+    if name == "genai":
+        raise EngineUnavailable("genai: times decoder LM bundles (prefill and decode), not this one")
     return tensorrt_engine(path, names, device)
 
 

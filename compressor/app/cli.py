@@ -53,6 +53,8 @@ def _print_bench(result: dict) -> None:
     if note:
         print(f"note: {note}")
     heading, table = second_section(result)
+    if heading.startswith("Fidelity"):
+        heading = "fidelity of each engine vs the original model (held-out texts)"
     print(f"\n{heading}:")
     print(text_table(table))
     for line in skipped_engines(result):
@@ -268,7 +270,7 @@ def _add_bench(sub: Subparsers) -> None:
         default="all",
         help="all (every engine the bundle has an artifact for; those that cannot run here are listed) or "
         "a comma list of ort_fp32, torch_original, ort, ort_qdq, torch_eager, torch_compile, aoti, "
-        "native, tensorrt",
+        "native, tensorrt, genai (decoder LM bundles: prefill and decode per token in ONNX Runtime GenAI)",
     )
     b.add_argument("--batch", type=int_list, default=(1, 32), help="batch sizes, e.g. 1,8,32")
     b.add_argument("--seq-len", type=int, default=128)

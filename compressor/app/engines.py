@@ -17,6 +17,7 @@ raises :class:`EngineUnavailable` with the reason, and the benchmark reports it.
 | ``aoti`` | ``artifacts.aoti`` | the AOTInductor package in this Python process |
 | ``native`` | ``artifacts.aoti`` | ``compressor-run`` (C++, libtorch): timed by itself |
 | ``tensorrt`` | ``artifacts.tensorrt_plan`` | the TensorRT plan (where ``tensorrt`` imports and a GPU is present) |
+| ``genai`` | ``artifacts.onnx_genai`` | a decoder LM's folder in ONNX Runtime GenAI: prefill and decode per token (``compressor.app.bench_lm``) |
 
 The engines in :data:`CODE_ENGINES` execute code from the bundle as they load it (an
 unpickled ExportedProgram, a shared library, TensorRT plugins): ``compressor bench`` loads
@@ -54,6 +55,7 @@ ENGINE_ARTIFACTS = {
     "aoti": "aoti",
     "native": "aoti",
     "tensorrt": "tensorrt_plan",
+    "genai": "onnx_genai",  # decoder LM bundles: compressor.app.bench_lm times it
 }
 BASELINES = ("ort_fp32", "torch_original")
 # Engines that execute code from the bundle as they load it (unpickling, dlopen, TensorRT

@@ -39,7 +39,7 @@ def bench_table(bench: dict[str, Any]) -> list[list[str]]:
             if s is None:
                 continue
             row = [
-                f"{r['phase']} " * ("phase" in r) + f"{r['batch']} x {r['seq_len']}",
+                (f"{r['phase']} " if "phase" in r else "") + f"{r['batch']} x {r['seq_len']}",
                 name,
                 str(s.get("repeats", "?")),
                 f"{s['median_ms']:.2f}",

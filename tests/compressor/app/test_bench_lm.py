@@ -81,3 +81,12 @@ def test_a_genai_config_that_loads_code_is_refused_unless_trusted(lm_bundle: Pat
     outside = _copy_with(lm_bundle, tmp_path / "b", filename="../model.onnx")
     with pytest.raises(CompressorError, match="is not a file inside the folder"):
         check_genai_folder(outside, trusted)
+
+
+def test_a_decoder_bundle_without_the_genai_folder_is_told_what_to_add(tmp_path: Path) -> None:
+    from compressor.app.bench import BenchConfig
+    from compressor.app.bench_lm import bench_lm_bundle
+
+    untrusted = Trust(False, "not signed", Signature("none", "no signature"))
+    with pytest.raises(CompressorError, match="without an onnx_genai folder; add `- format: onnx_genai`"):
+        bench_lm_bundle(tmp_path, {"artifacts": {"onnx": "model.onnx"}}, None, None, BenchConfig(), untrusted)
