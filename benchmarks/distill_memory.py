@@ -47,10 +47,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from compressor.adapters.causal_lm import CausalLMAdapter
-    from compressor.recipe import DataSpec
     from compressor.distill import loop
     from compressor.distill.config import DistillLossConfig, RecoverConfig
     from compressor.passes.sparsity.sparsify import apply_mask_, mask_24_by_magnitude
+    from compressor.recipe import DataSpec
 
     state: dict[str, int] = {}
     step = loop._step

@@ -141,6 +141,12 @@ def main() -> None:
         "--val-fraction", type=float, default=0.05, help="training windows held back for early stopping"
     )
     ap.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="stop after this many validation losses without a new best (0: never)",
+    )
     ap.add_argument("--minutes", type=float, default=10.0, help="train until this much time has passed")
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps instead (0: by time)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -218,6 +224,9 @@ def main() -> None:
             print(f"step {step}  validation loss {v:.3f}", flush=True)
             if best is None or v < best[0]:
                 best = (v, step, {k: t.detach().clone() for k, t in model.state_dict().items()})
+            elif args.patience and step - best[1] >= args.patience * args.eval_every:
+                print(f"no new best validation loss in {args.patience} evaluations: stopping", flush=True)
+                break
     train_s = time.monotonic() - start
     final_val = validation_loss(model, val)
     if best is not None and best[0] < final_val:

@@ -237,7 +237,6 @@ class CompressedTensorsExporter(Exporter):
         folder: Path, cases: list[dict[str, torch.Tensor]], refs: list[torch.Tensor], ctx: ExportContext
     ) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
-
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
