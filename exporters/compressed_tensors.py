@@ -124,6 +124,8 @@ def _refusal(lin: LinearPlan) -> str | None:
     if lin.form == "fp8":
         return None
     if lin.form == "int4":
+        if lin.facts.get("activations") == "int8":
+            return "int4_activations: int8 (W4A16 is what the format describes); set int4_activations: float"
         return (
             None if lin.facts.get("symmetric", True) else "asymmetric int4 (zero points); set symmetric: true"
         )

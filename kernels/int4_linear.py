@@ -20,6 +20,11 @@ int4 GEMMs run) carrying OUR codes, scales and zero points: ``B`` uint8
 ``scales`` ``[N · K/block]``, ``zero_points`` uint8 ``[N · ceil(K/block / 2)]`` packed the
 same way along the blocks. The block is the group size, which ORT requires to be a
 power of two of at least 16.
+
+``act_int8`` (``quantize int4_activations: int8``, CPU): the input is also rounded to int8,
+symmetric, one scale ``max|x| / 127`` per row and block of ``group_size`` input channels,
+what ``MatMulNBits`` computes with ``accuracy_level`` 4 (int8 dot products on VNNI / AMX);
+the torch path rounds the same way, so the export is checked against what it runs.
 """
 
 from __future__ import annotations
@@ -65,11 +70,12 @@ class _Int4LinearOnnx(torch.autograd.Function):
     """Carries the ``MatMulNBits`` lowering through ``torch.onnx.export`` (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, x, b, scales, zero_points, bias, k, n, block):
+    def forward(ctx, x, b, scales, zero_points, bias, k, n, block, accuracy):
         return x.new_zeros((*x.shape[:-1], n))  # shapes only: the math is Int4Linear.forward
 
     @staticmethod
-    def symbolic(g, x, b, scales, zero_points, bias, k, n, block):
+    def symbolic(g, x, b, scales, zero_points, bias, k, n, block, accuracy):
+        extra = {"accuracy_level_i": accuracy} if accuracy else {}
         y = g.op(
             "com.microsoft::MatMulNBits",
             x,
@@ -80,10 +86,20 @@ class _Int4LinearOnnx(torch.autograd.Function):
             N_i=n,
             bits_i=4,
             block_size_i=block,
+            **extra,
         )
         if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
             y = g.op("Add", y, bias)
         return y
+
+
+def fake_quant_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` rounded to symmetric int8 with one scale ``max|x| / 127`` per row and block of
+    ``block`` channels of the last dimension (``MatMulNBits`` accuracy level 4)."""
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    scale = (xb.detach().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+    q = torch.clamp(torch.round(xb / scale), -127, 127) * scale
+    return (xb + (q - xb).detach()).reshape(x.shape)
 
 
 class Int4Linear(nn.Module):
@@ -112,6 +128,7 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         self.use_kernel = use_kernel
+        self.act_int8 = False  # round the input to int8 per block too (see the module docstring)
         n_groups = in_features // group_size
         self.register_buffer("packed", torch.zeros(in_features // 8, out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float32))
@@ -219,7 +236,10 @@ class Int4Linear(nn.Module):
                 self.in_features,
                 self.out_features,
                 self.group_size,
+                4 if self.act_int8 else 0,
             )
+        if self.act_int8:
+            x = fake_quant_blocks_int8(x, self.group_size)
         if self._kernel_path(x):
             from compressor.kernels.w4a16 import w4a16_linear  # imports triton
 
@@ -237,4 +257,5 @@ class Int4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, use_kernel={self.use_kernel}"
+            + (", int8 activations" if self.act_int8 else "")
         )

@@ -30,9 +30,16 @@ def run_int4(model: nn.Module, cfg: Int4Config, ctx: PassContext, names: Sequenc
         awq_explicit_scales=cfg.awq_explicit_scales,
         awq_clip=cfg.awq_clip,
     )
+    if cfg.int4_activations == "int8":
+        for n in names:
+            model.get_submodule(n).act_int8 = True  # type: ignore[assignment]
     details = {
         "quantized_layers": len(names),
-        "int4": {"algorithm": cfg.int4_algorithm, "group_size": cfg.group_size},
+        "int4": {
+            "algorithm": cfg.int4_algorithm,
+            "group_size": cfg.group_size,
+            "activations": cfg.int4_activations,
+        },  # fmt: skip
         "per_layer": {n: {"precision": "int4", "why": how} for n, how in decisions.items()},
     }
     return PassOutput(model, details)

@@ -86,6 +86,7 @@ def layer_facts(config: QuantizeConfig, target: Target) -> dict[str, Any]:
         return {"weights": config.fp8_weights, "activations": config.fp8_activations}
     return {
         "symmetric": config.symmetric,
+        "activations": config.int4_activations,
         "group_size": config.group_size,
         "algorithm": config.int4_algorithm,
         "explicit_smooth": config.explicit_smooth,
@@ -119,6 +120,11 @@ class QuantizePass(Pass[QuantizeConfig]):
         if isinstance(cfg, Int4Config):
             for n in names:
                 k = state.linears[n].in_features
+                if cfg.int4_activations == "int8" and target.device != "cpu":
+                    raise PlanError(
+                        f"{state.where}.int4_activations: int8 is ONNX Runtime's CPU int4 path (MatMulNBits "
+                        f"accuracy_level 4); target {target.name} runs W4A16: set int4_activations: float"
+                    )
                 if k % cfg.group_size:
                     raise PlanError(
                         f"quantize.group_size: {cfg.group_size} does not divide {n}'s "

@@ -71,6 +71,10 @@ def test_genai_generates_what_transformers_generates(tiny_llama_dir: Path, tmp_p
     [
         ({"method": "int8", "activations": "dynamic_per_tensor"}, "MatMulInteger"),
         ({"method": "int4", "group_size": 32, "int4_algorithm": "rtn"}, "MatMulNBits"),
+        (
+            {"method": "int4", "group_size": 32, "int4_algorithm": "rtn", "int4_activations": "int8"},
+            "MatMulNBits",
+        ),
     ],
 )
 def test_quantized_graphs_agree_with_their_torch_emulation(
@@ -79,8 +83,13 @@ def test_quantized_graphs_agree_with_their_torch_emulation(
     import onnx
 
     _, _, ver = _exported(tiny_qwen_dir, tmp_path, **quantize)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.node}
-    assert op in ops
+    nodes = onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.node
+    assert op in {n.op_type for n in nodes}
+    levels = {
+        a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"
+    }
+    # int8 activations: ORT's int8 dot products, which our torch path rounds alike (checked below)
+    assert levels == ({4} if quantize.get("int4_activations") == "int8" else set())
     # stepped token by token through the cache on both sides: ORT's int8 / int4 math is ours
     assert ver["cached_steps"]["min_cosine"] > 0.9999, ver
     assert not ver["generation"]["required_identical"]  # reported, not required, by default
@@ -140,3 +149,9 @@ def test_what_genai_cannot_run_is_refused(tiny_llama_dir: Path, tiny_bert_dir: P
     state = PlanState.from_model(model, get_target("cpu"), adapter).replace(where="exports[0] (onnx_genai)")
     with pytest.raises(RecipeError, match="model type 'cohere' is not one ONNX Runtime GenAI's decoder runs"):
         OnnxGenaiExporter().check_plan(state)
+
+
+def test_int8_activations_of_int4_are_a_cpu_path(tiny_llama_dir: Path) -> None:
+    with pytest.raises(PlanError, match="int4_activations: int8 is ONNX Runtime's CPU int4 path"):
+        plan(_recipe(tiny_llama_dir, "a100", [{"pass": "quantize", "method": "int4", "group_size": 32,
+                                                "int4_activations": "int8", "targets": ["model.layers.*"]}]))  # fmt: skip
